@@ -1,0 +1,160 @@
+"""Local Hugging Face checkpoints (config.json + safetensors) -> `Model`, and their tokenizers.
+
+Nothing here executes code shipped with a checkpoint: configs are parsed by steer-jax, weights are
+read by safetensors, tokenizers are built by transformers with `trust_remote_code=False`. Every
+tensor is checked against the config's shapes from the file header before its bytes are read, and
+tensors the text model does not use (a multimodal checkpoint's vision tower) are never read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from safetensors import safe_open
+
+from steer_jax.modeling import gemma3, qwen2, weights
+from steer_jax.modeling.config import ConfigError, ModelConfig, param_shapes
+from steer_jax.modeling.transformer import Model
+
+_FAMILIES = {"qwen2": qwen2, "gemma3": gemma3}
+_DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that cannot be loaded as it is; the message names what is wrong."""
+
+
+def read_config(path: str | Path) -> ModelConfig:
+    """The `ModelConfig` of a checkpoint directory, with EOS ids from generation_config.json too."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise CheckpointError(f"{config_file} is missing: not a Hugging Face checkpoint directory")
+    try:
+        hf = json.loads(config_file.read_text())
+        cfg = ModelConfig.from_hf_config(hf)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config_file} is not valid JSON: {e}") from e
+    except (ConfigError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{config_file}: {e}") from e
+    gen_file = path / "generation_config.json"
+    if gen_file.is_file():  # chat checkpoints list their end-of-turn token only here
+        eos = json.loads(gen_file.read_text()).get("eos_token_id")
+        eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
+        merged = tuple(dict.fromkeys([*cfg.eos_token_ids, *map(int, eos)]))
+        cfg = dataclasses.replace(cfg, eos_token_ids=merged)
+    return cfg
+
+
+def _weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index} has no readable 'weight_map': {e}") from e
+        files = [path / name for name in dict.fromkeys(weight_map.values())]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"shard {f} named in {index.name} is missing")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"no *.safetensors weights in {path}")
+    return files
+
+
+def _read_tensor(handle: Any, name: str) -> np.ndarray:
+    return handle.get_tensor(name)
+
+
+def load_params(path: str | Path, cfg: ModelConfig, dtype: str = "bfloat16") -> dict[str, Any]:
+    """Read a checkpoint's text-model weights into the steer-jax parameter tree."""
+    path = Path(path)
+    if dtype not in _DTYPES:
+        raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}")
+    np_dtype = _DTYPES[dtype]
+    family = _FAMILIES[cfg.family]
+    shapes = param_shapes(cfg)
+    buffers = jax.tree.map(lambda s: np.empty(s.shape, np_dtype), shapes)
+    # Which (layer) slices of each parameter some tensor has filled.
+    filled = {tuple(k.key for k in leaf_path): np.zeros(s.shape[0] if leaf_path[0].key == "layers"
+                                                        else 1, bool)
+              for leaf_path, s in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+
+    for file in _weight_files(path):
+        try:
+            handle = safe_open(str(file), framework="numpy")
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise CheckpointError(f"{file} is not a readable safetensors file ({e})") from e
+        with handle:
+            for name in handle.keys():
+                local = name
+                for prefix, replacement in family.PREFIXES:
+                    if local.startswith(prefix):
+                        local = replacement + local[len(prefix):]
+                        break
+                if local.startswith(family.IGNORED):
+                    continue
+                found = weights.match(family.RULES, local)
+                if found is None:
+                    raise CheckpointError(f"unexpected tensor {name!r} in {file}")
+                rule, layer = found
+                if rule.path == ("lm_head",) and cfg.tie_embeddings:
+                    continue  # some exports write the tied head out; the embedding is the truth
+                if layer is not None and layer >= cfg.num_layers:
+                    raise CheckpointError(f"tensor {name!r} in {file} is for layer {layer}, but "
+                                          f"the config has {cfg.num_layers} layers")
+                buf = buffers
+                for key in rule.path:
+                    buf = buf[key]
+                target = buf.shape[1:] if layer is not None else buf.shape
+                expected = weights.hf_shape(rule.kind, target)
+                got = tuple(handle.get_slice(name).get_shape())
+                if got != expected:
+                    raise CheckpointError(f"tensor {name!r} in {file} has shape {got}; the config "
+                                          f"implies {expected}")
+                try:
+                    value = weights.to_ours(rule.kind, _read_tensor(handle, name).astype(np_dtype),
+                                            target)
+                except Exception as e:
+                    raise CheckpointError(f"tensor {name!r} in {file} cannot be read ({e}): "
+                                          "is the file truncated?") from e
+                if layer is None:
+                    buf[...] = value
+                else:
+                    buf[layer] = value
+                filled[rule.path][layer or 0] = True
+    missing = [".".join(p) + (f"[layer {i}]" if p[0] == "layers" else "")
+               for p, done in filled.items() for i in np.flatnonzero(~done)]
+    if missing:
+        raise CheckpointError(f"{path}: {len(missing)} tensors missing, e.g. {missing[:5]}")
+    return jax.tree.map(jnp.asarray, buffers)
+
+
+def load_model(path: str | Path, dtype: str = "bfloat16") -> Model:
+    """Load a local HF checkpoint directory (Qwen2 family, Gemma 3 text or multimodal)."""
+    cfg = read_config(path)
+    return Model(cfg, load_params(path, cfg, dtype), str(path))
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The checkpoint's own transformers tokenizer, from local files only, never remote code."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"tokenizer directory {path} does not exist")
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except Exception as e:
+        raise CheckpointError(f"cannot load a tokenizer from {path}: {e}") from e

@@ -1,0 +1,203 @@
+"""The decoder-only transformer both families share, as pure functions over a parameter pytree.
+
+Why pure functions and not NNX modules: the parameters are a plain dict whose leaves map one to one
+onto checkpoint tensors and onto sharding rules, the KV cache is a registered dataclass threaded
+through `lax.while_loop` by the decoder, and nothing carries hidden state between calls. Layers are
+stacked on a leading axis and run under `lax.scan`, so a 28-layer model compiles as one layer.
+
+Every call goes through the KV cache: a plain causal forward is a prefill into an empty cache of
+the sequence's length. Rows hold their tokens at slots 0..length-1; the slot index is the absolute
+position, which both RoPE and the sliding-window mask read, so a window is correct at any distance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from steer_jax.modeling.config import ModelConfig
+
+Params = dict[str, Any]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    k: jax.Array  # [layers, batch, slots, kv_heads, head_dim]
+    v: jax.Array
+    length: jax.Array  # [batch] int32: tokens held by each row; the next write goes to this slot
+
+    @classmethod
+    def init(cls, cfg: ModelConfig, batch: int, slots: int, dtype: Any) -> KVCache:
+        shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[2]
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> Params:
+    """Random parameters in the steer-jax layout (tests, benchmarks and `jax.eval_shape`)."""
+    L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
+    H, K, hd, V = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
+    keys = iter(jax.random.split(key, 16))
+
+    def normal(*shape: int) -> jax.Array:
+        return (0.02 * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+
+    def norm(*shape: int) -> jax.Array:
+        return jnp.full(shape, 0.0 if cfg.norm_plus_one else 1.0, dtype)
+
+    layers = dict(attn_norm=norm(L, D), q=normal(L, D, H, hd), k=normal(L, D, K, hd),
+                  v=normal(L, D, K, hd), o=normal(L, H, hd, D), mlp_norm=norm(L, D),
+                  gate=normal(L, D, F), up=normal(L, D, F), down=normal(L, F, D))
+    if cfg.qkv_bias:
+        layers.update(q_bias=normal(L, H, hd), k_bias=normal(L, K, hd), v_bias=normal(L, K, hd))
+    if cfg.qk_norm:
+        layers.update(q_norm=norm(L, hd), k_norm=norm(L, hd))
+    if cfg.sandwich_norms:
+        layers.update(post_attn_norm=norm(L, D), post_mlp_norm=norm(L, D))
+    params: Params = dict(embed=normal(V, D), final_norm=norm(D), layers=layers)
+    if not cfg.tie_embeddings:
+        params["lm_head"] = normal(D, V)
+    return params
+
+
+def rms_norm(x: jax.Array, w: jax.Array, cfg: ModelConfig) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.rms_norm_eps)
+    if cfg.norm_plus_one:  # Gemma scales in float32, then casts
+        return (normed * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
+    return w * normed.astype(x.dtype)  # Qwen2 casts first, then scales
+
+
+def _rope_tables(cfg: ModelConfig, rope: Any, positions: jax.Array, dtype: Any):
+    angles = positions[..., None].astype(jnp.float32) * jnp.asarray(rope.inv_freq(cfg.head_dim))
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, hd]
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+               cfg: ModelConfig) -> jax.Array:
+    """q [B, T, H, hd] against all cache slots k, v [B, S, K, hd]; mask [B, T, S]."""
+    B, T, H, hd = q.shape
+    K = cfg.num_kv_heads
+    q = q.reshape(B, T, K, H // K, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None], scores * cfg.attn_scale, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(B, T, H, hd)
+
+
+def _mlp(h: jax.Array, lp: Params, cfg: ModelConfig) -> jax.Array:
+    gate = h @ lp["gate"]
+    gate = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+    return (gate * (h @ lp["up"])) @ lp["down"]
+
+
+def forward(params: Params, cfg: ModelConfig, tokens: jax.Array,
+            cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Append `tokens` [B, T] to every row of `cache`; return final-norm hidden states [B, T, D].
+
+    The new tokens take slots length..length+T-1 of their row. The returned cache's length grows
+    by T for every row; a caller that appended padding moves `length` back itself (the padded
+    slots are then overwritten by later writes before any query can see them). Writes past the
+    last slot are dropped, so a caller must check capacity before calling.
+    """
+    B, T = tokens.shape
+    x = params["embed"][tokens]
+    if cfg.embed_scale:  # HF rounds sqrt(hidden) to the weight dtype before multiplying
+        x = x * jnp.asarray(math.sqrt(cfg.hidden_size), jnp.float32).astype(x.dtype)
+    positions = cache.length[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+    rope_g = _rope_tables(cfg, cfg.rope_global, positions, x.dtype)
+    rope_l = _rope_tables(cfg, cfg.rope_local, positions, x.dtype)
+    slots = jnp.arange(cache.slots, dtype=jnp.int32)
+    distance = positions[:, :, None] - slots[None, None, :]  # [B, T, S]
+    causal = distance >= 0
+    windowed = causal & (distance < (cfg.sliding_window or cache.slots + 1))
+    rows = jnp.arange(B)[:, None]
+
+    def layer(x, xs):
+        lp, k_cache, v_cache, sliding = xs
+        h = rms_norm(x, lp["attn_norm"], cfg)
+        q = jnp.einsum("btd,dhk->bthk", h, lp["q"])
+        k = jnp.einsum("btd,dhk->bthk", h, lp["k"])
+        v = jnp.einsum("btd,dhk->bthk", h, lp["v"])
+        if cfg.qkv_bias:
+            q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
+        if cfg.qk_norm:
+            q, k = rms_norm(q, lp["q_norm"], cfg), rms_norm(k, lp["k_norm"], cfg)
+        cos = jnp.where(sliding, rope_l[0], rope_g[0])
+        sin = jnp.where(sliding, rope_l[1], rope_g[1])
+        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
+        v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
+        attn = _attention(q, k_cache, v_cache, jnp.where(sliding, windowed, causal), cfg)
+        out = jnp.einsum("bthk,hkd->btd", attn, lp["o"])
+        if cfg.sandwich_norms:
+            out = rms_norm(out, lp["post_attn_norm"], cfg)
+        x = x + out
+        out = _mlp(rms_norm(x, lp["mlp_norm"], cfg), lp, cfg)
+        if cfg.sandwich_norms:
+            out = rms_norm(out, lp["post_mlp_norm"], cfg)
+        return x + out, (k_cache, v_cache)
+
+    sliding = jnp.asarray(np.array(cfg.sliding_layers, dtype=bool))
+    x, (k_new, v_new) = jax.lax.scan(layer, x, (params["layers"], cache.k, cache.v, sliding))
+    hidden = rms_norm(x, params["final_norm"], cfg)
+    return hidden, KVCache(k_new, v_new, cache.length + T)
+
+
+def logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
+    """Float32 next-token logits [..., V] from final hidden states."""
+    if cfg.tie_embeddings:
+        out = jnp.einsum("...d,vd->...v", hidden, params["embed"],
+                         preferred_element_type=jnp.float32)
+    else:
+        out = jnp.einsum("...d,dv->...v", hidden, params["lm_head"],
+                         preferred_element_type=jnp.float32)
+    if cfg.final_logit_softcap:
+        out = jnp.tanh(out / cfg.final_logit_softcap) * cfg.final_logit_softcap
+    return out
+
+
+@functools.partial(jax.jit, static_argnames="cfg")
+def _full_logits(params: Params, tokens: jax.Array, cfg: ModelConfig) -> jax.Array:
+    cache = KVCache.init(cfg, tokens.shape[0], tokens.shape[1], params["embed"].dtype)
+    hidden, _ = forward(params, cfg, tokens, cache)
+    return logits(params, cfg, hidden)
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A loaded checkpoint: its config, its parameters, and where it came from."""
+
+    config: ModelConfig
+    params: Params
+    path: str | None = None
+
+    @property
+    def num_params(self) -> int:
+        return int(sum(x.size for x in jax.tree.leaves(self.params)))
+
+    @property
+    def dtype(self) -> Any:
+        return self.params["embed"].dtype
+
+    def logits(self, input_ids: Any) -> jax.Array:
+        """Float32 logits [B, T, V] of a plain causal forward over an unpadded batch."""
+        return _full_logits(self.params, jnp.asarray(input_ids, jnp.int32), self.config)

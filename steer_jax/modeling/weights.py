@@ -1,0 +1,56 @@
+"""HF tensor names -> steer-jax parameters: a table of patterns and a few layout conversions.
+
+Our layout keeps heads as their own axis ([D, H, hd] for projections in, [H, hd, D] out) so that
+sharding rules can name them, and stacks layers on a leading axis so the forward scans them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Literal
+
+import numpy as np
+
+LAYER = r"model\.layers\.(\d+)\."
+
+Kind = Literal["copy", "transpose", "in_heads", "in_kv_heads", "bias_heads", "bias_kv_heads",
+               "out_heads"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    pattern: str
+    path: tuple[str, ...]
+    kind: Kind
+
+
+def match(rules: tuple[Rule, ...], name: str) -> tuple[Rule, int | None] | None:
+    """The rule for an HF name, and its layer index (None for non-layer tensors)."""
+    for rule in rules:
+        m = re.fullmatch(rule.pattern, name)
+        if m:
+            return rule, (int(m.group(1)) if m.groups() else None)
+    return None
+
+
+def hf_shape(kind: Kind, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The HF shape of a tensor whose (per-layer) steer-jax shape is `shape`."""
+    if kind == "copy":
+        return shape
+    if kind == "transpose":
+        return shape[::-1]
+    if kind in ("in_heads", "in_kv_heads"):  # [D, H, hd] <- [H * hd, D]
+        return (shape[1] * shape[2], shape[0])
+    if kind in ("bias_heads", "bias_kv_heads"):  # [H, hd] <- [H * hd]
+        return (shape[0] * shape[1],)
+    if kind == "out_heads":  # [H, hd, D] <- [D, H * hd]
+        return (shape[2], shape[0] * shape[1])
+    raise ValueError(kind)
+
+
+def to_ours(kind: Kind, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Convert an HF tensor (already shape-checked) to the steer-jax layout `shape`."""
+    if kind in ("copy", "bias_heads", "bias_kv_heads"):
+        return x.reshape(shape)
+    return x.T.reshape(shape)  # transpose, in_heads, in_kv_heads, out_heads
