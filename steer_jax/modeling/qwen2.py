@@ -87,28 +87,29 @@ RULES: tuple[Rule, ...] = (
     Rule(LAYER + r"mlp\.down_proj\.weight", ("layers", "down"), "transpose"),
 )
 
-# The published config.json values that matter for the architecture (Hub, bfloat16 checkpoints).
+# The published config.json values (EOS ids merged with generation_config.json, as read_config
+# does).
 _KNOWN: dict[str, dict[str, Any]] = {
     "Qwen2.5-1.5B-Instruct": dict(
         hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
         num_key_value_heads=2, vocab_size=151936, rope_theta=1000000.0,
         max_position_embeddings=32768, tie_word_embeddings=True, bos_token_id=151643,
-        eos_token_id=151645),
+        eos_token_id=[151645, 151643]),
     "Qwen2.5-7B-Instruct": dict(
         hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
         num_key_value_heads=4, vocab_size=152064, rope_theta=1000000.0,
         max_position_embeddings=32768, tie_word_embeddings=False, bos_token_id=151643,
-        eos_token_id=151645),
+        eos_token_id=[151645, 151643]),
     "Qwen2.5-Math-1.5B-Instruct": dict(
         hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
         num_key_value_heads=2, vocab_size=151936, rope_theta=10000.0,
         max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=151643,
-        eos_token_id=151645),
+        eos_token_id=[151645, 151643]),
     "Qwen2.5-Math-7B-Instruct": dict(
         hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
         num_key_value_heads=4, vocab_size=152064, rope_theta=10000.0,
         max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=151643,
-        eos_token_id=151645),
+        eos_token_id=[151645, 151643]),
 }
 
 

@@ -1,0 +1,78 @@
+"""Tiny random HF checkpoints that transformers builds and saves: the independent reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers as tf
+
+VOCAB = 128
+
+
+def _randomize_norms(model: torch.nn.Module, seed: int) -> None:
+    # HF initializes norms to 1 (Qwen2) or 0 (Gemma's 1 + w); random values make a slip in the
+    # norm formula show in the logits.
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 + (0.0 if "gemma" in
+                        model.config.model_type else 1.0))
+
+
+def qwen2_config(*, tied: bool, gqa: bool, layers: int = 2, hidden: int = 64,
+                 intermediate: int = 96, heads: int = 4) -> tf.Qwen2Config:
+    return tf.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=heads // 2 if gqa else heads, tie_word_embeddings=tied,
+        rope_theta=10000.0, max_position_embeddings=512, eos_token_id=2, bos_token_id=1)
+
+
+def gemma3_text_config(**overrides) -> tf.Gemma3TextConfig:
+    kw = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=24,
+        sliding_window=4, layer_types=["sliding_attention", "sliding_attention", "full_attention",
+                                       "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0,
+                                            "rope_theta": 100000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}},
+        max_position_embeddings=512, eos_token_id=2, bos_token_id=1, pad_token_id=0)
+    kw.update(overrides)
+    return tf.Gemma3TextConfig(**kw)
+
+
+def save(model: torch.nn.Module, path: Path, seed: int, **save_kw) -> Path:
+    _randomize_norms(model, seed)
+    model.eval()
+    model.save_pretrained(path, **save_kw)
+    return path
+
+
+def qwen2(path: Path, *, tied: bool, gqa: bool, seed: int = 0, **kw) -> tf.Qwen2ForCausalLM:
+    torch.manual_seed(seed)
+    model = tf.Qwen2ForCausalLM(qwen2_config(tied=tied, gqa=gqa, **kw))
+    save(model, path, seed)
+    return model
+
+
+def gemma3_text(path: Path, seed: int = 0, **kw) -> tf.Gemma3ForCausalLM:
+    torch.manual_seed(seed)
+    model = tf.Gemma3ForCausalLM(gemma3_text_config(**kw))
+    save(model, path, seed)
+    return model
+
+
+def gemma3_multimodal(path: Path, seed: int = 0) -> tf.Gemma3ForConditionalGeneration:
+    torch.manual_seed(seed)
+    vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=2, image_size=28, patch_size=14)
+    cfg = tf.Gemma3Config(text_config=gemma3_text_config().to_dict(),
+                          vision_config=vision.to_dict(), mm_tokens_per_image=4,
+                          image_token_index=VOCAB - 1, boi_token_index=VOCAB - 3,
+                          eoi_token_index=VOCAB - 2)
+    model = tf.Gemma3ForConditionalGeneration(cfg)
+    save(model, path, seed, max_shard_size="40KB")
+    return model
