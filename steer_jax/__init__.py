@@ -1,6 +1,8 @@
 """steer-jax: STEER, confidence-guided stepwise routing between a small and a large LLM, in JAX."""
 
+from steer_jax.decoding import GenerateResult, generate
 from steer_jax.modeling import CheckpointError, ConfigError, Model, ModelConfig, load_model, load_tokenizer
 
 __version__ = "0.1.0"
-__all__ = ["CheckpointError", "ConfigError", "Model", "ModelConfig", "load_model", "load_tokenizer"]
+__all__ = ["CheckpointError", "ConfigError", "GenerateResult", "Model", "ModelConfig", "generate", "load_model",
+           "load_tokenizer"]

@@ -76,3 +76,19 @@ def gemma3_multimodal(path: Path, seed: int = 0) -> tf.Gemma3ForConditionalGener
     model = tf.Gemma3ForConditionalGeneration(cfg)
     save(model, path, seed, max_shard_size="40KB")
     return model
+
+
+def tokenizer(texts: list[str]) -> tf.PreTrainedTokenizerFast:
+    """A real HF tokenizer whose token i decodes to texts[i] (a word-level vocabulary)."""
+    from tokenizers import Tokenizer, models
+
+    vocab = {t: i for i, t in enumerate(texts)}
+    assert len(vocab) == len(texts), "token texts must be distinct"
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=texts[0]))
+    return tf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=texts[0])
+
+
+def plain_texts(n: int = VOCAB) -> list[str]:
+    """Distinct token texts with no newline, digit or operator: nothing ends a step by default."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    return [letters[i // 26 % 26] + letters[i % 26] + "q" for i in range(n)]

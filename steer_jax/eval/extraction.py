@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 
 # \boxed and \fbox are what math models emit; "\boxed 5" (no braces) shows up with short answers.
-_BOX_OPENERS = ("\\boxed", "\\fbox")
+_BOX_OPENER = re.compile(r"\\(?:boxed|fbox)")
 
 # A plain decimal number, optionally signed, with thousands separators ("1,000") and a fraction
 # part. The thousands group only matches exact 3-digit groups so "1,2" stays two numbers.
@@ -24,12 +24,10 @@ def boxed_contents(text: str) -> list[str]:
     found: list[str] = []
     i = 0
     while True:
-        starts = [(text.find(op, i), op) for op in _BOX_OPENERS]
-        starts = [(s, op) for s, op in starts if s >= 0]
-        if not starts:
+        opener = _BOX_OPENER.search(text, i)
+        if opener is None:
             return found
-        start, op = min(starts)
-        j = start + len(op)
+        j = opener.end()
         while j < len(text) and text[j] == " ":
             j += 1
         if j < len(text) and text[j] == "{":
@@ -51,7 +49,7 @@ def boxed_contents(text: str) -> list[str]:
                 return found  # unbalanced to the end of the text
             i = k + 1
         else:
-            if j == start + len(op):
+            if j == opener.end():
                 # "\\boxedfoo" is some other command, not a box.
                 i = j
                 continue

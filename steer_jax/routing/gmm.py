@@ -84,6 +84,12 @@ _REL_SPREAD = 1e-6
 _ABS_SPREAD = 1e-15
 # Far-out scores are clipped (in component-std units) so that squares stay finite in float32.
 _Z_CLIP = 1e12
+# Bounds on an extrapolated SQUAREM point (standardized units): they only keep exp() finite; any
+# jump that reaches them is rejected by the likelihood check anyway.
+_MAX_LOGIT = 80.0
+_MAX_MEAN = 1e6
+_MAX_LOGVAR = 20.0
+_MAX_STEP = 1e3
 
 
 @jax.tree_util.register_dataclass
@@ -150,6 +156,17 @@ def _m_step(nk: Array, sk: Array, qk: Array, mu: Array, nv: Array, reg: float, t
     return new_lw, new_mu, new_var
 
 
+def _pack(lw: Array, mu: Array, var: Array) -> Array:
+    """Unconstrained per-group vector [log-odds of weight 1, mu_0, mu_1, log var_0, log var_1]."""
+    return jnp.concatenate([(lw[..., 1] - lw[..., 0])[..., None], mu, jnp.log(var)], -1)
+
+
+def _unpack(u: Array):
+    a = u[..., 0:1]
+    lw = jnp.concatenate([-jax.nn.softplus(a), -jax.nn.softplus(-a)], -1)
+    return lw, u[..., 1:3], jnp.exp(u[..., 3:5])
+
+
 def _lloyd_init(z: Array, w: Array, init_iters: int, reg: float, tiny: float):
     """Deterministic 2-means start from a split at the mean (z is centred, so at 0)."""
 
@@ -181,7 +198,7 @@ def fit(
     scores: Array,
     mask: Array | None = None,
     *,
-    max_iters: int = 300,
+    max_iters: int = 1000,
     tol: float = 1e-6,
     reg: float = 1e-6,
     init_iters: int = 5,
@@ -230,36 +247,47 @@ def fit(
     z = dev / jnp.where(degenerate, 1, s)[..., None]
 
     lw, mu, var = _lloyd_init(z, w, init_iters, reg, tiny)
+    u = _pack(lw, mu, var)
+    u_lo = jnp.array([-_MAX_LOGIT, -_MAX_MEAN, -_MAX_MEAN, math.log(reg), math.log(reg)], dtype)
+    u_hi = jnp.array([_MAX_LOGIT, _MAX_MEAN, _MAX_MEAN, _MAX_LOGVAR, _MAX_LOGVAR], dtype)
+
+    def em(u):
+        lw, mu, var = _unpack(u)
+        ll, nk, sk, qk = _em_stats(z, w, lw, mu, var)
+        return ll / nv, _pack(*_m_step(nk, sk, qk, mu, nv, reg, tiny))
 
     def cond(state):
-        it, _, _, _, _, done, _ = state
-        return (it < max_iters) & jnp.any(~done)
+        it, _, _, done, _ = state
+        return (it * 3 < max_iters) & jnp.any(~done)
 
     def body(state):
-        it, lw, mu, var, prev, done, n_it = state
-        ll, nk, sk, qk = _em_stats(z, w, lw, mu, var)
-        ll = ll / nv
-        done_now = done | ((it > 0) & (jnp.abs(ll - prev) <= tol))
-        new_lw, new_mu, new_var = _m_step(nk, sk, qk, mu, nv, reg, tiny)
-        keep = done_now[..., None]
-        lw = jnp.where(keep, lw, new_lw)
-        mu = jnp.where(keep, mu, new_mu)
-        var = jnp.where(keep, var, new_var)
-        prev = jnp.where(done, prev, ll)
-        n_it = n_it + (~done_now).astype(jnp.int32)
-        return it + 1, lw, mu, var, prev, done_now, n_it
+        it, u0, prev, done, n_it = state
+        ll0, u1 = em(u0)
+        ll1, u2 = em(u1)
+        # SQUAREM (Varadhan & Roland 2008, scheme S3): extrapolate along the EM path, then one
+        # stabilizing EM step; fall back to plain EM when the jump does not beat it. Overlapping
+        # or rare components make plain EM crawl for hundreds of steps along a ridge where the
+        # per-step gain looks converged long before the fit is.
+        r = u1 - u0
+        v = u2 - u1 - r
+        rn = jnp.sqrt(jnp.sum(r * r, -1, keepdims=True))
+        vn = jnp.sqrt(jnp.sum(v * v, -1, keepdims=True))
+        alpha = jnp.clip(-rn / jnp.where(vn > 0, vn, 1), -_MAX_STEP, -1.0)
+        alpha = jnp.where(vn > 0, alpha, -1.0)
+        uj = jnp.clip(u0 - 2 * alpha * r + alpha * alpha * v, u_lo, u_hi)
+        llj, uj2 = em(uj)
+        accept = (llj >= ll1)[..., None]
+        u_next = jnp.where(accept, uj2, u2)
+        done_now = done | (jnp.abs(ll0 - prev) <= tol)
+        u_next = jnp.where(done_now[..., None], u0, u_next)
+        prev = jnp.where(done, prev, ll0)
+        n_it = n_it + 3 * (~done_now).astype(jnp.int32)
+        return it + 1, u_next, prev, done_now, n_it
 
     batch = x.shape[:-1]
-    state = (
-        jnp.int32(0),
-        lw,
-        mu,
-        var,
-        jnp.full(batch, -jnp.inf, dtype),
-        degenerate,
-        jnp.zeros(batch, jnp.int32),
-    )
-    _, lw, mu, var, _, done, n_it = lax.while_loop(cond, body, state)
+    state = (jnp.int32(0), u, jnp.full(batch, -jnp.inf, dtype), degenerate, jnp.zeros(batch, jnp.int32))
+    _, u, _, done, n_it = lax.while_loop(cond, body, state)
+    lw, mu, var = _unpack(u)
 
     weights = jnp.exp(lw)
     weights = weights / jnp.sum(weights, -1, keepdims=True)
