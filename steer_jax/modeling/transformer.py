@@ -131,8 +131,11 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array,
     windowed = causal & (distance < (cfg.sliding_window or cache.slots + 1))
     rows = jnp.arange(B)[:, None]
 
-    def layer(x, xs):
-        lp, k_cache, v_cache, sliding = xs
+    def layer(carry, xs):
+        # The whole cache rides in the carry and is updated in place: passing per-layer slices
+        # as scan inputs/outputs would rewrite every layer's cache on every decode step.
+        x, k_all, v_all = carry
+        lp, i, sliding = xs
         h = rms_norm(x, lp["attn_norm"], cfg)
         q = jnp.einsum("btd,dhk->bthk", h, lp["q"])
         k = jnp.einsum("btd,dhk->bthk", h, lp["k"])
@@ -144,9 +147,9 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array,
         cos = jnp.where(sliding, rope_l[0], rope_g[0])
         sin = jnp.where(sliding, rope_l[1], rope_g[1])
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-        k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
-        v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
-        attn = _attention(q, k_cache, v_cache, jnp.where(sliding, windowed, causal), cfg)
+        k_all = k_all.at[i, rows, positions].set(k.astype(k_all.dtype), mode="drop")
+        v_all = v_all.at[i, rows, positions].set(v.astype(v_all.dtype), mode="drop")
+        attn = _attention(q, k_all[i], v_all[i], jnp.where(sliding, windowed, causal), cfg)
         out = jnp.einsum("bthk,hkd->btd", attn, lp["o"])
         if cfg.sandwich_norms:
             out = rms_norm(out, lp["post_attn_norm"], cfg)
@@ -154,10 +157,19 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array,
         out = _mlp(rms_norm(x, lp["mlp_norm"], cfg), lp, cfg)
         if cfg.sandwich_norms:
             out = rms_norm(out, lp["post_mlp_norm"], cfg)
-        return x + out, (k_cache, v_cache)
+        return (x + out, k_all, v_all), None
 
-    sliding = jnp.asarray(np.array(cfg.sliding_layers, dtype=bool))
-    x, (k_new, v_new) = jax.lax.scan(layer, x, (params["layers"], cache.k, cache.v, sliding))
+    if isinstance(params["layers"], (list, tuple)):
+        # Unstacked layers (see `unstack_layers`): a Python loop reads each weight in place.
+        carry = (x, cache.k, cache.v)
+        for i, lp in enumerate(params["layers"]):
+            carry, _ = layer(carry, (lp, i, cfg.sliding_layers[i]))
+        x, k_new, v_new = carry
+    else:
+        sliding = jnp.asarray(np.array(cfg.sliding_layers, dtype=bool))
+        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        (x, k_new, v_new), _ = jax.lax.scan(layer, (x, cache.k, cache.v),
+                                            (params["layers"], layer_ids, sliding))
     hidden = rms_norm(x, params["final_norm"], cfg)
     return hidden, KVCache(k_new, v_new, cache.length + T)
 
