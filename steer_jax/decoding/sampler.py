@@ -67,10 +67,12 @@ def token_measures(logits: jax.Array) -> jax.Array:
     return jnp.stack([top, jnp.exp(top - lse), neg_entropy], axis=-1)
 
 
-def row_keys(seed: jax.Array, trace_ids: jax.Array, positions: jax.Array) -> jax.Array:
+def row_keys(seed: jax.Array, trace_ids: jax.Array, positions: jax.Array,
+             stream: jax.Array | int = 0) -> jax.Array:
+    """Keys from (seed, trace id, absolute position, stream); two models use two streams."""
     base = jax.random.key(seed)
-    return jax.vmap(lambda t, p: jax.random.fold_in(jax.random.fold_in(base, t), p))(
-        trace_ids, positions)
+    fold = jax.random.fold_in
+    return jax.vmap(lambda t, p: fold(fold(fold(base, t), p), stream))(trace_ids, positions)
 
 
 def sample(sampler: Sampler, logits: jax.Array, keys: jax.Array) -> jax.Array:
@@ -138,7 +140,7 @@ class Stops:
 
 
 def _record(state: DecodeState, token: jax.Array, measures: jax.Array, stops: Stops,
-            masks: VocabMasks | None) -> DecodeState:
+            masks: VocabMasks | None, limit: jax.Array) -> DecodeState:
     """Write each running row's new token; decide which rows stop."""
     B, N = state.tokens.shape
     live = ~state.done
@@ -150,7 +152,7 @@ def _record(state: DecodeState, token: jax.Array, measures: jax.Array, stops: St
     position = state.cache.length  # where this token will sit once fed
     reason = jnp.full((B,), RUNNING, jnp.int32)
     reason = jnp.where(position >= state.cache.slots - 1, FULL, reason)
-    reason = jnp.where(n >= N, MAX_TOKENS, reason)
+    reason = jnp.where(n >= limit, MAX_TOKENS, reason)
     if stops.step_mode and masks is not None:
         prev = state.pending
         reason = jnp.where(masks.step_ends(prev, token, state.n > 0), DELIMITER, reason)
@@ -165,13 +167,17 @@ def _record(state: DecodeState, token: jax.Array, measures: jax.Array, stops: St
                    donate_argnames=("cache",))
 def decode(params: Params, cfg: ModelConfig, cache: KVCache, tokens: jax.Array, n: jax.Array,
            active: jax.Array, seed: jax.Array, trace_ids: jax.Array, masks: VocabMasks | None,
+           limit: jax.Array | None = None, stream: jax.Array | int = 0,
            *, sampler: Sampler, max_tokens: int, stops: Stops, scores: bool = False):
     """Append tokens[b, :n[b]], then generate up to `max_tokens` for the `active` rows.
 
-    Inactive rows append nothing and generate nothing. Returns (DecodeState, appended measures
-    [B, P, 3] or None). Each active row needs n >= 1 (at least its pending token).
+    Inactive rows append nothing and generate nothing; `limit` [B] caps each row's new tokens
+    below `max_tokens`. Returns (DecodeState, appended measures [B, P, 3] or None). Each active
+    row needs n >= 1 (at least its pending token).
     """
     B = tokens.shape[0]
+    limit = jnp.full((B,), max_tokens, jnp.int32) if limit is None else jnp.minimum(
+        limit, max_tokens)
     n = jnp.where(active, n, 0)
     cache, next_logits, appended = append(params, cfg, cache, tokens, n, scores=scores)
     state = DecodeState(cache, jnp.zeros((B,), jnp.int32),
@@ -180,8 +186,8 @@ def decode(params: Params, cfg: ModelConfig, cache: KVCache, tokens: jax.Array, 
                         jnp.zeros((B,), jnp.int32), ~active, jnp.full((B,), RUNNING, jnp.int32))
 
     def pick(state: DecodeState, lg: jax.Array) -> DecodeState:
-        token = sample(sampler, lg, row_keys(seed, trace_ids, state.cache.length))
-        return _record(state, token, token_measures(lg), stops, masks)
+        token = sample(sampler, lg, row_keys(seed, trace_ids, state.cache.length, stream))
+        return _record(state, token, token_measures(lg), stops, masks, limit)
 
     def cond(state: DecodeState) -> jax.Array:
         return ~jnp.all(state.done)

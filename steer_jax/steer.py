@@ -1,0 +1,446 @@
+"""STEER: lock-step rounds in which every running trace gets one reasoning step from one model.
+
+Round 0: the small model writes step 0 for every trace; the confidence mixture is fitted over them
+and the unconfident ones are thrown away and rewritten by the large model. Round i >= 1: a trace's
+step comes from the small model when the posterior of its previous step's confidence is at least
+gamma, else from the large model. The baselines are the same rounds with another rule for who
+writes and who may veto a small step (`small_only`, `large_only`).
+
+Both models keep a KV cache for every trace and a `seen` length (their cache length). A model that
+writes first reads what the other model wrote since it last looked; the small model also reads
+each large step as soon as it is written, which scores it on the small model's scale (option
+`source="small"`). Each call gathers only the rows routed to the model into a power-of-two bucket,
+runs, and scatters them back, so executed work tracks routed work. Per round, the host learns a
+few scalars (how many rows each model serves and the longest catch-up read, to pick a compiled
+bucket); routing masks, confidences and mixtures stay on device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from steer_jax.decoding import sampler as dec
+from steer_jax.decoding.generate import check_prompts
+from steer_jax.decoding.steps import VocabMasks, vocab_masks
+from steer_jax.modeling.transformer import KVCache, Model
+from steer_jax.routing import gmm, policy
+
+SMALL, LARGE = 0, 1
+MODEL_NAMES = ("small", "large")
+METHODS = ("steer", "small_only", "large_only")
+
+
+@dataclasses.dataclass(frozen=True)
+class SteerOptions:
+    """The `steer.*` and `sampling.*` config keys (see the README's config reference)."""
+
+    method: Literal["steer", "small_only", "large_only"] = "steer"
+    gamma: float = 0.5
+    max_steps: int = 64
+    max_step_tokens: int = 256
+    max_new_tokens: int = 4096
+    delimiter: str = "\n\n"
+    confidence: dec.Measure = "max_logit"
+    aggregate: Literal["all", "math"] = "all"
+    source: Literal["small", "generator"] = "small"
+    groups: int = 1
+    refine: Literal["first", "none", "all"] = "first"
+    policy: Literal["posterior", "percentile", "threshold"] = "posterior"
+    percentile: float = 0.3
+    threshold: float | None = None
+    temperature: float = 0.7
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def choice(name: str, allowed: Sequence[Any]) -> None:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"steer.{name} must be one of {list(allowed)}, "
+                                 f"got {getattr(self, name)!r}")
+
+        choice("method", METHODS)
+        choice("confidence", dec.MEASURES)
+        choice("aggregate", ("all", "math"))
+        choice("source", ("small", "generator"))
+        choice("refine", ("first", "none", "all"))
+        choice("policy", ("posterior", "percentile", "threshold"))
+        if not 0.0 <= self.gamma <= 1.0:
+            raise ValueError(f"steer.gamma must be in [0, 1], got {self.gamma}")
+        if not 0.0 <= self.percentile <= 1.0:
+            raise ValueError(f"steer.percentile must be in [0, 1], got {self.percentile}")
+        if self.policy == "threshold" and self.threshold is None:
+            raise ValueError("steer.policy 'threshold' needs steer.threshold")
+        for name in ("max_steps", "max_step_tokens", "max_new_tokens", "groups"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"steer.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.delimiter:
+            raise ValueError("steer.delimiter must be a non-empty string")
+        dec.make_sampler(self.temperature, self.top_p)  # validates both
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    text: str
+    model: str  # small | large
+    tokens: int
+    confidence: float
+    posterior: float
+    round: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Trace:
+    id: int
+    output: str
+    tokens: list[int]  # generated tokens (the kept steps)
+    steps: list[Step]
+    stop: str  # eos | max_steps | max_new_tokens | cache_full
+    # Per-trace bill, in tokens; FLOPs are these times 2N of the model that processed them.
+    generated: dict[str, int]  # kept tokens written by each model
+    discarded: int  # small-model draft tokens thrown away
+    read: dict[str, int]  # tokens each model appended without writing them (prompt, catch-up)
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundMixture:
+    round: int
+    group: int
+    model: str  # whose steps the mixture was fitted on ("all" with source=small)
+    weights: list[float]
+    means: list[float]
+    variances: list[float]
+    confidences: list[float]
+
+
+@dataclasses.dataclass(frozen=True)
+class SteerResult:
+    traces: list[Trace]
+    mixtures: list[RoundMixture]
+    executed_tokens: dict[str, int]  # rows actually computed x positions, padding included
+    params: dict[str, int]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TraceState:
+    """Everything about the traces, on device; [B] per trace, [B, M] per step record."""
+
+    tokens: jax.Array  # [B, S] prompt then kept steps
+    total: jax.Array  # [B] tokens in the trace
+    prompt_len: jax.Array  # [B]
+    running: jax.Array  # [B]
+    stop: jax.Array  # [B] 0 running, 1 eos, 2 max_steps, 3 max_new_tokens, 4 cache_full
+    step_start: jax.Array  # [B] where the newest step begins
+    conf: jax.Array  # [B] confidence of the newest step
+    writer: jax.Array  # [B] who wrote the newest step
+    rec_model: jax.Array  # [B, M] -1 for no step
+    rec_len: jax.Array  # [B, M]
+    rec_conf: jax.Array  # [B, M]
+    rec_post: jax.Array  # [B, M]
+    generated: jax.Array  # [B, 2] kept tokens per model
+    discarded: jax.Array  # [B]
+    read: jax.Array  # [B, 2] appended tokens per model
+    executed: jax.Array  # [2] rows x positions computed per model
+
+
+STOPS = ("running", "eos", "max_steps", "max_new_tokens", "cache_full")
+
+
+def _pow2(n: int, cap: int) -> int:
+    return min(cap, 1 << max(0, int(n) - 1).bit_length())
+
+
+# ---- one model's work on a bucket of rows -------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("cfg", "bucket", "width", "opts", "stream", "stops"),
+                   donate_argnames=("cache",))
+def _write(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array, masks: VocabMasks,
+           seed: jax.Array, trace_ids: jax.Array, *, bucket: int, width: int, opts: SteerOptions,
+           stream: int, stops: dec.Stops):
+    """The routed `rows` catch up on what they have not seen and write one step each."""
+    count = jnp.sum(rows)
+    idx = jnp.argsort(~rows, stable=True)[:bucket]  # routed rows first
+    active = jnp.arange(bucket) < count
+    sub = KVCache(cache.k[:, idx], cache.v[:, idx], cache.length[idx])
+    seen, total = sub.length, state.total[idx]
+    # Catch-up: everything from the first unseen token through the newest (pending) one.
+    pos = seen[:, None] + jnp.arange(width)[None]
+    append = jnp.take_along_axis(state.tokens[idx], jnp.minimum(pos, state.tokens.shape[1] - 1),
+                                 axis=1)
+    n_append = jnp.where(active, total - seen, 0)
+    budget = opts.max_new_tokens - (total - state.prompt_len[idx])
+    out, _ = dec.decode(params, cfg, sub, append, n_append, active, seed, trace_ids[idx], masks,
+                        jnp.minimum(budget, opts.max_step_tokens), stream,
+                        sampler=dec.make_sampler(opts.temperature, opts.top_p),
+                        max_tokens=opts.max_step_tokens, stops=stops)
+    conf = dec.step_confidence(out.measures, out.tokens, out.n, measure=opts.confidence,
+                               is_math=masks.is_math if opts.aggregate == "math" else None)
+    n_new = jnp.where(active, out.n, 0)
+    # Scatter back. Padding rows are real, unrouted rows: they wrote only past their length.
+    cache = KVCache(cache.k.at[:, idx].set(out.cache.k), cache.v.at[:, idx].set(out.cache.v),
+                    cache.length.at[idx].set(out.cache.length))
+    slot = total[:, None] + jnp.arange(opts.max_step_tokens)[None]
+    slot = jnp.where(jnp.arange(opts.max_step_tokens)[None] < n_new[:, None], slot,
+                     state.tokens.shape[1])  # out of bounds: dropped
+    tokens = state.tokens.at[idx[:, None], slot].set(out.tokens, mode="drop")
+    sel = lambda x, new: x.at[idx].set(jnp.where(active, new, x[idx]))  # noqa: E731
+    executed = bucket * (width + jnp.max(jnp.where(active, out.n, 0)) - 1)
+    state = dataclasses.replace(
+        state, tokens=tokens, total=state.total.at[idx].add(n_new),
+        step_start=sel(state.step_start, total), conf=sel(state.conf, conf),
+        writer=sel(state.writer, jnp.full_like(total, stream)),
+        generated=state.generated.at[idx, stream].add(n_new),
+        read=state.read.at[idx, stream].add(n_append),
+        executed=state.executed.at[stream].add(executed))
+    reason = jnp.zeros_like(state.stop).at[idx].set(jnp.where(active, out.reason, 0))
+    return cache, state, reason
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "bucket", "width", "opts", "stream"),
+                   donate_argnames=("cache",))
+def _read(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array, masks: VocabMasks, *,
+          bucket: int, width: int, opts: SteerOptions, stream: int):
+    """The routed rows read the newest step (written by the other model) and score it."""
+    count = jnp.sum(rows)
+    idx = jnp.argsort(~rows, stable=True)[:bucket]
+    active = jnp.arange(bucket) < count
+    sub = KVCache(cache.k[:, idx], cache.v[:, idx], cache.length[idx])
+    seen, total, start = sub.length, state.total[idx], state.step_start[idx]
+    pos = seen[:, None] + jnp.arange(width)[None]
+    append = jnp.take_along_axis(state.tokens[idx], jnp.minimum(pos, state.tokens.shape[1] - 1),
+                                 axis=1)
+    # Leave the newest token pending: appending t_seen..t_{total-2} scores t_{seen+1}..t_{total-1}.
+    n_append = jnp.where(active, total - 1 - seen, 0)
+    sub, measures = dec.read(params, cfg, sub, append, n_append)
+    # The step's tokens are t_start..t_{total-1}; token t is scored at appended index t-1-seen.
+    L = opts.max_step_tokens
+    at = jnp.clip(start[:, None] - 1 - seen[:, None] + jnp.arange(L)[None], 0, width - 1)
+    step_measures = jnp.take_along_axis(measures, at[:, :, None], axis=1)
+    step_tokens = jnp.take_along_axis(state.tokens[idx], jnp.minimum(
+        start[:, None] + jnp.arange(L)[None], state.tokens.shape[1] - 1), axis=1)
+    conf = dec.step_confidence(step_measures, step_tokens, total - start, measure=opts.confidence,
+                               is_math=masks.is_math if opts.aggregate == "math" else None)
+    cache = KVCache(cache.k.at[:, idx].set(sub.k), cache.v.at[:, idx].set(sub.v),
+                    cache.length.at[idx].set(sub.length))
+    state = dataclasses.replace(
+        state, conf=state.conf.at[idx].set(jnp.where(active, conf, state.conf[idx])),
+        read=state.read.at[idx, stream].add(n_append),
+        executed=state.executed.at[stream].add(bucket * width))
+    return cache, state
+
+
+# ---- routing, on device -------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("opts", "groups"))
+def _mixture(conf: jax.Array, among: jax.Array, group: jax.Array, *, opts: SteerOptions,
+             groups: int):
+    """Fit one mixture per group over `among`; each trace's posterior under its group's fit."""
+    member = (group[None, :] == jnp.arange(groups)[:, None]) & among[None, :]  # [K, B]
+    scores = jnp.broadcast_to(conf, member.shape)
+    params = gmm.fit(scores, member)
+    post = gmm.posterior_confident(params, scores)
+    return params, jnp.take_along_axis(post, group[None, :], axis=0)[0]
+
+
+@functools.partial(jax.jit, static_argnames=("opts", "groups"))
+def _route(conf: jax.Array, among: jax.Array, group: jax.Array, params: gmm.GMMParams, *,
+           opts: SteerOptions, groups: int) -> jax.Array:
+    """Which of `among` the policy sends to the large model (each group on its own)."""
+    member = (group[None, :] == jnp.arange(groups)[:, None]) & among[None, :]
+    scores = jnp.broadcast_to(conf, member.shape)
+    if opts.policy == "posterior":
+        route = policy.route_by_posterior(params, scores, opts.gamma, member)
+    elif opts.policy == "percentile":
+        route = policy.route_by_percentile(scores, opts.percentile, member)
+    else:
+        route = policy.route_by_threshold(scores, opts.threshold, member)
+    return jnp.any(route, axis=0)
+
+
+# ---- the round loop -----------------------------------------------------------------------------
+
+class _Side:
+    """One model inside a run: its weights, its cache over all traces, its vocabulary tables."""
+
+    def __init__(self, model: Model, stream: int, tokenizer: Any, opts: SteerOptions, batch: int,
+                 slots: int):
+        self.model, self.stream = model, stream
+        self.cfg = model.config
+        self.cache = KVCache.init(self.cfg, batch, slots, model.dtype)
+        self.masks = vocab_masks(tokenizer, self.cfg.vocab_size, opts.delimiter)
+        self.stops = dec.Stops(self.cfg.eos_token_ids, step_mode=True)
+
+
+def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence[int]],
+          options: SteerOptions | None = None, *, trace_ids: Sequence[int] | None = None,
+          progress: Callable[[int, int], None] | None = None) -> SteerResult:
+    """Run STEER (or a baseline, `options.method`) over token-id prompts; one wave, one batch."""
+    opts = options or SteerOptions()
+    B = len(prompts)
+    context = min(small.config.max_position_embeddings, large.config.max_position_embeddings)
+    check_prompts(prompts, min(small.config.vocab_size, large.config.vocab_size), context,
+                  opts.max_new_tokens)
+    longest = max(len(p) for p in prompts)
+    slots = -(-(longest + opts.max_new_tokens + 2) // 64) * 64
+    sides = (_Side(small, SMALL, tokenizer, opts, B, slots),
+             _Side(large, LARGE, tokenizer, opts, B, slots))
+    ids = jnp.asarray(np.arange(B) if trace_ids is None else np.asarray(trace_ids), jnp.int32)
+    seed = jnp.asarray(opts.seed, jnp.int32)
+    group = jnp.asarray(np.arange(B) * opts.groups // B, jnp.int32)
+    M = opts.max_steps
+    tokens = np.zeros((B, slots), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
+    state = TraceState(
+        tokens=jnp.asarray(tokens), total=lengths, prompt_len=lengths,
+        running=jnp.ones(B, bool), stop=jnp.zeros(B, jnp.int32), step_start=lengths,
+        conf=jnp.zeros(B, jnp.float32), writer=jnp.zeros(B, jnp.int32),
+        rec_model=jnp.full((B, M), -1, jnp.int32), rec_len=jnp.zeros((B, M), jnp.int32),
+        rec_conf=jnp.zeros((B, M), jnp.float32), rec_post=jnp.zeros((B, M), jnp.float32),
+        generated=jnp.zeros((B, 2), jnp.int32), discarded=jnp.zeros(B, jnp.int32),
+        read=jnp.zeros((B, 2), jnp.int32), executed=jnp.zeros(2, jnp.int32))
+    mixtures: list[tuple[int, str, gmm.GMMParams, jax.Array, jax.Array]] = []
+    none = jnp.zeros(B, bool)
+
+    def bucket_for(side: _Side, rows: jax.Array, pending_only: bool) -> tuple[int, int]:
+        # The only device -> host traffic of a round: how many rows, and the longest catch-up.
+        lag = state.total - side.cache.length - (1 if pending_only else 0)
+        count, widest = np.asarray(jnp.stack([jnp.sum(rows), jnp.max(jnp.where(rows, lag, 0))]))
+        return int(count), max(16, _pow2(int(widest), 1 << 30))
+
+    def write(side: _Side, rows: jax.Array) -> jax.Array:
+        nonlocal state
+        count, width = bucket_for(side, rows, pending_only=False)
+        if count == 0:
+            return jnp.zeros(B, jnp.int32)
+        side.cache, state, reason = _write(
+            side.model.params, side.cfg, side.cache, state, rows, side.masks, seed, ids,
+            bucket=_pow2(count, B), width=width, opts=opts, stream=side.stream, stops=side.stops)
+        return reason
+
+    def read(side: _Side, rows: jax.Array) -> None:
+        nonlocal state
+        count, width = bucket_for(side, rows, pending_only=True)
+        if count:
+            side.cache, state = _read(side.model.params, side.cfg, side.cache, state, rows,
+                                      side.masks, bucket=_pow2(count, B), width=width, opts=opts,
+                                      stream=side.stream)
+
+    def fit(among: jax.Array, rnd: int, who: str):
+        params, post = _mixture(state.conf, among, group, opts=opts, groups=opts.groups)
+        mixtures.append((rnd, who, params, state.conf, among))
+        return params, post
+
+    prev_params = None
+    for rnd in range(M):
+        if not bool(jnp.any(state.running)):
+            break
+        running = state.running
+        if opts.method == "large_only":
+            to_large = running
+        elif opts.method == "small_only" or rnd == 0:
+            to_large = none
+        elif opts.source == "generator":  # each previous step judged under its writer's mixture
+            to_large = none
+            for who in (SMALL, LARGE):
+                among = running & (state.writer == who)
+                to_large |= _route(state.conf, among, group, prev_params[who], opts=opts,
+                                   groups=opts.groups)
+        else:
+            to_large = _route(state.conf, running, group, prev_params, opts=opts,
+                              groups=opts.groups)
+        to_small = running & ~to_large
+        reason = write(sides[SMALL], to_small)
+        if opts.method == "steer" and (opts.refine == "all" or (rnd == 0 and
+                                                                opts.refine == "first")):
+            params, _ = fit(to_small, rnd, "small-draft")
+            rejected = _route(state.conf, to_small, group, params, opts=opts, groups=opts.groups)
+            state, reason = _discard(state, rejected, reason)
+            sides[SMALL].cache = dec.rollback(sides[SMALL].cache,
+                                              jnp.where(rejected, state.total - 1, slots))
+            to_large = to_large | rejected
+        reason = reason + write(sides[LARGE], to_large)
+        if opts.source == "small" and opts.method != "large_only":
+            read(sides[SMALL], to_large)
+        if opts.source == "generator":
+            prev_params = {}
+            post = jnp.zeros(B)
+            for who in (SMALL, LARGE):
+                among = running & (state.writer == who)
+                prev_params[who], p = fit(among, rnd, MODEL_NAMES[who])
+                post = jnp.where(among, p, post)
+        else:
+            prev_params, post = fit(running, rnd, "all")
+        state = _end_round(state, running, reason, post, rnd, opts=opts, slots=slots)
+        if progress:
+            progress(rnd + 1, int(jnp.sum(state.running)))
+    return _collect(state, mixtures, tokenizer, opts, sides, np.asarray(ids))
+
+
+@jax.jit
+def _discard(state: TraceState, rejected: jax.Array, reason: jax.Array):
+    """Throw away the newest (small) step of the rejected rows; they keep their pending token."""
+    n = jnp.where(rejected, state.total - state.step_start, 0)
+    state = dataclasses.replace(
+        state, total=state.total - n, generated=state.generated.at[:, SMALL].add(-n),
+        discarded=state.discarded + n)
+    return state, jnp.where(rejected, 0, reason)
+
+
+@functools.partial(jax.jit, static_argnames=("rnd", "opts", "slots"))
+def _end_round(state: TraceState, running: jax.Array, reason: jax.Array, post: jax.Array,
+               rnd: int, *, opts: SteerOptions, slots: int) -> TraceState:
+    """Record the round's steps; end traces at EOS, max_steps, max_new_tokens or a full cache."""
+    n = state.total - state.step_start
+    rec = lambda arr, v: arr.at[:, rnd].set(jnp.where(running, v, arr[:, rnd]))  # noqa: E731
+    stop = jnp.where(reason == dec.EOS, 1, 0)
+    stop = jnp.where((stop == 0) & (rnd + 1 >= opts.max_steps), 2, stop)
+    stop = jnp.where((stop == 0) & (state.total - state.prompt_len >= opts.max_new_tokens), 3,
+                     stop)
+    stop = jnp.where((stop == 0) & ((reason == dec.FULL) | (state.total >= slots - 2)), 4, stop)
+    stop = jnp.where(running, stop, state.stop)
+    return dataclasses.replace(
+        state, rec_model=rec(state.rec_model, state.writer), rec_len=rec(state.rec_len, n),
+        rec_conf=rec(state.rec_conf, state.conf), rec_post=rec(state.rec_post, post),
+        stop=stop, running=running & (stop == 0))
+
+
+def _collect(state: TraceState, mixtures, tokenizer: Any, opts: SteerOptions,
+             sides: tuple[_Side, _Side], ids: np.ndarray) -> SteerResult:
+    s = jax.tree.map(np.asarray, state)
+    traces = []
+    for b in range(s.total.shape[0]):
+        start, steps = int(s.prompt_len[b]), []
+        for m in range(opts.max_steps):
+            if s.rec_model[b, m] < 0:
+                break
+            n = int(s.rec_len[b, m])
+            steps.append(Step(text=tokenizer.decode(s.tokens[b, start:start + n].tolist()),
+                              model=MODEL_NAMES[s.rec_model[b, m]], tokens=n,
+                              confidence=float(s.rec_conf[b, m]),
+                              posterior=float(s.rec_post[b, m]), round=m))
+            start += n
+        gen = s.tokens[b, s.prompt_len[b]:s.total[b]].tolist()
+        traces.append(Trace(
+            id=int(ids[b]), output=tokenizer.decode(gen, skip_special_tokens=True), tokens=gen,
+            steps=steps, stop=STOPS[s.stop[b]],
+            generated={MODEL_NAMES[i]: int(s.generated[b, i]) for i in (0, 1)},
+            discarded=int(s.discarded[b]),
+            read={MODEL_NAMES[i]: int(s.read[b, i]) for i in (0, 1)}))
+    mix = []
+    for rnd, who, params, conf, among in mixtures:
+        p = jax.tree.map(np.asarray, params)
+        conf, among = np.asarray(conf), np.asarray(among)
+        for g in range(opts.groups):
+            members = among & (np.arange(len(conf)) * opts.groups // len(conf) == g)
+            mix.append(RoundMixture(rnd, g, who, p.weights[g].tolist(), p.means[g].tolist(),
+                                    p.variances[g].tolist(), conf[members].tolist()))
+    return SteerResult(traces, mix, {MODEL_NAMES[i]: int(s.executed[i]) for i in (0, 1)},
+                       {MODEL_NAMES[i]: sides[i].model.num_params for i in (0, 1)})
