@@ -45,7 +45,8 @@ class Example:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def _check_name(name: str) -> str:
+def canonical_name(name: str) -> str:
+    """The benchmark key for `name` (case and dashes forgiven); ValueError names the unknown one."""
     key = name.strip().lower().replace("-", "_")
     aliases = {"math_500": "math500", "omni_math": "omnimath"}
     key = aliases.get(key, key)
@@ -227,7 +228,11 @@ def _load_local(name: str, path: Path) -> list[Example]:
         return _omnimath(_read_jsonl(_locate(path, name, "omnimath", "*.jsonl")[0]))
     if name == "aime":
         files = _locate(path, name, "aime", "*.jsonl")
-        return _aime((f.stem, _read_jsonl(f)) for f in files)
+        examples = _aime((f.stem, _read_jsonl(f)) for f in files)
+        # Several files (2022-2024, 2025 I, 2025 II) read in contest order, not file-name order.
+        return sorted(
+            examples, key=lambda e: (e.meta.get("year", 0), e.meta.get("contest", ""), e.meta["number"])
+        )
     if name == "acpbench":
         return _acpbench(_acpbench_local(path))
     if name == "musique":
@@ -277,9 +282,7 @@ def _korbench_hub(subset: str) -> list[Example]:
     # carry, so the repository files are fetched as they are and read like a local folder.
     from huggingface_hub import snapshot_download
 
-    root = Path(
-        snapshot_download("KOR-Bench/KOR-Bench", repo_type="dataset", allow_patterns=[f"*{subset}*"])
-    )
+    root = Path(snapshot_download("KOR-Bench/KOR-Bench", repo_type="dataset", allow_patterns=[f"*{subset}*"]))
     for sample in sorted(root.rglob("sample.jsonl")):
         if sample.parent.name == subset:
             return _korbench(subset, _read_jsonl(sample), _read_jsonl(sample.with_name("rule.jsonl")))
@@ -311,7 +314,7 @@ def load_benchmark(name: str, path: str | Path | None = None, limit: int | None 
     Names: math500, omnimath, aime, acpbench, musique, korbench_cipher, korbench_counterfactual,
     korbench_logic. Raises ValueError for an unknown name, FileNotFoundError for a missing path.
     """
-    key = _check_name(name)
+    key = canonical_name(name)
     examples = _HUB[key]() if path is None else _load_local(key, Path(path).expanduser())
     if limit is not None:
         if limit < 0:

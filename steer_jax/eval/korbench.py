@@ -22,10 +22,9 @@ outputs with many unclosed "[[".
 
 from __future__ import annotations
 
-
 SUBSETS = ("cipher", "counterfactual", "logic")
 
-_DROP_CLEAN = str.maketrans("", "", "\"\n []")
+_DROP_CLEAN = str.maketrans("", "", '"\n []')
 _DROP_LOGIC = str.maketrans("", "", '"\n .')
 
 

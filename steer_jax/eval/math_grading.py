@@ -8,6 +8,7 @@ whose main thread has SIGALRM, and kill it if it still overruns; so no output ca
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import re
@@ -98,15 +99,28 @@ class _IsolatedVerifier:
             self._stop()
             return False
 
+    def close(self) -> None:
+        """Let the child finish on end of input (it exits by itself); kill it if it lingers."""
+        with self._lock:
+            if self._proc is not None and self._proc.stdin is not None:
+                self._proc.stdin.close()
+                try:
+                    self._proc.wait(timeout=2)
+                except subprocess.TimeoutExpired:
+                    pass
+            self._stop()
+
 
 _ISOLATED = _IsolatedVerifier()
+atexit.register(_ISOLATED.close)
 
 
 def _canonical_string(s: str) -> str:
     s = strip_latex_text(s)
     s = re.sub(r"\^\s*\{?\\circ\}?|°", "", s)
-    s = re.sub(r"\s+", "", s)
-    return s.rstrip(".").lower()
+    s = re.sub(r"\s+", "", s).rstrip(".")
+    # Case does not matter in words ("Yes", "yes") but does in LaTeX (\Pi is not \pi).
+    return s if "\\" in s else s.lower()
 
 
 def extract_math_answer(output: str) -> str:

@@ -17,8 +17,10 @@ from steer_jax.eval.extraction import last_boxed, strip_latex_text
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 # "The answer is: X", "Final answer: X", "**Answer:** X" up to the end of the line. The last one
-# wins: models restate the question's options or earlier guesses before committing.
-_ANSWER_PHRASE = re.compile(r"answer(?:\s+is)?\s*[:：]?\s*\**\s*[:：]?\s*([^\n]+)", re.IGNORECASE)
+# wins: models restate the question's options or earlier guesses before committing. One character
+# class between "answer" and the captured text, never two adjacent quantifiers that could both take
+# the same characters: that is what keeps these linear on long runs of blanks.
+_ANSWER_PHRASE = re.compile(r"\banswer\b(?:[ \t]+is)?[ \t:：*]*([^\s][^\n]*)", re.IGNORECASE)
 
 
 def normalize_answer(s: str) -> str:
@@ -65,17 +67,17 @@ def musique_scores(output: str, golds: Sequence[str]) -> dict[str, float]:
     return {"em": em, "f1": f1}
 
 
-# A letter standing alone: "B", "(B)", "B.", "B)", "**B**", "Option B", "B: text".
-_LONE_LETTER = re.compile(r"^(?:option\s*)?\(?([A-D])\)?(?:[.):]|\s|$)", re.IGNORECASE)
+# A letter standing alone: "B", "(B)", "B.", "B)", "**B**", "Option B", or "B. <option text>".
+_LONE_LETTER = re.compile(r"(?:option\s*)?\(?([A-D])\)?(?:[.):](?:\s.*)?)?", re.IGNORECASE | re.DOTALL)
 _LETTER_PHRASE = re.compile(
-    r"answer(?:\s+is)?\s*[:：]?\s*\**\s*(?:option\s*)?\(?\**([A-D])\b(?![-'])", re.IGNORECASE
+    r"\banswer\b(?:[ \t]+is)?[ \t:：*]*(?:option[ \t]*)?\(?([A-D])\b(?![-'])", re.IGNORECASE
 )
 
 
 def _lone_letter(text: str) -> str | None:
     s = strip_latex_text(text).strip().strip("*").strip()
-    m = _LONE_LETTER.match(s)
-    # Lower-case "a" as a lone letter is usually the article; only accept it in a box or alone.
+    m = _LONE_LETTER.fullmatch(s)
+    # Lower-case "a" is usually the article; accept lower case only as the whole text.
     if m and (m.group(1).isupper() or len(s) == 1):
         return m.group(1).upper()
     return None
@@ -102,7 +104,7 @@ def extract_option_letter(output: str) -> str:
 def option_from_text(boxed: str, labels: Sequence[str], texts: Sequence[str]) -> str:
     """The label whose option text the box spells out, for models that box the text itself."""
     wanted = normalize_answer(strip_latex_text(boxed))
-    for label, text in zip(labels, texts):
+    for label, text in zip(labels, texts, strict=True):
         if wanted and normalize_answer(text) == wanted:
             return label
     return ""

@@ -1,0 +1,124 @@
+"""`steer-jax report RUN_DIR... [--out DIR]`: the results table and figures from run directories.
+
+Writes into OUT: results.md (the table, then the figures), results.csv (the table at full
+precision), runs.csv (every run's summary, one line each) and plots/*.png; prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from steer_jax.eval import plots
+from steer_jax.eval.runs import Run, expand_run_dirs, load_run
+from steer_jax.eval.table import build_table, to_markdown, to_rich, write_csv
+
+
+def _slug(run: Run, taken: set[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", run.path.name) or "run"
+    slug, i = base, 2
+    while slug in taken:
+        slug, i = f"{base}_{i}", i + 1
+    taken.add(slug)
+    return slug
+
+
+def _write_runs_csv(runs: list[Run], path: Path) -> Path:
+    keys: list[str] = ["run_dir"]
+    for run in runs:
+        keys += [k for k in run.summary if k not in keys]
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        for run in runs:
+            row = {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in run.summary.items()}
+            writer.writerow({"run_dir": str(run.path), **row})
+    return path
+
+
+def report(
+    run_dirs: list[Path],
+    out: Path,
+    rounds: Sequence[int] | None = None,
+    console: Console | None = None,
+) -> Path:
+    """Table (terminal, Markdown, CSV) and figures for `run_dirs`, written into `out`; returns out.
+
+    `rounds` picks the rounds of the confidence histograms (default: up to four, spread out).
+    """
+    runs = [load_run(p) for p in expand_run_dirs(list(run_dirs))]
+    if not runs:
+        raise ValueError("no run directories given")
+    out = Path(out)
+    (out / "plots").mkdir(parents=True, exist_ok=True)
+    table = build_table(runs)
+    console = console or Console()
+    for part in to_rich(table, width=console.width):
+        console.print(part)
+
+    figures: list[tuple[str, Path]] = []
+    figures.append(
+        ("Accuracy against FLOPs", plots.accuracy_vs_flops(runs, out / "plots" / "accuracy_vs_flops.png"))
+    )
+    taken: set[str] = set()
+    for run in runs:
+        slug = _slug(run, taken)
+        if run.rounds:
+            path = plots.confidence_histograms(run, out / "plots" / f"confidence_{slug}.png", rounds=rounds)
+            figures.append((f"Step confidence and fitted mixture: {run.path.name}", path))
+        if run.method == "steer" and run.traces:
+            path = plots.large_usage(run, out / "plots" / f"large_usage_{slug}.png")
+            figures.append((f"Large-model usage: {run.path.name}", path))
+
+    md = ["# STEER results", "", to_markdown(table)]
+    for title, path in figures:
+        md += [f"## {title}", "", f"![{title}]({path.relative_to(out).as_posix()})", ""]
+    md += ["## Runs", ""] + [f"- `{r.path}`" for r in runs] + [""]
+    (out / "results.md").write_text("\n".join(md), encoding="utf-8")
+    write_csv(table, out / "results.csv")
+    _write_runs_csv(runs, out / "runs.csv")
+    return out
+
+
+def main_report(argv: list[str]) -> int:
+    """CLI body of `steer-jax report`; returns the process exit status."""
+    parser = argparse.ArgumentParser(
+        prog="steer-jax report",
+        description="Results table (paper shape) and figures from STEER / baseline run directories.",
+    )
+    parser.add_argument(
+        "run_dirs",
+        nargs="+",
+        type=Path,
+        metavar="RUN_DIR",
+        help="run directories (with summary.json), or folders holding several",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: report/ next to the first run directory)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="rounds to draw in the confidence histograms (default: four, spread)",
+    )
+    args = parser.parse_args(argv)
+    out = args.out if args.out is not None else args.run_dirs[0].resolve().parent / "report"
+    try:
+        written = report(args.run_dirs, out, rounds=args.rounds)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"steer-jax report: {e}", file=sys.stderr)
+        return 2
+    print(f"report written to {written}")
+    return 0

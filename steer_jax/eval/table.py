@@ -1,0 +1,214 @@
+"""The results table in the paper's shape: one row per method, Acc / FLOPs / A/F per benchmark, and
+an average column; rendered for the terminal (rich), as Markdown and as CSV.
+
+Units: Acc in percent (summary accuracy x 100), FLOPs in 1e12 per query (summary flops_per_query /
+1e12), A/F exactly as the run's summary states it. The average is the plain mean of each measure
+over the benchmarks the row has; a row missing some of the table's benchmarks gets its average
+marked with "*" (Markdown, terminal) and its benchmark count in the CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import fmean
+from typing import Any
+
+from rich.table import Table
+
+from steer_jax.eval.benchmarks import BENCHMARKS
+from steer_jax.eval.runs import METHODS, Run
+
+logger = logging.getLogger(__name__)
+
+BENCHMARK_LABELS = {
+    "math500": "MATH500",
+    "omnimath": "OmniMath",
+    "aime": "AIME",
+    "acpbench": "ACPBench",
+    "musique": "MuSiQue",
+    "korbench_cipher": "KOR cipher",
+    "korbench_counterfactual": "KOR counterf.",
+    "korbench_logic": "KOR logic",
+}
+METHOD_LABELS = {
+    "small_only": "Small only",
+    "large_only": "Large only",
+    "query_router": "Query router",
+    "specreason": "SpecReason",
+    "rsd": "RSD",
+    "steer": "STEER",
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    acc: float  # percent
+    flops: float  # 1e12 per query
+    a_per_f: float
+    source: Path | None = None
+
+
+@dataclass
+class ResultsTable:
+    benchmarks: list[str]
+    rows: list[str]
+    cells: dict[tuple[str, str], Cell] = field(default_factory=dict)
+
+    def average(self, row: str) -> tuple[Cell | None, int]:
+        present = [self.cells[(row, b)] for b in self.benchmarks if (row, b) in self.cells]
+        if not present:
+            return None, 0
+        avg = Cell(
+            acc=fmean(c.acc for c in present),
+            flops=fmean(c.flops for c in present),
+            a_per_f=fmean(c.a_per_f for c in present),
+        )
+        return avg, len(present)
+
+
+def _params_label(value: Any) -> str:
+    if isinstance(value, (int, float)) and value >= 1e6:
+        return f"{value / 1e9:.3g}B"
+    return str(value)
+
+
+def pair_label(run: Run) -> str:
+    small, large = run.pair
+    return f"{_params_label(small)}/{_params_label(large)}"
+
+
+def row_label(run: Run, with_pair: bool = False) -> str:
+    label = METHOD_LABELS.get(run.method, run.method)
+    if run.method == "steer" and run.gamma is not None:
+        label = f"{label} (γ={run.gamma:g})"
+    return f"{pair_label(run)} {label}" if with_pair else label
+
+
+def _row_key(run: Run) -> tuple:
+    method_rank = METHODS.index(run.method) if run.method in METHODS else len(METHODS)
+    return (str(run.pair), method_rank, run.method, run.gamma if run.gamma is not None else -1.0)
+
+
+def build_table(runs: list[Run]) -> ResultsTable:
+    """One cell per (row, benchmark); for a repeated pair the run given last wins, with a warning."""
+    with_pair = len({r.pair for r in runs}) > 1
+    known = [b for b in BENCHMARKS if any(r.benchmark == b for r in runs)]
+    extra = sorted({r.benchmark for r in runs} - set(BENCHMARKS))
+    rows: list[str] = []
+    table = ResultsTable(benchmarks=known + extra, rows=rows)
+    for run in sorted(runs, key=_row_key):
+        label = row_label(run, with_pair)
+        if label not in rows:
+            rows.append(label)
+    for run in runs:  # in the order given, so "last wins" means the caller's last
+        key = (row_label(run, with_pair), run.benchmark)
+        if key in table.cells:
+            logger.warning(
+                "%s and %s both give %s on %s; keeping the latter", table.cells[key].source, run.path, *key
+            )
+        table.cells[key] = Cell(
+            acc=run.accuracy * 100.0,
+            flops=run.flops_per_query / 1e12,
+            a_per_f=run.a_per_f,
+            source=run.path,
+        )
+    return table
+
+
+def _fmt(cell: Cell | None) -> tuple[str, str, str]:
+    if cell is None:
+        return "–", "–", "–"
+    return f"{cell.acc:.1f}", f"{cell.flops:.3g}", f"{cell.a_per_f:.4g}"
+
+
+def _display_rows(table: ResultsTable) -> tuple[list[str], list[list[str]]]:
+    header = ["Method"]
+    for b in table.benchmarks:
+        name = BENCHMARK_LABELS.get(b, b)
+        header += [f"{name} Acc", f"{name} FLOPs", f"{name} A/F"]
+    header += ["Avg Acc", "Avg FLOPs", "Avg A/F"]
+    body = []
+    for row in table.rows:
+        line = [row]
+        for b in table.benchmarks:
+            line += _fmt(table.cells.get((row, b)))
+        avg, n = table.average(row)
+        cells = list(_fmt(avg))
+        if avg is not None and n < len(table.benchmarks):
+            cells = [c + "*" for c in cells]
+        body.append(line + cells)
+    return header, body
+
+
+def to_markdown(table: ResultsTable) -> str:
+    header, body = _display_rows(table)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in body]
+    notes = [
+        "",
+        "Acc in %, FLOPs in 1e12 per query (2 N per generated token), A/F as each run reports it.",
+    ]
+    if any("*" in c for r in body for c in r[-3:]):
+        notes.append("\\* averaged over the benchmarks that row has, not all of them.")
+    return "\n".join(lines + notes) + "\n"
+
+
+def to_rich(table: ResultsTable, width: int = 120) -> list[Table]:
+    """The table for a terminal of `width` columns: as many benchmarks side by side as fit, the
+    rest (and the average) in further tables below, so no number is ever cut to an ellipsis."""
+    header, body = _display_rows(table)
+    groups = [header[i : i + 3] for i in range(1, len(header), 3)]  # (Acc, FLOPs, A/F) per benchmark
+
+    def col_width(i: int) -> int:  # cell text plus rich's padding and border
+        return max(len(r[i]) for r in [[h.rsplit(" ", 1)[0] for h in header], *body]) + 3
+
+    method_width = col_width(0) + 1
+    chunks: list[list[int]] = []
+    used = width  # forces a first chunk
+    for g in range(len(groups)):
+        need = sum(col_width(1 + 3 * g + k) for k in range(3))
+        if used + need > width and (not chunks or chunks[-1]):
+            chunks.append([])
+            used = method_width
+        chunks[-1].append(g)
+        used += need
+    tables = []
+    for n, chunk in enumerate(chunks):
+        out = Table(title="Results" if n == 0 else None, header_style="bold")
+        out.add_column("Method", no_wrap=True)
+        for g in chunk:
+            bench = groups[g][0].rsplit(" ", 1)[0]
+            for name in ("Acc", "FLOPs", "A/F"):
+                out.add_column(f"{bench}\n{name}", justify="right", no_wrap=True)
+        for r in body:
+            out.add_row(r[0], *(r[1 + 3 * g + k] for g in chunk for k in range(3)))
+        tables.append(out)
+    return tables
+
+
+def write_csv(table: ResultsTable, path: Path) -> Path:
+    """Full-precision values, one row per method, the same columns as the Markdown table."""
+    fields = ["method"]
+    for b in table.benchmarks:
+        fields += [f"{b}_acc", f"{b}_flops_1e12", f"{b}_a_per_f"]
+    fields += ["avg_acc", "avg_flops_1e12", "avg_a_per_f", "avg_n_benchmarks"]
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in table.rows:
+            record: dict[str, Any] = {"method": row}
+            for b in table.benchmarks:
+                cell = table.cells.get((row, b))
+                if cell is not None:
+                    record.update(
+                        {f"{b}_acc": cell.acc, f"{b}_flops_1e12": cell.flops, f"{b}_a_per_f": cell.a_per_f}
+                    )
+            avg, n = table.average(row)
+            if avg is not None:
+                record.update({"avg_acc": avg.acc, "avg_flops_1e12": avg.flops, "avg_a_per_f": avg.a_per_f})
+            record["avg_n_benchmarks"] = n
+            writer.writerow(record)
+    return path

@@ -1,0 +1,207 @@
+"""Reports from small constructed run directories: the table equals the summaries, figures exist."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+from steer_jax.eval import main_report, report
+from steer_jax.eval.plots import pick_rounds, usage_by_difficulty, usage_by_position
+from steer_jax.eval.runs import load_run
+
+PARAMS = {"small": 1_543_714_304, "large": 7_615_616_512}
+
+
+def _summary(rng: np.random.Generator, method: str, benchmark: str, gamma: float | None = None) -> dict:
+    accuracy = float(rng.uniform(0.1, 0.9))
+    flops = float(rng.uniform(1e12, 2e13))
+    summary = {
+        "method": method,
+        "benchmark": benchmark,
+        "n": 20,
+        "accuracy": accuracy,
+        "flops_per_query": flops,
+        "prefill_flops_per_query": flops * 0.1,
+        "executed_flops_per_query": flops * 1.2,
+        "a_per_f": accuracy * 100 / (flops / 1e12),
+        "large_step_fraction": float(rng.uniform(0, 1)),
+        "wall_s": float(rng.uniform(1, 100)),
+        "params": PARAMS,
+    }
+    if gamma is not None:
+        summary["gamma"] = gamma
+    return summary
+
+
+def _write_run(root: Path, name: str, summary: dict, rng: np.random.Generator, steer: bool) -> Path:
+    path = root / name
+    path.mkdir(parents=True)
+    (path / "summary.json").write_text(json.dumps(summary))
+    with (path / "traces.jsonl").open("w") as f:
+        for i in range(20):
+            n_steps = int(rng.integers(2, 9))
+            steps = [
+                {
+                    "text": f"step {k}",
+                    "model": "large" if rng.uniform() < 0.3 else "small",
+                    "tokens": int(rng.integers(5, 50)),
+                    "confidence": float(rng.normal(20, 2)),
+                    "posterior": float(rng.uniform()),
+                    "round": k,
+                }
+                for k in range(n_steps)
+            ]
+            trace = {
+                "id": f"q{i}",
+                "output": "\n\n".join(s["text"] for s in steps),
+                "answer": "1",
+                "reference": "1",
+                "correct": bool(rng.uniform() < summary["accuracy"]),
+                "meta": {"level": int(rng.integers(1, 6))},
+                "steps": steps,
+            }
+            f.write(json.dumps(trace) + "\n")
+    if steer:
+        with (path / "rounds.jsonl").open("w") as f:
+            for r in range(6):
+                conf = np.concatenate([rng.normal(18, 1, 12), rng.normal(23, 1, 8)])
+                record = {
+                    "round": r,
+                    "group": 0,
+                    "weights": [0.6, 0.4],
+                    "means": [18.0, 23.0],
+                    "variances": [1.0, 1.0],
+                    "confidences": conf.tolist(),
+                }
+                f.write(json.dumps(record) + "\n")
+    return path
+
+
+@pytest.fixture()
+def runs(tmp_path: Path) -> list[Path]:
+    rng = np.random.default_rng(0)
+    root = tmp_path / "runs"
+    dirs = []
+    for bench in ("math500", "aime"):
+        for method in ("small_only", "large_only", "specreason"):
+            dirs.append(_write_run(root, f"{method}_{bench}", _summary(rng, method, bench), rng, steer=False))
+    for gamma in (0.3, 0.5, 0.7):
+        dirs.append(
+            _write_run(root, f"steer_g{gamma}_math500", _summary(rng, "steer", "math500", gamma), rng, True)
+        )
+    dirs.append(_write_run(root, "steer_g0.5_aime", _summary(rng, "steer", "aime", 0.5), rng, True))
+    return dirs
+
+
+def test_table_equals_the_summaries(runs: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    console = Console(record=True, width=400)
+    assert report(runs, out, console=console) == out
+    with (out / "results.csv").open() as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    label = {"small_only": "Small only", "large_only": "Large only", "specreason": "SpecReason"}
+    expected_avg: dict[str, list[dict]] = {}
+    for run_dir in runs:
+        s = json.loads((run_dir / "summary.json").read_text())
+        row = label.get(s["method"]) or f"STEER (γ={s['gamma']:g})"
+        b = s["benchmark"]
+        assert float(rows[row][f"{b}_acc"]) == pytest.approx(s["accuracy"] * 100)
+        assert float(rows[row][f"{b}_flops_1e12"]) == pytest.approx(s["flops_per_query"] / 1e12)
+        assert float(rows[row][f"{b}_a_per_f"]) == pytest.approx(s["a_per_f"])
+        expected_avg.setdefault(row, []).append(s)
+    assert set(rows) == set(expected_avg)
+    for row, summaries in expected_avg.items():
+        assert float(rows[row]["avg_acc"]) == pytest.approx(np.mean([s["accuracy"] * 100 for s in summaries]))
+        assert int(rows[row]["avg_n_benchmarks"]) == len(summaries)
+        if len(summaries) == 2:
+            assert float(rows[row]["avg_a_per_f"]) == pytest.approx(
+                np.mean([s["a_per_f"] for s in summaries])
+            )
+    # Baselines first, STEER rows by gamma: the paper's row order.
+    assert list(rows) == [
+        "Small only",
+        "Large only",
+        "SpecReason",
+        "STEER (γ=0.3)",
+        "STEER (γ=0.5)",
+        "STEER (γ=0.7)",
+    ]
+
+    markdown = (out / "results.md").read_text()
+    terminal = console.export_text()
+    for run_dir in runs:
+        s = json.loads((run_dir / "summary.json").read_text())
+        shown = f"{s['accuracy'] * 100:.1f}"
+        assert shown in markdown and shown in terminal
+    assert "| Method | MATH500 Acc | MATH500 FLOPs | MATH500 A/F | AIME Acc |" in markdown
+    lines = {
+        line.split(" | ")[0].lstrip("| "): line for line in markdown.splitlines() if line.startswith("| ")
+    }
+    assert lines["STEER (γ=0.3)"].endswith("* |"), "a row without AIME gets a partial average"
+    assert "*" not in lines["Small only"]
+    assert "\\* averaged over" in markdown
+
+
+def test_plots_are_written_and_not_empty(runs: list[Path], tmp_path: Path) -> None:
+    out = report(runs, tmp_path / "report", console=Console(file=io.StringIO()))
+    pngs = sorted((out / "plots").glob("*.png"))
+    names = {p.name for p in pngs}
+    assert "accuracy_vs_flops.png" in names
+    for gamma in (0.3, 0.5, 0.7):
+        assert f"confidence_steer_g{gamma}_math500.png" in names
+        assert f"large_usage_steer_g{gamma}_math500.png" in names
+    for p in pngs:
+        data = p.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000, p.name
+        assert f"plots/{p.name}" in (out / "results.md").read_text()
+    with (out / "runs.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(runs)
+
+
+def test_usage_shares_are_computed_from_the_steps() -> None:
+    def trace(models: list[str], correct: bool, level: int) -> dict:
+        return {"correct": correct, "meta": {"level": level}, "steps": [{"model": m} for m in models]}
+
+    traces = [
+        trace(["large", "small", "small", "small"], True, 1),
+        trace(["large", "large", "small", "large"], False, 3),
+        trace(["small", "small"], True, 3),
+    ]
+    by_pos = usage_by_position(traces, bins=2)
+    np.testing.assert_allclose(by_pos[True], [1 / 3, 0.0])
+    np.testing.assert_allclose(by_pos[False], [1.0, 0.5])
+    key, by_level = usage_by_difficulty(traces)
+    assert key == "level"
+    assert by_level[True] == {1.0: 0.25, 3.0: 0.0}
+    assert by_level[False] == {3.0: 0.75}
+    assert pick_rounds(range(20), 4) == [0, 6, 13, 19]
+    assert pick_rounds([3, 1], 4) == [1, 3]
+
+
+def test_cli_and_bad_run_dirs(runs: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "cli"
+    # A folder holding run directories stands for all of them.
+    assert main_report([str(runs[0].parent), "--out", str(out), "--rounds", "0", "5"]) == 0
+    assert (out / "results.md").is_file() and (out / "results.csv").is_file()
+    assert main_report([str(tmp_path / "empty_nowhere")]) == 2
+    assert "empty_nowhere" in capsys.readouterr().err
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    summary = json.loads((runs[-1] / "summary.json").read_text())
+    del summary["gamma"]
+    (broken / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match="gamma"):
+        load_run(broken)
+    summary.update(gamma=0.5, accuracy=73.0)
+    (broken / "summary.json").write_text(json.dumps(summary))
+    with pytest.raises(ValueError, match="fraction"):
+        load_run(broken)
+    assert main_report([str(broken)]) == 2
+    assert main_report([str(runs[-1]), "--out", str(tmp_path / "r"), "--rounds", "99"]) == 2
