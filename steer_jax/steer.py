@@ -126,6 +126,24 @@ class SteerResult:
     params: dict[str, int]
 
 
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """The options a model call is compiled for (routing options are not among them, so a gamma
+    sweep reuses one set of compiled programs)."""
+
+    max_step_tokens: int
+    max_new_tokens: int
+    confidence: str
+    aggregate: str
+    temperature: float
+    top_p: float
+
+    @classmethod
+    def of(cls, opts: SteerOptions) -> StepSpec:
+        return cls(opts.max_step_tokens, opts.max_new_tokens, opts.confidence, opts.aggregate,
+                   opts.temperature, opts.top_p)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class TraceState:
@@ -161,7 +179,7 @@ def _pow2(n: int, cap: int) -> int:
 @functools.partial(jax.jit, static_argnames=("cfg", "bucket", "width", "opts", "stream", "stops"),
                    donate_argnames=("cache",))
 def _write(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array, masks: VocabMasks,
-           seed: jax.Array, trace_ids: jax.Array, *, bucket: int, width: int, opts: SteerOptions,
+           seed: jax.Array, trace_ids: jax.Array, *, bucket: int, width: int, opts: StepSpec,
            stream: int, stops: dec.Stops):
     """The routed `rows` catch up on what they have not seen and write one step each."""
     count = jnp.sum(rows)
@@ -205,7 +223,7 @@ def _write(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array, mask
 @functools.partial(jax.jit, static_argnames=("cfg", "bucket", "width", "opts", "stream"),
                    donate_argnames=("cache",))
 def _read(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array, masks: VocabMasks, *,
-          bucket: int, width: int, opts: SteerOptions, stream: int):
+          bucket: int, width: int, opts: StepSpec, stream: int):
     """The routed rows read the newest step (written by the other model) and score it."""
     count = jnp.sum(rows)
     idx = jnp.argsort(~rows, stable=True)[:bucket]
@@ -237,9 +255,8 @@ def _read(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array, masks
 
 # ---- routing, on device -------------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("opts", "groups"))
-def _mixture(conf: jax.Array, among: jax.Array, group: jax.Array, *, opts: SteerOptions,
-             groups: int):
+@functools.partial(jax.jit, static_argnames=("groups",))
+def _mixture(conf: jax.Array, among: jax.Array, group: jax.Array, *, groups: int):
     """Fit one mixture per group over `among`; each trace's posterior under its group's fit."""
     member = (group[None, :] == jnp.arange(groups)[:, None]) & among[None, :]  # [K, B]
     scores = jnp.broadcast_to(conf, member.shape)
@@ -248,18 +265,19 @@ def _mixture(conf: jax.Array, among: jax.Array, group: jax.Array, *, opts: Steer
     return params, jnp.take_along_axis(post, group[None, :], axis=0)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("opts", "groups"))
-def _route(conf: jax.Array, among: jax.Array, group: jax.Array, params: gmm.GMMParams, *,
-           opts: SteerOptions, groups: int) -> jax.Array:
-    """Which of `among` the policy sends to the large model (each group on its own)."""
+@functools.partial(jax.jit, static_argnames=("rule", "groups"))
+def _route(conf: jax.Array, among: jax.Array, group: jax.Array, params: gmm.GMMParams,
+           level: jax.Array, *, rule: str, groups: int) -> jax.Array:
+    """Which of `among` the policy sends to the large model (each group on its own); `level` is
+    gamma, the percentile or the threshold, by `rule`."""
     member = (group[None, :] == jnp.arange(groups)[:, None]) & among[None, :]
     scores = jnp.broadcast_to(conf, member.shape)
-    if opts.policy == "posterior":
-        route = policy.route_by_posterior(params, scores, opts.gamma, member)
-    elif opts.policy == "percentile":
-        route = policy.route_by_percentile(scores, opts.percentile, member)
+    if rule == "posterior":
+        route = policy.route_by_posterior(params, scores, level, member)
+    elif rule == "percentile":
+        route = policy.route_by_percentile(scores, level, member)
     else:
-        route = policy.route_by_threshold(scores, opts.threshold, member)
+        route = policy.route_by_threshold(scores, level, member)
     return jnp.any(route, axis=0)
 
 
@@ -279,9 +297,13 @@ class _Side:
 
 def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence[int]],
           options: SteerOptions | None = None, *, trace_ids: Sequence[int] | None = None,
-          progress: Callable[[int, int], None] | None = None) -> SteerResult:
-    """Run STEER (or a baseline, `options.method`) over token-id prompts; one wave, one batch."""
-    opts = options or SteerOptions()
+          progress: Callable[[int, int], None] | None = None, **kwargs: Any) -> SteerResult:
+    """Run STEER (or a baseline, `method`) over token-id prompts as one batch.
+
+    Options come as a `SteerOptions` or as its fields by keyword, e.g. `gamma=0.7`. Trace ids
+    (default 0..n-1) seed each trace's sampling, so a trace does not depend on its batch.
+    """
+    opts = options or SteerOptions(**kwargs)
     B = len(prompts)
     context = min(small.config.max_position_embeddings, large.config.max_position_embeddings)
     check_prompts(prompts, min(small.config.vocab_size, large.config.vocab_size), context,
@@ -294,6 +316,10 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
     seed = jnp.asarray(opts.seed, jnp.int32)
     group = jnp.asarray(np.arange(B) * opts.groups // B, jnp.int32)
     M = opts.max_steps
+    spec = StepSpec.of(opts)
+    level = jnp.float32({"posterior": opts.gamma, "percentile": opts.percentile,
+                         "threshold": opts.threshold}[opts.policy])
+    route = functools.partial(_route, level=level, rule=opts.policy, groups=opts.groups)
     tokens = np.zeros((B, slots), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
@@ -322,7 +348,7 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
             return jnp.zeros(B, jnp.int32)
         side.cache, state, reason = _write(
             side.model.params, side.cfg, side.cache, state, rows, side.masks, seed, ids,
-            bucket=_pow2(count, B), width=width, opts=opts, stream=side.stream, stops=side.stops)
+            bucket=_pow2(count, B), width=width, opts=spec, stream=side.stream, stops=side.stops)
         return reason
 
     def read(side: _Side, rows: jax.Array) -> None:
@@ -330,11 +356,11 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
         count, width = bucket_for(side, rows, pending_only=True)
         if count:
             side.cache, state = _read(side.model.params, side.cfg, side.cache, state, rows,
-                                      side.masks, bucket=_pow2(count, B), width=width, opts=opts,
+                                      side.masks, bucket=_pow2(count, B), width=width, opts=spec,
                                       stream=side.stream)
 
     def fit(among: jax.Array, rnd: int, who: str):
-        params, post = _mixture(state.conf, among, group, opts=opts, groups=opts.groups)
+        params, post = _mixture(state.conf, among, group, groups=opts.groups)
         mixtures.append((rnd, who, params, state.conf, among))
         return params, post
 
@@ -351,17 +377,15 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
             to_large = none
             for who in (SMALL, LARGE):
                 among = running & (state.writer == who)
-                to_large |= _route(state.conf, among, group, prev_params[who], opts=opts,
-                                   groups=opts.groups)
+                to_large |= route(state.conf, among, group, prev_params[who])
         else:
-            to_large = _route(state.conf, running, group, prev_params, opts=opts,
-                              groups=opts.groups)
+            to_large = route(state.conf, running, group, prev_params)
         to_small = running & ~to_large
         reason = write(sides[SMALL], to_small)
         if opts.method == "steer" and (opts.refine == "all" or (rnd == 0 and
                                                                 opts.refine == "first")):
             params, _ = fit(to_small, rnd, "small-draft")
-            rejected = _route(state.conf, to_small, group, params, opts=opts, groups=opts.groups)
+            rejected = route(state.conf, to_small, group, params)
             state, reason = _discard(state, rejected, reason)
             sides[SMALL].cache = dec.rollback(sides[SMALL].cache,
                                               jnp.where(rejected, state.total - 1, slots))
@@ -378,7 +402,8 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
                 post = jnp.where(among, p, post)
         else:
             prev_params, post = fit(running, rnd, "all")
-        state = _end_round(state, running, reason, post, rnd, opts=opts, slots=slots)
+        state = _end_round(state, running, reason, post, rnd, max_steps=M,
+                           max_new_tokens=opts.max_new_tokens, slots=slots)
         if progress:
             progress(rnd + 1, int(jnp.sum(state.running)))
     return _collect(state, mixtures, tokenizer, opts, sides, np.asarray(ids))
@@ -394,16 +419,15 @@ def _discard(state: TraceState, rejected: jax.Array, reason: jax.Array):
     return state, jnp.where(rejected, 0, reason)
 
 
-@functools.partial(jax.jit, static_argnames=("rnd", "opts", "slots"))
+@functools.partial(jax.jit, static_argnames=("max_steps", "max_new_tokens", "slots"))
 def _end_round(state: TraceState, running: jax.Array, reason: jax.Array, post: jax.Array,
-               rnd: int, *, opts: SteerOptions, slots: int) -> TraceState:
+               rnd: jax.Array, *, max_steps: int, max_new_tokens: int, slots: int) -> TraceState:
     """Record the round's steps; end traces at EOS, max_steps, max_new_tokens or a full cache."""
     n = state.total - state.step_start
     rec = lambda arr, v: arr.at[:, rnd].set(jnp.where(running, v, arr[:, rnd]))  # noqa: E731
     stop = jnp.where(reason == dec.EOS, 1, 0)
-    stop = jnp.where((stop == 0) & (rnd + 1 >= opts.max_steps), 2, stop)
-    stop = jnp.where((stop == 0) & (state.total - state.prompt_len >= opts.max_new_tokens), 3,
-                     stop)
+    stop = jnp.where((stop == 0) & (rnd + 1 >= max_steps), 2, stop)
+    stop = jnp.where((stop == 0) & (state.total - state.prompt_len >= max_new_tokens), 3, stop)
     stop = jnp.where((stop == 0) & ((reason == dec.FULL) | (state.total >= slots - 2)), 4, stop)
     stop = jnp.where(running, stop, state.stop)
     return dataclasses.replace(

@@ -92,3 +92,40 @@ def plain_texts(n: int = VOCAB) -> list[str]:
     """Distinct token texts with no newline, digit or operator: nothing ends a step by default."""
     letters = "abcdefghijklmnopqrstuvwxyz"
     return [letters[i // 26 % 26] + letters[i % 26] + "q" for i in range(n)]
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def chat_tokenizer() -> tf.PreTrainedTokenizerFast:
+    """A character-level ChatML tokenizer over VOCAB ids: any text encodes, and ten multi-char
+    tokens end a step ("\\n\\n"). Id 2 is <|im_end|>, the tiny models' EOS."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
+    steps = [f"{w}\n\n" for w in ("so", "then", "thus", "next", "hence", "now", "and", "ok")]
+    texts = specials + chars + steps
+    texts += [f"<filler{i}>" for i in range(VOCAB - len(texts))]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(texts)}, unk_token="?"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    hf = tf.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>",
+                                    pad_token="<|endoftext|>", chat_template=CHATML)
+    hf.add_special_tokens({"additional_special_tokens": specials[1:2]})
+    return hf
+
+
+def steer_pair(root: Path) -> tuple[Path, Path]:
+    """A small (2 layers) and a large (3 layers, wider) Qwen2 checkpoint with one tokenizer."""
+    small = root / "small"
+    large = root / "large"
+    qwen2(small, tied=True, gqa=True, seed=11, layers=2)
+    qwen2(large, tied=False, gqa=True, seed=12, layers=3, hidden=96, intermediate=160)
+    tok = chat_tokenizer()
+    for path in (small, large):
+        tok.save_pretrained(path)
+    return small, large

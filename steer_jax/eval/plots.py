@@ -190,7 +190,7 @@ def accuracy_vs_flops(runs: list[Run], path: Path) -> Path:
             label = METHOD_LABELS.get(r.method, r.method)
             label = f"{pair_label(r)} {label}" if with_pair else label
             ax.scatter(
-                r.flops_per_query / 1e12,
+                r.flops_per_query,
                 r.accuracy * 100,
                 marker=markers.get(r.method, "x"),
                 s=45,
@@ -199,7 +199,7 @@ def accuracy_vs_flops(runs: list[Run], path: Path) -> Path:
             )
         for sweep in sweeps.values():
             sweep.sort(key=lambda r: r.flops_per_query)
-            xs = [r.flops_per_query / 1e12 for r in sweep]
+            xs = [r.flops_per_query for r in sweep]
             ys = [r.accuracy * 100 for r in sweep]
             label = f"{pair_label(sweep[0])} STEER" if with_pair else "STEER"
             ax.plot(xs, ys, marker="o", color="black", label=label, zorder=2)

@@ -1,7 +1,7 @@
 """Reading run directories: the files a run writes and everything a report reads back.
 
 DIR/summary.json   method, benchmark, n, accuracy (a fraction in [0, 1]), flops_per_query
-                   (FLOPs, not 1e12 units), prefill_flops_per_query, executed_flops_per_query,
+                   (in units of 1e12 FLOPs), prefill_flops_per_query, executed_flops_per_query,
                    a_per_f, large_step_fraction, wall_s, params {small, large}, gamma (steer)
 DIR/traces.jsonl   one question per line: id, output, answer, reference, correct, meta, steps
                    [{text, model: "small"|"large", tokens, confidence, posterior, round}]

@@ -1,8 +1,8 @@
 """The results table in the paper's shape: one row per method, Acc / FLOPs / A/F per benchmark, and
 an average column; rendered for the terminal (rich), as Markdown and as CSV.
 
-Units: Acc in percent (summary accuracy x 100), FLOPs in 1e12 per query (summary flops_per_query /
-1e12), A/F exactly as the run's summary states it. The average is the plain mean of each measure
+Units: Acc in percent (summary accuracy x 100), FLOPs in 1e12 per query (summary flops_per_query, already
+in 1e12 units), A/F exactly as the run's summary states it. The average is the plain mean of each measure
 over the benchmarks the row has; a row missing some of the table's benchmarks gets its average
 marked with "*" (Markdown, terminal) and its benchmark count in the CSV.
 """
@@ -111,7 +111,7 @@ def build_table(runs: list[Run]) -> ResultsTable:
             )
         table.cells[key] = Cell(
             acc=run.accuracy * 100.0,
-            flops=run.flops_per_query / 1e12,
+            flops=run.flops_per_query,
             a_per_f=run.a_per_f,
             source=run.path,
         )

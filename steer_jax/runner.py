@@ -1,0 +1,249 @@
+"""`steer_jax.run(config)`: a YAML run config -> traces, graded answers, the bill, files on disk.
+
+Everything a config can get wrong is checked before any model is loaded or compiled: the YAML
+itself, unknown keys (named), value ranges, checkpoint directories, tokenizers that differ between
+the two models, prompts longer than the context.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import yaml
+
+from steer_jax.decoding.generate import check_prompts
+from steer_jax.modeling.loading import load_model, load_tokenizer, read_config
+from steer_jax.steer import SteerOptions, SteerResult, steer
+
+# The config schema: section -> allowed keys (None: a scalar top-level key).
+SCHEMA: dict[str, tuple[str, ...] | None] = {
+    "small": None, "large": None, "method": None, "dtype": None,
+    "benchmark": ("name", "path", "limit"),
+    "sampling": ("temperature", "top_p", "seed"),
+    "steer": ("gamma", "max_steps", "max_step_tokens", "max_new_tokens", "delimiter",
+              "confidence", "aggregate", "source", "groups", "refine", "policy", "percentile",
+              "threshold"),
+    "batch": ("size",),
+}
+DEFAULTS: dict[str, Any] = {
+    "method": "steer", "dtype": "bfloat16",
+    "benchmark": {"path": None, "limit": None},
+    "sampling": {"temperature": 0.7, "top_p": 1.0, "seed": 0},
+    "steer": {}, "batch": {"size": None},
+}
+FLOP_UNIT = 1e12  # the paper reports FLOPs per query in units of 1e12
+
+
+class RunConfigError(ValueError):
+    """A run config that cannot run; the message says what to fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    method: str
+    benchmark: str
+    n: int
+    accuracy: float
+    flops_per_query: float  # 1e12 units: 2N per generated token, discarded drafts included
+    prefill_flops_per_query: float  # 2N per read token: prompts and catch-up reads
+    executed_flops_per_query: float  # 2N per row x position computed, padding included
+    a_per_f: float
+    large_step_fraction: float
+    wall_s: float
+    params: dict[str, int]
+    gamma: float | None = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Read a YAML config (safe_load) and apply `key.sub=value` overrides (values parsed as YAML)."""
+    path = Path(path)
+    try:
+        config = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise RunConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise RunConfigError(f"{path} is not readable YAML: {e}") from e
+    if not isinstance(config, dict):
+        raise RunConfigError(f"{path} must hold a mapping of config keys")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise RunConfigError(f"override {item!r} is not of the form key=value")
+        *parents, leaf = key.split(".")
+        node = config
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise RunConfigError(f"override {item!r}: {p} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return config
+
+
+def validate(config: dict[str, Any]) -> tuple[dict[str, Any], SteerOptions]:
+    """Defaults filled in, every key and value checked; the STEER options built from it."""
+    unknown = [k for k in config if k not in SCHEMA]
+    for section, keys in SCHEMA.items():
+        value = config.get(section)
+        if keys is not None and value is not None:
+            if not isinstance(value, dict):
+                raise RunConfigError(f"config section {section!r} must be a mapping")
+            unknown += [f"{section}.{k}" for k in value if k not in keys]
+    if unknown:
+        raise RunConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
+    cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in DEFAULTS.items()}
+    for k, v in config.items():
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    for key in ("small", "large"):
+        if not cfg.get(key):
+            raise RunConfigError(f"config key {key!r} (a local checkpoint directory) is missing")
+    if not cfg["benchmark"].get("name"):
+        raise RunConfigError("config key 'benchmark.name' is missing")
+    size = cfg["batch"]["size"]
+    if size is not None and (not isinstance(size, int) or size < 1):
+        raise RunConfigError(f"batch.size must be a positive integer or null, got {size!r}")
+    try:
+        opts = SteerOptions(method=cfg["method"], **cfg["steer"], **cfg["sampling"])
+    except (TypeError, ValueError) as e:
+        raise RunConfigError(str(e)) from e
+    return cfg, opts
+
+
+def check_tokenizers(small: Any, large: Any, small_path: str, large_path: str) -> None:
+    """STEER passes token ids between the models: their vocabularies must be the same."""
+    a, b = small.get_vocab(), large.get_vocab()
+    if a != b:
+        diff = sorted(set(a.items()) ^ set(b.items()))[:3]
+        raise RunConfigError(f"the tokenizers of {small_path} and {large_path} differ "
+                             f"({len(a)} vs {len(b)} tokens; e.g. {diff}): STEER needs one "
+                             "vocabulary")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """A crash never leaves a half-written file: write aside, then rename over."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def summarize(result: SteerResult, correct: list[bool], opts: SteerOptions, benchmark: str,
+              wall_s: float) -> Summary:
+    n = len(result.traces)
+    two_n = {k: 2 * v for k, v in result.params.items()}
+    gen = sum(two_n["small"] * (t.generated["small"] + t.discarded)
+              + two_n["large"] * t.generated["large"] for t in result.traces)
+    pre = sum(two_n[m] * t.read[m] for t in result.traces for m in ("small", "large"))
+    executed = sum(two_n[m] * result.executed_tokens[m] for m in ("small", "large"))
+    steps = [s for t in result.traces for s in t.steps]
+    acc = sum(correct) / max(n, 1)
+    flops = gen / max(n, 1) / FLOP_UNIT
+    return Summary(
+        method=opts.method, benchmark=benchmark, n=n, accuracy=acc, flops_per_query=flops,
+        prefill_flops_per_query=pre / max(n, 1) / FLOP_UNIT,
+        executed_flops_per_query=executed / max(n, 1) / FLOP_UNIT,
+        a_per_f=100 * acc / flops if flops > 0 else math.nan,  # accuracy points per 1e12
+        large_step_fraction=sum(s.model == "large" for s in steps) / max(len(steps), 1),
+        wall_s=wall_s, params=result.params,
+        gamma=opts.gamma if opts.method == "steer" else None,
+        options=dataclasses.asdict(opts))
+
+
+def _merge(results: list[SteerResult]) -> SteerResult:
+    executed = {m: sum(r.executed_tokens[m] for r in results) for m in ("small", "large")}
+    return SteerResult([t for r in results for t in r.traces],
+                       [m for r in results for m in r.mixtures], executed, results[0].params)
+
+
+def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple | None = None,
+        progress: Callable[[str], None] | None = None) -> Summary:
+    """Run one config end to end; with `out`, write summary.json, traces.jsonl and rounds.jsonl.
+
+    `models` may pass already loaded (small, large, tokenizer) to reuse them across a sweep.
+    """
+    from steer_jax.eval import extract_answer, grade, load_benchmark, render_prompt
+
+    cfg, opts = validate(config)
+    configs = (read_config(cfg["small"]), read_config(cfg["large"]))  # fail fast on bad dirs
+    if models is None:
+        tokenizer, tok_large = load_tokenizer(cfg["small"]), load_tokenizer(cfg["large"])
+        check_tokenizers(tokenizer, tok_large, cfg["small"], cfg["large"])
+    else:
+        tokenizer = models[2]
+    bench = cfg["benchmark"]
+    examples = load_benchmark(bench["name"], bench["path"], bench["limit"])
+    prompts = [tokenizer(render_prompt(tokenizer, ex, bench["name"]),
+                         add_special_tokens=False)["input_ids"] for ex in examples]
+    try:
+        check_prompts(prompts, min(c.vocab_size for c in configs),
+                      min(c.max_position_embeddings for c in configs), opts.max_new_tokens)
+    except ValueError as e:
+        raise RunConfigError(f"{bench['name']}: {e}") from e
+    if models is None:
+        small, large = load_model(cfg["small"], cfg["dtype"]), load_model(cfg["large"], cfg["dtype"])
+    else:
+        small, large = models[0], models[1]
+    size = cfg["batch"]["size"] or len(prompts)
+    start = time.perf_counter()
+    waves = []
+    for lo in range(0, len(prompts), size):
+        if progress:
+            progress(f"wave {lo // size + 1}/{-(-len(prompts) // size)}: traces {lo}.."
+                     f"{min(lo + size, len(prompts)) - 1}")
+        waves.append(steer(small, large, tokenizer, prompts[lo:lo + size], opts,
+                           trace_ids=range(lo, min(lo + size, len(prompts)))))
+    wall = time.perf_counter() - start
+    result = _merge(waves)
+    answers = [extract_answer(bench["name"], t.output) for t in result.traces]
+    correct = [grade(bench["name"], t.output, ex) for t, ex in zip(result.traces, examples)]
+    summary = summarize(result, correct, opts, bench["name"], wall)
+    if out is not None:
+        write_run(Path(out), summary, result, examples, answers, correct)
+    return summary
+
+
+def write_run(out: Path, summary: Summary, result: SteerResult, examples: list, answers: list,
+              correct: list[bool]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({
+        "id": ex.id, "output": t.output, "answer": a, "reference": ex.reference, "correct": c,
+        "meta": ex.meta, "stop": t.stop, "generated": t.generated, "discarded": t.discarded,
+        "read": t.read, "steps": [dataclasses.asdict(s) for s in t.steps]})
+        for t, ex, a, c in zip(result.traces, examples, answers, correct)]
+    _write_atomic(out / "traces.jsonl", "\n".join(lines) + "\n")
+    _write_atomic(out / "rounds.jsonl", "".join(json.dumps(dataclasses.asdict(m)) + "\n"
+                                                for m in result.mixtures))
+    # The summary last: its presence marks a complete run.
+    _write_atomic(out / "summary.json", json.dumps(dataclasses.asdict(summary), indent=2) + "\n")
+
+
+def sweep(config: dict[str, Any], gammas: Sequence[float], out: str | Path,
+          progress: Callable[[str], None] | None = None) -> list[Summary]:
+    """STEER at each gamma (models loaded once); one run directory per value and a table."""
+    cfg, _ = validate(config)
+    for g in gammas:  # all values checked before any run starts
+        validate({**config, "steer": {**config.get("steer", {}), "gamma": g}})
+    tokenizer, tok_large = load_tokenizer(cfg["small"]), load_tokenizer(cfg["large"])
+    check_tokenizers(tokenizer, tok_large, cfg["small"], cfg["large"])
+    models = (load_model(cfg["small"], cfg["dtype"]), load_model(cfg["large"], cfg["dtype"]),
+              tokenizer)
+    out = Path(out)
+    summaries = []
+    for g in gammas:
+        run_cfg = {**config, "method": "steer", "steer": {**config.get("steer", {}), "gamma": g}}
+        summaries.append(run(run_cfg, out / f"gamma_{g:g}", models=models, progress=progress))
+        if progress:
+            s = summaries[-1]
+            progress(f"gamma {g:g}: accuracy {s.accuracy:.3f}, {s.flops_per_query:.4g}e12 "
+                     f"FLOPs/query, large steps {s.large_step_fraction:.1%}")
+    rows = ["| gamma | accuracy | FLOPs (1e12/query) | A/F | large steps | wall s |",
+            "|---|---|---|---|---|---|"]
+    rows += [f"| {s.gamma:g} | {s.accuracy:.3f} | {s.flops_per_query:.4g} | {s.a_per_f:.4g} | "
+             f"{s.large_step_fraction:.1%} | {s.wall_s:.1f} |" for s in summaries]
+    _write_atomic(out / "sweep.md", "\n".join(rows) + "\n")
+    return summaries

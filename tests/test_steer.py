@@ -1,0 +1,182 @@
+"""The STEER round loop on a tiny random pair: exact reductions, the bill, groups, the run layer."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+
+import tiny
+from steer_jax import load_model, load_tokenizer, steer
+from steer_jax.runner import RunConfigError, load_config, run, summarize, validate
+from steer_jax.steer import SteerOptions
+
+QUESTIONS = ["What is 2+2?", "Add 17 and 5.", "Is 9 prime?", "Name a color.", "Sum 1..4",
+             "x=3, y=4, x*y?", "Spell cat.", "Why?"]
+SHORT = dict(max_steps=4, max_step_tokens=12, max_new_tokens=40, temperature=0.7, seed=1)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    small_dir, large_dir = tiny.steer_pair(tmp_path_factory.mktemp("pair"))
+    tok = load_tokenizer(small_dir)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                       tokenize=False) for q in QUESTIONS]
+    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    return dict(small=load_model(small_dir, "float32"), large=load_model(large_dir, "float32"),
+                tok=tok, prompts=prompts, small_dir=small_dir, large_dir=large_dir)
+
+
+@pytest.fixture(scope="module")
+def baselines(pair):
+    run_ = lambda method: steer(pair["small"], pair["large"], pair["tok"], pair["prompts"],  # noqa
+                                method=method, **SHORT)
+    return {m: run_(m) for m in ("small_only", "large_only")}
+
+
+def _run(pair, **kw):
+    return steer(pair["small"], pair["large"], pair["tok"], pair["prompts"], **{**SHORT, **kw})
+
+
+def test_gamma_zero_is_small_only_and_gamma_one_is_large_only(pair, baselines):
+    zero, one = _run(pair, gamma=0.0), _run(pair, gamma=1.0)
+    small, large = baselines["small_only"].traces, baselines["large_only"].traces
+    assert [t.tokens for t in zero.traces] == [t.tokens for t in small]
+    assert all(s.model == "small" for t in zero.traces for s in t.steps)
+    assert [t.tokens for t in one.traces] == [t.tokens for t in large]
+    assert all(s.model == "large" for t in one.traces for s in t.steps)
+    # gamma = 1: every small step-0 draft was written, thrown away and billed as discarded.
+    assert [t.discarded for t in one.traces] == [t.steps[0].tokens for t in small]
+    assert all(t.generated["small"] == 0 for t in one.traces)
+    assert zero.executed_tokens["large"] == 0
+
+
+def test_bill_equals_hand_count(pair, baselines):
+    one = _run(pair, gamma=1.0)
+    n_small, n_large = pair["small"].num_params, pair["large"].num_params
+    small, large = baselines["small_only"].traces, baselines["large_only"].traces
+    by_hand = sum(2 * n_large * len(t.tokens) for t in large) + sum(
+        2 * n_small * t.steps[0].tokens for t in small)
+    summary = summarize(one, [True] * len(QUESTIONS), SteerOptions(**SHORT), "x", 1.0)
+    assert summary.flops_per_query == pytest.approx(by_hand / len(QUESTIONS) / 1e12, rel=1e-12)
+    # large_only reads its prompt once, then one pending token before each later step.
+    for t, p in zip(large, pair["prompts"]):
+        assert t.read["large"] == len(p) + len(t.steps) - 1 and t.read["small"] == 0
+        assert sum(s.tokens for s in t.steps) == len(t.tokens)
+
+
+def test_few_routed_traces_execute_few_large_flops(pair, baselines):
+    few = _run(pair, policy="percentile", percentile=0.125, refine="none")
+    large_steps = sum(s.model == "large" for t in few.traces for s in t.steps)
+    assert 0 < large_steps <= len(QUESTIONS)  # floor(0.125 * running) <= 1 per round
+    assert few.executed_tokens["large"] < 0.4 * baselines["large_only"].executed_tokens["large"]
+
+
+def test_percentile_routes_the_stated_count(pair):
+    res = _run(pair, policy="percentile", percentile=0.5, refine="none")
+    for rnd in range(1, SHORT["max_steps"]):
+        steps = [t.steps[rnd] for t in res.traces if len(t.steps) > rnd]
+        assert sum(s.model == "large" for s in steps) == math.floor(0.5 * len(steps))
+
+
+@pytest.mark.parametrize("groups", [1, len(QUESTIONS) // 2])
+def test_each_group_mixture_sees_only_its_traces(pair, groups):
+    res = _run(pair, gamma=0.5, groups=groups)
+    kept = [m for m in res.mixtures if m.model == "all"]
+    assert {(m.round, m.group) for m in kept} >= {(0, g) for g in range(groups)}
+    for m in kept:
+        members = [t for i, t in enumerate(res.traces) if i * groups // len(QUESTIONS) == m.group
+                   and len(t.steps) > m.round]
+        assert sorted(m.confidences) == pytest.approx(
+            sorted(t.steps[m.round].confidence for t in members))
+        posts = [t.steps[m.round].posterior for t in members]
+        assert all(0.0 <= p <= 1.0 for p in posts)
+    assert any(s.model == "large" for t in res.traces for s in t.steps)
+
+
+@pytest.mark.parametrize("kw", [dict(source="generator"), dict(refine="all"),
+                                dict(policy="threshold", threshold=0.0),
+                                dict(confidence="neg_entropy", aggregate="math")])
+def test_options_run(pair, kw):
+    res = _run(pair, **kw)
+    assert all(t.steps and t.stop in ("eos", "max_steps", "max_new_tokens") for t in res.traces)
+    for t in res.traces:
+        assert sum(s.tokens for s in t.steps) == len(t.tokens)
+
+
+def test_traces_do_not_depend_on_the_batch(pair):
+    full = _run(pair, gamma=0.0)
+    half = steer(pair["small"], pair["large"], pair["tok"], pair["prompts"][3:6],
+                 trace_ids=[3, 4, 5], gamma=0.0, **SHORT)
+    assert [t.tokens for t in half.traces] == [t.tokens for t in full.traces[3:6]]
+
+
+# The run layer: config checks before compute, files on disk.
+
+def _config(pair, **over):
+    return {"small": str(pair["small_dir"]), "large": str(pair["large_dir"]), "dtype": "float32",
+            "benchmark": {"name": "math500", "path": None, "limit": 3},
+            "steer": {k: v for k, v in SHORT.items() if k not in ("temperature", "seed")},
+            **over}
+
+
+def test_run_writes_summary_and_traces(pair, shared_data, tmp_path):
+    cfg = _config(pair, benchmark={"name": "math500", "path": str(shared_data / "math500"),
+                                   "limit": 3})
+    summary = run(cfg, tmp_path)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("method", "n", "accuracy", "flops_per_query", "prefill_flops_per_query",
+                "executed_flops_per_query", "a_per_f", "large_step_fraction", "wall_s"):
+        assert key in s
+    assert s["params"] == {"small": pair["small"].num_params, "large": pair["large"].num_params}
+    assert s["n"] == 3 and summary.n == 3
+    lines = [json.loads(x) for x in (tmp_path / "traces.jsonl").read_text().splitlines()]
+    assert [x["id"] for x in lines] and all(
+        {"id", "output", "answer", "reference", "correct", "steps"} <= set(x) for x in lines)
+    step = lines[0]["steps"][0]
+    assert {"text", "model", "tokens", "confidence", "posterior"} <= set(step)
+    assert (tmp_path / "rounds.jsonl").read_text()
+
+
+def test_unknown_keys_are_named(pair):
+    with pytest.raises(RunConfigError, match="steer.gamm, turbo"):
+        validate({**_config(pair), "turbo": 1, "steer": {"gamm": 0.5}})
+
+
+def test_gamma_out_of_range(pair):
+    with pytest.raises(RunConfigError, match=r"gamma must be in \[0, 1\]"):
+        validate(_config(pair, steer={"gamma": 1.5}))
+
+
+def test_unreadable_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("small: [unclosed\n")
+    with pytest.raises(RunConfigError, match="not readable YAML"):
+        load_config(bad)
+
+
+def test_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("small: a\nsteer: {gamma: 0.5}\n")
+    cfg = load_config(path, ["steer.gamma=0.7", "batch.size=4"])
+    assert cfg["steer"]["gamma"] == 0.7 and cfg["batch"]["size"] == 4
+
+
+def test_tokenizers_must_match(pair, shared_data, tmp_path):
+    other = tmp_path / "large"
+    shutil.copytree(pair["large_dir"], other)
+    tok = tiny.tokenizer(tiny.plain_texts())
+    tok.chat_template = tiny.CHATML
+    tok.save_pretrained(other)
+    with pytest.raises(RunConfigError, match="tokenizers of .* differ"):
+        run(_config(pair, large=str(other)), None)
+
+
+def test_prompt_longer_than_context(pair, shared_data):
+    cfg = _config(pair, benchmark={"name": "math500", "path": str(shared_data / "math500"),
+                                   "limit": 20}, steer={"max_new_tokens": 400})
+    with pytest.raises(RunConfigError, match="exceeds the model's context of 512"):
+        run(cfg, None)
