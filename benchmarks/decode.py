@@ -1,0 +1,108 @@
+"""Decode throughput: steer-jax `generate` against HF transformers `generate`, same weights.
+
+A random Qwen2-shaped model of about 40M parameters is built by transformers and saved; both
+engines load that checkpoint, are warmed up, and generate 64 greedy tokens for a batch of 16
+prompts in this one process on the CPU. Also printed: the fraction of this machine's roofline
+that our decode steps reach, with the bandwidth and matmul rate measured here and now.
+
+    python benchmarks/decode.py [--batch 16] [--new 64] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers as tf
+
+from steer_jax import generate, load_model
+
+
+def best_of(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def memory_bandwidth() -> float:
+    """Bytes per second of a large on-device copy (read + write), as XLA does it."""
+    x = jnp.ones((64 * 2**20,), jnp.float32)  # 256 MiB
+    copy = jax.jit(lambda a: a + 1.0)
+    copy(x).block_until_ready()
+    return 2 * x.nbytes / best_of(lambda: copy(x).block_until_ready(), 5)
+
+
+def matmul_rate() -> float:
+    """FLOP/s of a float32 matmul shaped like a decode step's (a batch of rows by weights)."""
+    a = jnp.ones((256, 2048), jnp.float32)
+    b = jnp.ones((2048, 2048), jnp.float32)
+    mm = jax.jit(lambda a, b: a @ b)
+    mm(a, b).block_until_ready()
+    return 2 * 256 * 2048 * 2048 / best_of(lambda: mm(a, b).block_until_ready(), 10)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+
+    config = tf.Qwen2Config(vocab_size=32768, hidden_size=512, intermediate_size=1536,
+                            num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                            tie_word_embeddings=True, max_position_embeddings=4096,
+                            eos_token_id=None, bos_token_id=None)
+    torch.manual_seed(0)
+    hf = tf.Qwen2ForCausalLM(config).eval()
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        ours = load_model(Path(d), dtype="float32")
+    n_params = ours.num_params
+    prompts = np.random.RandomState(0).randint(0, config.vocab_size, (args.batch, args.prompt))
+
+    def run_ours():
+        return generate(ours, prompts.tolist(), args.new)
+
+    def run_hf():
+        with torch.no_grad():
+            return hf.generate(torch.tensor(prompts), attention_mask=torch.ones_like(
+                torch.tensor(prompts)), max_new_tokens=args.new, min_new_tokens=args.new,
+                do_sample=False, pad_token_id=0)
+
+    got, ref = run_ours(), run_hf()  # warm-up (and compile)
+    same = sum(t == r for t, r in zip(got.tokens, ref[:, args.prompt:].tolist()))
+    t_ours = best_of(run_ours, args.repeats)
+    t_hf = best_of(run_hf, args.repeats)
+    tokens = args.batch * args.new
+    print(f"model: Qwen2-shaped, {n_params / 1e6:.1f}M params, float32; batch {args.batch}, "
+          f"prompt {args.prompt}, {args.new} new tokens, greedy; torch threads "
+          f"{torch.get_num_threads()}, jax devices {jax.devices()}")
+    print(f"greedy rows identical to transformers: {same}/{args.batch}")
+    print(f"steer-jax:    {t_ours:.3f} s  {tokens / t_ours:8.1f} tok/s")
+    print(f"transformers: {t_hf:.3f} s  {tokens / t_hf:8.1f} tok/s")
+    print(f"ratio (steer-jax / transformers throughput): {t_hf / t_ours:.2f}x")
+
+    # Roofline of one decode step: all weights read once; 2 N FLOPs per row.
+    bw, rate = memory_bandwidth(), matmul_rate()
+    step_bytes = 4 * n_params
+    step_flops = 2 * n_params * args.batch
+    bound = max(step_bytes / bw, step_flops / rate)
+    per_step = t_ours / args.new  # the prefill is included: a conservative figure
+    print(f"machine: {bw / 1e9:.1f} GB/s copy bandwidth, {rate / 1e9:.1f} GFLOP/s float32 matmul")
+    print(f"decode step: {per_step * 1e3:.2f} ms; roofline bound {bound * 1e3:.2f} ms "
+          f"({'memory' if step_bytes / bw > step_flops / rate else 'compute'}-bound); "
+          f"achieved {bound / per_step:.0%} of roofline")
+
+
+if __name__ == "__main__":
+    main()
