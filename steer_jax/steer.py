@@ -28,19 +28,24 @@ import numpy as np
 from steer_jax.decoding import sampler as dec
 from steer_jax.decoding.generate import check_prompts
 from steer_jax.decoding.steps import VocabMasks, vocab_masks
-from steer_jax.modeling.transformer import KVCache, Model
+from steer_jax.modeling.transformer import KVCache, Model, forward, logits
 from steer_jax.routing import gmm, policy
 
-SMALL, LARGE = 0, 1
-MODEL_NAMES = ("small", "large")
-METHODS = ("steer", "small_only", "large_only")
+SMALL, LARGE, PRM = 0, 1, 2
+MODEL_NAMES = ("small", "large", "prm")
+METHODS = ("steer", "small_only", "large_only", "specreason", "rsd", "query_router")
+# SpecReason's judge instruction (our wording of its criteria), asked after each small step.
+JUDGE_PROMPT = ("Evaluate the last reasoning step above only for factual correctness and logical "
+                "validity given the steps before it; ignore style and usefulness. Score it from 0 "
+                "(wrong) to 9 (certainly correct). Reply with the single digit only.")
 
 
 @dataclasses.dataclass(frozen=True)
 class SteerOptions:
     """The `steer.*` and `sampling.*` config keys (see the README's config reference)."""
 
-    method: Literal["steer", "small_only", "large_only"] = "steer"
+    method: Literal["steer", "small_only", "large_only", "specreason", "rsd",
+                    "query_router"] = "steer"
     gamma: float = 0.5
     max_steps: int = 64
     max_step_tokens: int = 256
@@ -57,6 +62,8 @@ class SteerOptions:
     temperature: float = 0.7
     top_p: float = 1.0
     seed: int = 0
+    judge_threshold: int = 7  # specreason: accept a small step scored at least this (0-9)
+    prm_threshold: float = 0.7  # rsd: accept a small step whose PRM value is at least this
 
     def __post_init__(self) -> None:
         def choice(name: str, allowed: Sequence[Any]) -> None:
@@ -74,6 +81,10 @@ class SteerOptions:
             raise ValueError(f"steer.gamma must be in [0, 1], got {self.gamma}")
         if not 0.0 <= self.percentile <= 1.0:
             raise ValueError(f"steer.percentile must be in [0, 1], got {self.percentile}")
+        if not 0 <= self.judge_threshold <= 9:
+            raise ValueError(f"specreason.threshold must be in 0..9, got {self.judge_threshold}")
+        if not 0.0 <= self.prm_threshold <= 1.0:
+            raise ValueError(f"rsd.threshold must be in [0, 1], got {self.prm_threshold}")
         if self.policy == "threshold" and self.threshold is None:
             raise ValueError("steer.policy 'threshold' needs steer.threshold")
         for name in ("max_steps", "max_step_tokens", "max_new_tokens", "groups"):
@@ -92,6 +103,7 @@ class Step:
     confidence: float
     posterior: float
     round: int
+    score: float | None = None  # specreason's judge digit or rsd's PRM value for a small step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +116,8 @@ class Trace:
     # Per-trace bill, in tokens; FLOPs are these times 2N of the model that processed them.
     generated: dict[str, int]  # kept tokens written by each model
     discarded: int  # small-model draft tokens thrown away
-    read: dict[str, int]  # tokens each model appended without writing them (prompt, catch-up)
+    read: dict[str, int]  # tokens each model appended without writing them (prompt, catch-up,
+    # judge prompts; "prm": the reward model's reads)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,10 +174,11 @@ class TraceState:
     rec_len: jax.Array  # [B, M]
     rec_conf: jax.Array  # [B, M]
     rec_post: jax.Array  # [B, M]
+    rec_score: jax.Array  # [B, M] the verifier's score of a kept small step (NaN: none)
     generated: jax.Array  # [B, 2] kept tokens per model
     discarded: jax.Array  # [B]
-    read: jax.Array  # [B, 2] appended tokens per model
-    executed: jax.Array  # [2] rows x positions computed per model
+    read: jax.Array  # [B, 3] appended tokens per model (small, large, prm)
+    executed: jax.Array  # [3] rows x positions computed per model
 
 
 STOPS = ("running", "eos", "max_steps", "max_new_tokens", "cache_full")
@@ -176,39 +190,49 @@ def _pow2(n: int, cap: int) -> int:
 
 # ---- one model's work on a bucket of rows -------------------------------------------------------
 
+def _gather(cache: KVCache, rows: jax.Array, bucket: int):
+    """The routed rows first, padded with unrouted ones to `bucket`; their cache rows."""
+    idx = jnp.argsort(~rows, stable=True)[:bucket]
+    active = jnp.arange(bucket) < jnp.sum(rows)
+    return idx, active, KVCache(cache.k[:, idx], cache.v[:, idx], cache.length[idx])
+
+
+def _scatter(cache: KVCache, idx: jax.Array, sub: KVCache) -> KVCache:
+    # Padding rows are real, unrouted rows: they only wrote past their length, which is harmless.
+    return KVCache(cache.k.at[:, idx].set(sub.k), cache.v.at[:, idx].set(sub.v),
+                   cache.length.at[idx].set(sub.length))
+
+
+def _unseen(state: TraceState, idx: jax.Array, seen: jax.Array, width: int) -> jax.Array:
+    """Trace tokens from each row's first unseen position on, [bucket, width]."""
+    pos = jnp.minimum(seen[:, None] + jnp.arange(width)[None], state.tokens.shape[1] - 1)
+    return jnp.take_along_axis(state.tokens[idx], pos, axis=1)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "bucket", "width", "opts", "stream", "stops"),
                    donate_argnames=("cache",))
 def _write(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array, masks: VocabMasks,
            seed: jax.Array, trace_ids: jax.Array, *, bucket: int, width: int, opts: StepSpec,
            stream: int, stops: dec.Stops):
     """The routed `rows` catch up on what they have not seen and write one step each."""
-    count = jnp.sum(rows)
-    idx = jnp.argsort(~rows, stable=True)[:bucket]  # routed rows first
-    active = jnp.arange(bucket) < count
-    sub = KVCache(cache.k[:, idx], cache.v[:, idx], cache.length[idx])
+    idx, active, sub = _gather(cache, rows, bucket)
     seen, total = sub.length, state.total[idx]
     # Catch-up: everything from the first unseen token through the newest (pending) one.
-    pos = seen[:, None] + jnp.arange(width)[None]
-    append = jnp.take_along_axis(state.tokens[idx], jnp.minimum(pos, state.tokens.shape[1] - 1),
-                                 axis=1)
     n_append = jnp.where(active, total - seen, 0)
     budget = opts.max_new_tokens - (total - state.prompt_len[idx])
-    out, _ = dec.decode(params, cfg, sub, append, n_append, active, seed, trace_ids[idx], masks,
-                        jnp.minimum(budget, opts.max_step_tokens), stream,
+    out, _ = dec.decode(params, cfg, sub, _unseen(state, idx, seen, width), n_append, active, seed,
+                        trace_ids[idx], masks, jnp.minimum(budget, opts.max_step_tokens), stream,
                         sampler=dec.make_sampler(opts.temperature, opts.top_p),
                         max_tokens=opts.max_step_tokens, stops=stops)
     conf = dec.step_confidence(out.measures, out.tokens, out.n, measure=opts.confidence,
                                is_math=masks.is_math if opts.aggregate == "math" else None)
     n_new = jnp.where(active, out.n, 0)
-    # Scatter back. Padding rows are real, unrouted rows: they wrote only past their length.
-    cache = KVCache(cache.k.at[:, idx].set(out.cache.k), cache.v.at[:, idx].set(out.cache.v),
-                    cache.length.at[idx].set(out.cache.length))
     slot = total[:, None] + jnp.arange(opts.max_step_tokens)[None]
     slot = jnp.where(jnp.arange(opts.max_step_tokens)[None] < n_new[:, None], slot,
                      state.tokens.shape[1])  # out of bounds: dropped
     tokens = state.tokens.at[idx[:, None], slot].set(out.tokens, mode="drop")
     sel = lambda x, new: x.at[idx].set(jnp.where(active, new, x[idx]))  # noqa: E731
-    executed = bucket * (width + jnp.max(jnp.where(active, out.n, 0)) - 1)
+    executed = bucket * (width + jnp.max(n_new) - 1)
     state = dataclasses.replace(
         state, tokens=tokens, total=state.total.at[idx].add(n_new),
         step_start=sel(state.step_start, total), conf=sel(state.conf, conf),
@@ -217,7 +241,7 @@ def _write(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array, mask
         read=state.read.at[idx, stream].add(n_append),
         executed=state.executed.at[stream].add(executed))
     reason = jnp.zeros_like(state.stop).at[idx].set(jnp.where(active, out.reason, 0))
-    return cache, state, reason
+    return _scatter(cache, idx, out.cache), state, reason
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "bucket", "width", "opts", "stream"),
@@ -225,17 +249,11 @@ def _write(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array, mask
 def _read(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array, masks: VocabMasks, *,
           bucket: int, width: int, opts: StepSpec, stream: int):
     """The routed rows read the newest step (written by the other model) and score it."""
-    count = jnp.sum(rows)
-    idx = jnp.argsort(~rows, stable=True)[:bucket]
-    active = jnp.arange(bucket) < count
-    sub = KVCache(cache.k[:, idx], cache.v[:, idx], cache.length[idx])
+    idx, active, sub = _gather(cache, rows, bucket)
     seen, total, start = sub.length, state.total[idx], state.step_start[idx]
-    pos = seen[:, None] + jnp.arange(width)[None]
-    append = jnp.take_along_axis(state.tokens[idx], jnp.minimum(pos, state.tokens.shape[1] - 1),
-                                 axis=1)
     # Leave the newest token pending: appending t_seen..t_{total-2} scores t_{seen+1}..t_{total-1}.
     n_append = jnp.where(active, total - 1 - seen, 0)
-    sub, measures = dec.read(params, cfg, sub, append, n_append)
+    sub, measures = dec.read(params, cfg, sub, _unseen(state, idx, seen, width), n_append)
     # The step's tokens are t_start..t_{total-1}; token t is scored at appended index t-1-seen.
     L = opts.max_step_tokens
     at = jnp.clip(start[:, None] - 1 - seen[:, None] + jnp.arange(L)[None], 0, width - 1)
@@ -244,13 +262,51 @@ def _read(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array, masks
         start[:, None] + jnp.arange(L)[None], state.tokens.shape[1] - 1), axis=1)
     conf = dec.step_confidence(step_measures, step_tokens, total - start, measure=opts.confidence,
                                is_math=masks.is_math if opts.aggregate == "math" else None)
-    cache = KVCache(cache.k.at[:, idx].set(sub.k), cache.v.at[:, idx].set(sub.v),
-                    cache.length.at[idx].set(sub.length))
     state = dataclasses.replace(
         state, conf=state.conf.at[idx].set(jnp.where(active, conf, state.conf[idx])),
         read=state.read.at[idx, stream].add(n_append),
         executed=state.executed.at[stream].add(bucket * width))
-    return cache, state
+    return _scatter(cache, idx, sub), state
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "bucket", "width", "stream"),
+                   donate_argnames=("cache",))
+def _verify(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array,
+            suffix: jax.Array, digits: jax.Array, threshold: jax.Array, *, bucket: int, width: int,
+            stream: int):
+    """A verifier reads the routed rows through their newest step and accepts it or not.
+
+    With `digits` (SpecReason) the large model also reads a judge prompt (`suffix`) and the score
+    is its most likely next digit; without (RSD) the process reward model's value head reads
+    the step's last token. Returns (cache, state, rejected [B], score [B]). The judge's cache
+    drops the prompt again and keeps the newest token pending; the PRM keeps all it read.
+    """
+    idx, active, sub = _gather(cache, rows, bucket)
+    seen, total = sub.length, state.total[idx]
+    lag = total - seen
+    j = jnp.arange(width)[None]
+    tokens = _unseen(state, idx, seen, width)
+    if digits is not None:
+        tokens = jnp.where(j < lag[:, None], tokens,
+                           suffix[jnp.clip(j - lag[:, None], 0, suffix.shape[0] - 1)])
+        lag = lag + suffix.shape[0]
+    n_append = jnp.where(active, lag, 0)
+    hidden, sub = forward(params, cfg, tokens, sub)
+    last = dec.last_valid(hidden, n_append)
+    if digits is not None:
+        score = jnp.argmax(logits(params, cfg, last)[:, digits], axis=-1).astype(jnp.float32)
+        keep = total - 1
+    else:
+        head = params["v_head"]
+        score = jax.nn.sigmoid(jnp.einsum("bd,d->b", last.astype(jnp.float32),
+                                          head["w"].astype(jnp.float32)) + head["b"])
+        keep = total
+    sub = dataclasses.replace(sub, length=jnp.where(active, keep, seen))
+    rejected = jnp.zeros_like(rows).at[idx].set(active & (score < threshold))
+    full_score = jnp.full(rows.shape, jnp.nan).at[idx].set(jnp.where(active, score, jnp.nan))
+    state = dataclasses.replace(state, read=state.read.at[idx, stream].add(n_append),
+                                executed=state.executed.at[stream].add(bucket * width))
+    return _scatter(cache, idx, sub), state, rejected, full_score
 
 
 # ---- routing, on device -------------------------------------------------------------------------
@@ -295,23 +351,61 @@ class _Side:
         self.stops = dec.Stops(self.cfg.eos_token_ids, step_mode=True)
 
 
+def judge_suffix(tokenizer: Any) -> list[int]:
+    """Tokens that close the assistant turn, ask JUDGE_PROMPT, and open the judge's answer."""
+    mark = "\ue000"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "q"}, {"role": "assistant", "content": mark},
+         {"role": "user", "content": JUDGE_PROMPT}], add_generation_prompt=True, tokenize=False)
+    return tokenizer(text.split(mark, 1)[1], add_special_tokens=False)["input_ids"]
+
+
+def digit_tokens(tokenizer: Any) -> list[int]:
+    ids = [tokenizer.convert_tokens_to_ids(str(d)) for d in range(10)]
+    if any(i is None or i == tokenizer.unk_token_id for i in ids):
+        raise ValueError("specreason needs single-token digits 0-9 in the vocabulary")
+    return ids
+
+
 def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence[int]],
           options: SteerOptions | None = None, *, trace_ids: Sequence[int] | None = None,
+          prm: Model | None = None, route_queries: Sequence[bool] | None = None,
           progress: Callable[[int, int], None] | None = None, **kwargs: Any) -> SteerResult:
     """Run STEER (or a baseline, `method`) over token-id prompts as one batch.
 
     Options come as a `SteerOptions` or as its fields by keyword, e.g. `gamma=0.7`. Trace ids
     (default 0..n-1) seed each trace's sampling, so a trace does not depend on its batch.
+    `rsd` needs `prm`, a reward model with a value head; `query_router` needs `route_queries`,
+    one decision per prompt (True: the large model answers it).
     """
     opts = options or SteerOptions(**kwargs)
+    if opts.method == "rsd" and (prm is None or "v_head" not in prm.params):
+        raise ValueError("method 'rsd' needs a process reward model with a value head (prm=)")
+    if opts.method == "query_router" and (route_queries is None
+                                          or len(route_queries) != len(prompts)):
+        raise ValueError("method 'query_router' needs route_queries, one bool per prompt")
     B = len(prompts)
     context = min(small.config.max_position_embeddings, large.config.max_position_embeddings)
     check_prompts(prompts, min(small.config.vocab_size, large.config.vocab_size), context,
                   opts.max_new_tokens)
-    longest = max(len(p) for p in prompts)
+    suffix = digits = None
+    if opts.method == "specreason":
+        suffix = jnp.asarray(judge_suffix(tokenizer), jnp.int32)
+        digits = jnp.asarray(digit_tokens(tokenizer), jnp.int32)
+    # Room for the prompt, every token the trace may write, and a judge prompt read after them.
+    longest = max(len(p) for p in prompts) + (0 if suffix is None else len(suffix))
+    if longest + opts.max_new_tokens > context:
+        raise ValueError(f"a prompt, the judge prompt and max_new_tokens={opts.max_new_tokens} "
+                         f"exceed the models' context of {context}")
     slots = -(-(longest + opts.max_new_tokens + 2) // 64) * 64
-    sides = (_Side(small, SMALL, tokenizer, opts, B, slots),
-             _Side(large, LARGE, tokenizer, opts, B, slots))
+    sides = [_Side(small, SMALL, tokenizer, opts, B, slots),
+             _Side(large, LARGE, tokenizer, opts, B, slots)]
+    if opts.method == "rsd":
+        sides.append(_Side(prm, PRM, tokenizer, opts, B, slots))
+    threshold = jnp.float32(opts.judge_threshold if opts.method == "specreason"
+                            else opts.prm_threshold)
+    fixed_large = jnp.asarray(np.asarray(route_queries, bool)) if route_queries is not None \
+        else None
     ids = jnp.asarray(np.arange(B) if trace_ids is None else np.asarray(trace_ids), jnp.int32)
     seed = jnp.asarray(opts.seed, jnp.int32)
     group = jnp.asarray(np.arange(B) * opts.groups // B, jnp.int32)
@@ -330,20 +424,21 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
         conf=jnp.zeros(B, jnp.float32), writer=jnp.zeros(B, jnp.int32),
         rec_model=jnp.full((B, M), -1, jnp.int32), rec_len=jnp.zeros((B, M), jnp.int32),
         rec_conf=jnp.zeros((B, M), jnp.float32), rec_post=jnp.zeros((B, M), jnp.float32),
+        rec_score=jnp.full((B, M), jnp.nan, jnp.float32),
         generated=jnp.zeros((B, 2), jnp.int32), discarded=jnp.zeros(B, jnp.int32),
-        read=jnp.zeros((B, 2), jnp.int32), executed=jnp.zeros(2, jnp.int32))
+        read=jnp.zeros((B, 3), jnp.int32), executed=jnp.zeros(3, jnp.int32))
     mixtures: list[tuple[int, str, gmm.GMMParams, jax.Array, jax.Array]] = []
     none = jnp.zeros(B, bool)
 
-    def bucket_for(side: _Side, rows: jax.Array, pending_only: bool) -> tuple[int, int]:
-        # The only device -> host traffic of a round: how many rows, and the longest catch-up.
-        lag = state.total - side.cache.length - (1 if pending_only else 0)
+    def bucket_for(side: _Side, rows: jax.Array, extra: int = 0) -> tuple[int, int]:
+        # The only device -> host traffic of a round: how many rows, and the longest read.
+        lag = state.total - side.cache.length + extra
         count, widest = np.asarray(jnp.stack([jnp.sum(rows), jnp.max(jnp.where(rows, lag, 0))]))
         return int(count), max(16, _pow2(int(widest), 1 << 30))
 
     def write(side: _Side, rows: jax.Array) -> jax.Array:
         nonlocal state
-        count, width = bucket_for(side, rows, pending_only=False)
+        count, width = bucket_for(side, rows)
         if count == 0:
             return jnp.zeros(B, jnp.int32)
         side.cache, state, reason = _write(
@@ -353,11 +448,31 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
 
     def read(side: _Side, rows: jax.Array) -> None:
         nonlocal state
-        count, width = bucket_for(side, rows, pending_only=True)
+        count, width = bucket_for(side, rows, extra=-1)  # the newest token stays pending
         if count:
             side.cache, state = _read(side.model.params, side.cfg, side.cache, state, rows,
                                       side.masks, bucket=_pow2(count, B), width=width, opts=spec,
                                       stream=side.stream)
+
+    def verify(side: _Side, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
+        nonlocal state
+        count, width = bucket_for(side, rows, extra=0 if suffix is None else len(suffix))
+        if count == 0:
+            return none, jnp.full(B, jnp.nan)
+        side.cache, state, rejected, score = _verify(
+            side.model.params, side.cfg, side.cache, state, rows, suffix, digits, threshold,
+            bucket=_pow2(count, B), width=width, stream=side.stream)
+        return rejected, score
+
+    def discard(rejected: jax.Array, reason: jax.Array) -> jax.Array:
+        """Throw the rejected small steps away; each cache that read them rolls back."""
+        nonlocal state
+        state, reason = _discard(state, rejected, reason)
+        # Small and judge keep the token before the step pending; the PRM keeps it read.
+        for side in sides:
+            keep = state.total if side.stream == PRM else state.total - 1
+            side.cache = dec.rollback(side.cache, jnp.where(rejected, keep, slots))
+        return reason
 
     def fit(among: jax.Array, rnd: int, who: str):
         params, post = _mixture(state.conf, among, group, groups=opts.groups)
@@ -371,7 +486,9 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
         running = state.running
         if opts.method == "large_only":
             to_large = running
-        elif opts.method == "small_only" or rnd == 0:
+        elif opts.method == "query_router":
+            to_large = running & fixed_large
+        elif opts.method in ("small_only", "specreason", "rsd") or rnd == 0:
             to_large = none
         elif opts.source == "generator":  # each previous step judged under its writer's mixture
             to_large = none
@@ -382,16 +499,21 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
             to_large = route(state.conf, running, group, prev_params)
         to_small = running & ~to_large
         reason = write(sides[SMALL], to_small)
+        score = jnp.full(B, jnp.nan)
         if opts.method == "steer" and (opts.refine == "all" or (rnd == 0 and
                                                                 opts.refine == "first")):
             params, _ = fit(to_small, rnd, "small-draft")
             rejected = route(state.conf, to_small, group, params)
-            state, reason = _discard(state, rejected, reason)
-            sides[SMALL].cache = dec.rollback(sides[SMALL].cache,
-                                              jnp.where(rejected, state.total - 1, slots))
+            reason = discard(rejected, reason)
+            to_large = to_large | rejected
+        elif opts.method in ("specreason", "rsd"):
+            rejected, score = verify(sides[LARGE] if opts.method == "specreason" else sides[PRM],
+                                     to_small)
+            score = jnp.where(rejected, jnp.nan, score)
+            reason = discard(rejected, reason)
             to_large = to_large | rejected
         reason = reason + write(sides[LARGE], to_large)
-        if opts.source == "small" and opts.method != "large_only":
+        if opts.source == "small" and opts.method == "steer":
             read(sides[SMALL], to_large)
         if opts.source == "generator":
             prev_params = {}
@@ -402,7 +524,7 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
                 post = jnp.where(among, p, post)
         else:
             prev_params, post = fit(running, rnd, "all")
-        state = _end_round(state, running, reason, post, rnd, max_steps=M,
+        state = _end_round(state, running, reason, post, score, rnd, max_steps=M,
                            max_new_tokens=opts.max_new_tokens, slots=slots)
         if progress:
             progress(rnd + 1, int(jnp.sum(state.running)))
@@ -421,7 +543,7 @@ def _discard(state: TraceState, rejected: jax.Array, reason: jax.Array):
 
 @functools.partial(jax.jit, static_argnames=("max_steps", "max_new_tokens", "slots"))
 def _end_round(state: TraceState, running: jax.Array, reason: jax.Array, post: jax.Array,
-               rnd: jax.Array, *, max_steps: int, max_new_tokens: int, slots: int) -> TraceState:
+               score: jax.Array, rnd: jax.Array, *, max_steps: int, max_new_tokens: int, slots: int) -> TraceState:
     """Record the round's steps; end traces at EOS, max_steps, max_new_tokens or a full cache."""
     n = state.total - state.step_start
     rec = lambda arr, v: arr.at[:, rnd].set(jnp.where(running, v, arr[:, rnd]))  # noqa: E731
@@ -433,11 +555,12 @@ def _end_round(state: TraceState, running: jax.Array, reason: jax.Array, post: j
     return dataclasses.replace(
         state, rec_model=rec(state.rec_model, state.writer), rec_len=rec(state.rec_len, n),
         rec_conf=rec(state.rec_conf, state.conf), rec_post=rec(state.rec_post, post),
+        rec_score=rec(state.rec_score, score),
         stop=stop, running=running & (stop == 0))
 
 
 def _collect(state: TraceState, mixtures, tokenizer: Any, opts: SteerOptions,
-             sides: tuple[_Side, _Side], ids: np.ndarray) -> SteerResult:
+             sides: list[_Side], ids: np.ndarray) -> SteerResult:
     s = jax.tree.map(np.asarray, state)
     traces = []
     for b in range(s.total.shape[0]):
@@ -449,7 +572,9 @@ def _collect(state: TraceState, mixtures, tokenizer: Any, opts: SteerOptions,
             steps.append(Step(text=tokenizer.decode(s.tokens[b, start:start + n].tolist()),
                               model=MODEL_NAMES[s.rec_model[b, m]], tokens=n,
                               confidence=float(s.rec_conf[b, m]),
-                              posterior=float(s.rec_post[b, m]), round=m))
+                              posterior=float(s.rec_post[b, m]), round=m,
+                              score=None if np.isnan(s.rec_score[b, m])
+                              else float(s.rec_score[b, m])))
             start += n
         gen = s.tokens[b, s.prompt_len[b]:s.total[b]].tolist()
         traces.append(Trace(
@@ -457,7 +582,7 @@ def _collect(state: TraceState, mixtures, tokenizer: Any, opts: SteerOptions,
             steps=steps, stop=STOPS[s.stop[b]],
             generated={MODEL_NAMES[i]: int(s.generated[b, i]) for i in (0, 1)},
             discarded=int(s.discarded[b]),
-            read={MODEL_NAMES[i]: int(s.read[b, i]) for i in (0, 1)}))
+            read={MODEL_NAMES[i]: int(s.read[b, i]) for i in range(len(sides))}))
     mix = []
     for rnd, who, params, conf, among in mixtures:
         p = jax.tree.map(np.asarray, params)
@@ -466,5 +591,5 @@ def _collect(state: TraceState, mixtures, tokenizer: Any, opts: SteerOptions,
             members = among & (np.arange(len(conf)) * opts.groups // len(conf) == g)
             mix.append(RoundMixture(rnd, g, who, p.weights[g].tolist(), p.means[g].tolist(),
                                     p.variances[g].tolist(), conf[members].tolist()))
-    return SteerResult(traces, mix, {MODEL_NAMES[i]: int(s.executed[i]) for i in (0, 1)},
-                       {MODEL_NAMES[i]: sides[i].model.num_params for i in (0, 1)})
+    return SteerResult(traces, mix, {MODEL_NAMES[i]: int(s.executed[i]) for i in range(len(sides))},
+                       {MODEL_NAMES[i]: sides[i].model.num_params for i in range(len(sides))})

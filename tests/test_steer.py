@@ -8,6 +8,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 import tiny
 from steer_jax import load_model, load_tokenizer, steer
@@ -180,3 +181,66 @@ def test_prompt_longer_than_context(pair, shared_data):
                                    "limit": 20}, steer={"max_new_tokens": 400})
     with pytest.raises(RunConfigError, match="exceeds the model's context of 512"):
         run(cfg, None)
+
+
+# Baselines: the verifiers' scores against HF transformers on the very traces they judged.
+
+def _prefix(pair, trace, step_index):
+    """Prompt and trace tokens through the end of step `step_index`."""
+    end = sum(s.tokens for s in trace.steps[: step_index + 1])
+    return pair["prompts"][trace.id] + trace.tokens[:end]
+
+
+def test_rsd_scores_equal_hf_value_head(pair, tmp_path):
+    torch_prm, w, b = tiny.prm(tmp_path / "prm")
+    prm = load_model(tmp_path / "prm", "float32", value_head=True)
+    res = _run(pair, method="rsd", prm=prm)
+    scored = [(t, i) for t in res.traces for i, s in enumerate(t.steps) if s.score is not None]
+    assert scored and any(s.model == "large" for t in res.traces for s in t.steps)
+    for t, i in scored:
+        assert t.steps[i].model == "small" and t.steps[i].score >= 0.7
+        with torch.no_grad():
+            h = torch_prm.model(torch.tensor([_prefix(pair, t, i)])).last_hidden_state[0, -1]
+        assert t.steps[i].score == pytest.approx(float(torch.sigmoid(h @ w + b)), rel=1e-4)
+    assert all(t.read["prm"] > 0 for t in res.traces)
+    assert res.executed_tokens["prm"] > 0 and res.params["prm"] == prm.num_params
+
+
+def test_specreason_scores_equal_hf_judge(pair):
+    from steer_jax.steer import digit_tokens, judge_suffix
+
+    res = _run(pair, method="specreason")
+    suffix, digits = judge_suffix(pair["tok"]), digit_tokens(pair["tok"])
+    hf_large = tiny_torch(pair["large_dir"])
+    scored = [(t, i) for t in res.traces for i, s in enumerate(t.steps) if s.score is not None]
+    assert scored and any(s.model == "large" for t in res.traces for s in t.steps)
+    for t, i in scored:
+        assert t.steps[i].model == "small" and t.steps[i].score >= 7
+        with torch.no_grad():
+            lg = hf_large(torch.tensor([_prefix(pair, t, i) + suffix])).logits[0, -1]
+        assert t.steps[i].score == int(torch.argmax(lg[digits]))
+    # The judge's reads are billed to the large model.
+    assert all(t.read["large"] >= len(suffix) for t in res.traces)
+
+
+def test_query_router_routes_whole_queries(pair):
+    chosen = [i % 3 == 0 for i in range(len(QUESTIONS))]
+    res = _run(pair, method="query_router", route_queries=chosen)
+    for t, big in zip(res.traces, chosen):
+        assert {s.model for s in t.steps} == {"large" if big else "small"}
+
+
+def test_value_head_tensors_are_checked(tmp_path, pair):
+    from steer_jax import CheckpointError
+
+    tiny.prm(tmp_path / "prm")
+    with pytest.raises(CheckpointError, match=r"unexpected tensor 'v_head\.summary\.(weight|bias)'"):
+        load_model(tmp_path / "prm", "float32")
+    with pytest.raises(CheckpointError, match=r"missing.*v_head"):
+        load_model(pair["small_dir"], "float32", value_head=True)
+
+
+def tiny_torch(path):
+    import transformers as tf
+
+    return tf.Qwen2ForCausalLM.from_pretrained(path).eval()

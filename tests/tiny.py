@@ -129,3 +129,19 @@ def steer_pair(root: Path) -> tuple[Path, Path]:
     for path in (small, large):
         tok.save_pretrained(path)
     return small, large
+
+
+def prm(path: Path, seed: int = 13) -> tuple[tf.Qwen2ForCausalLM, torch.Tensor, torch.Tensor]:
+    """A Qwen2 process reward model in the Skywork-o1-Open-PRM layout: the causal LM's tensors
+    plus `v_head.summary.{weight,bias}`. Returns the torch model and the head's weight and bias."""
+    from safetensors.torch import load_file, save_file
+
+    model = qwen2(path, tied=True, gqa=True, seed=seed, layers=2)
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(1, model.config.hidden_size, generator=g) * 0.3
+    b = torch.randn(1, generator=g)
+    tensors = load_file(path / "model.safetensors")
+    tensors.update({"v_head.summary.weight": w, "v_head.summary.bias": b})
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    chat_tokenizer().save_pretrained(path)
+    return model, w[0], b

@@ -90,7 +90,7 @@ def sample(sampler: Sampler, logits: jax.Array, keys: jax.Array) -> jax.Array:
     return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
 
 
-def _last(x: jax.Array, n: jax.Array) -> jax.Array:
+def last_valid(x: jax.Array, n: jax.Array) -> jax.Array:
     """x[b, n[b] - 1] for x [B, T, ...]."""
     return jnp.take_along_axis(x, jnp.maximum(n - 1, 0)[:, None, None], axis=1)[:, 0]
 
@@ -105,7 +105,7 @@ def append(params: Params, cfg: ModelConfig, cache: KVCache, tokens: jax.Array, 
     start = cache.length
     hidden, cache = forward(params, cfg, tokens, cache)
     cache = dataclasses.replace(cache, length=start + n)
-    next_logits = logits(params, cfg, _last(hidden, n))
+    next_logits = logits(params, cfg, last_valid(hidden, n))
     measures = None
     if scores:  # in chunks of positions: [B, P, V] logits would not fit for long reads
         measures = jax.lax.map(lambda h: token_measures(logits(params, cfg, h)),

@@ -67,6 +67,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     pad_token_id: int | None = None
+    value_head: bool = False  # a process reward model: a linear head on the last hidden state
 
     def __post_init__(self) -> None:
         if len(self.sliding_layers) != self.num_layers:

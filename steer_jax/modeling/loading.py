@@ -111,6 +111,9 @@ def load_params(path: str | Path, cfg: ModelConfig, dtype: str = "bfloat16") -> 
                 rule, layer = found
                 if rule.path == ("lm_head",) and cfg.tie_embeddings:
                     continue  # some exports write the tied head out; the embedding is the truth
+                if rule.path[0] not in buffers:  # e.g. a value head, unasked for
+                    raise CheckpointError(f"unexpected tensor {name!r} in {file} (a "
+                                          f"{rule.path[0]} this model has no place for)")
                 if layer is not None and layer >= cfg.num_layers:
                     raise CheckpointError(f"tensor {name!r} in {file} is for layer {layer}, but "
                                           f"the config has {cfg.num_layers} layers")
@@ -141,9 +144,17 @@ def load_params(path: str | Path, cfg: ModelConfig, dtype: str = "bfloat16") -> 
     return jax.tree.map(jnp.asarray, buffers)
 
 
-def load_model(path: str | Path, dtype: str = "bfloat16") -> Model:
-    """Load a local HF checkpoint directory (Qwen2 family, Gemma 3 text or multimodal)."""
+def load_model(path: str | Path, dtype: str = "bfloat16", *, value_head: bool = False) -> Model:
+    """Load a local HF checkpoint directory (Qwen2 family, Gemma 3 text or multimodal).
+
+    `value_head`: the checkpoint is a process reward model whose `v_head.summary.*` tensors are
+    read too (a Qwen2 PRM, as RSD uses); without it such tensors are unexpected.
+    """
     cfg = read_config(path)
+    if value_head:
+        if cfg.family != "qwen2":
+            raise CheckpointError(f"{path}: value heads are supported on Qwen2 checkpoints only")
+        cfg = dataclasses.replace(cfg, value_head=True)
     return Model(cfg, load_params(path, cfg, dtype), str(path))
 
 

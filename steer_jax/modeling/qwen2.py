@@ -85,6 +85,9 @@ RULES: tuple[Rule, ...] = (
     Rule(LAYER + r"mlp\.gate_proj\.weight", ("layers", "gate"), "transpose"),
     Rule(LAYER + r"mlp\.up_proj\.weight", ("layers", "up"), "transpose"),
     Rule(LAYER + r"mlp\.down_proj\.weight", ("layers", "down"), "transpose"),
+    # Process reward models (the Skywork-o1-Open-PRM layout): a value head on the last hidden state.
+    Rule(r"v_head\.summary\.weight", ("v_head", "w"), "row"),
+    Rule(r"v_head\.summary\.bias", ("v_head", "b"), "row"),
 )
 
 # The published config.json values (EOS ids merged with generation_config.json, as read_config

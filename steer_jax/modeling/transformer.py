@@ -67,6 +67,8 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> P
     params: Params = dict(embed=normal(V, D), final_norm=norm(D), layers=layers)
     if not cfg.tie_embeddings:
         params["lm_head"] = normal(D, V)
+    if cfg.value_head:
+        params["v_head"] = dict(w=normal(D), b=jnp.zeros((), dtype))
     return params
 
 

@@ -14,8 +14,8 @@ import numpy as np
 
 LAYER = r"model\.layers\.(\d+)\."
 
-Kind = Literal["copy", "transpose", "in_heads", "in_kv_heads", "bias_heads", "bias_kv_heads",
-               "out_heads"]
+Kind = Literal["copy", "row", "transpose", "in_heads", "in_kv_heads", "bias_heads",
+               "bias_kv_heads", "out_heads"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +38,8 @@ def hf_shape(kind: Kind, shape: tuple[int, ...]) -> tuple[int, ...]:
     """The HF shape of a tensor whose (per-layer) steer-jax shape is `shape`."""
     if kind == "copy":
         return shape
+    if kind == "row":  # a [1, ...] tensor stored without its leading 1
+        return (1, *shape)
     if kind == "transpose":
         return shape[::-1]
     if kind in ("in_heads", "in_kv_heads"):  # [D, H, hd] <- [H * hd, D]
@@ -51,6 +53,6 @@ def hf_shape(kind: Kind, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def to_ours(kind: Kind, x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Convert an HF tensor (already shape-checked) to the steer-jax layout `shape`."""
-    if kind in ("copy", "bias_heads", "bias_kv_heads"):
+    if kind in ("copy", "row", "bias_heads", "bias_kv_heads"):
         return x.reshape(shape)
     return x.T.reshape(shape)  # transpose, in_heads, in_kv_heads, out_heads
