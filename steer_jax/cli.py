@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import Sequence
 
@@ -29,19 +30,33 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
-    from rich.console import Console
+@contextlib.contextmanager
+def _progress_bar():
+    """A rich progress bar; yields the `progress(done, total, message)` callback runs accept."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
+        TimeElapsedColumn
 
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), transient=False) as bar:
+        task = bar.add_task("loading", total=None)
+        yield lambda done, total, msg: bar.update(task, completed=done, total=total,
+                                                  description=msg)
+
+
+def _print_summary(s) -> None:
+    print(f"{s.method} on {s.benchmark}" + (f" (gamma {s.gamma:g})" if s.gamma is not None else "")
+          + f": accuracy {s.accuracy:.3f}, {s.flops_per_query:.4g}e12 FLOPs/query, "
+          f"A/F {s.a_per_f:.4g}, large steps {s.large_step_fraction:.1%}, {s.wall_s:.1f}s")
+
+
+def _run(args: argparse.Namespace) -> int:
     from steer_jax.runner import load_config, run
 
-    console = Console(stderr=True)
     config = load_config(args.config, args.set)
-    with console.status("running") as status:
-        summary = run(config, args.out, progress=lambda msg: status.update(msg))
-    console.print(f"{summary.method} on {summary.benchmark}: accuracy {summary.accuracy:.3f}, "
-                  f"{summary.flops_per_query:.4g}e12 FLOPs/query, A/F {summary.a_per_f:.4g}, "
-                  f"large steps {summary.large_step_fraction:.1%}, {summary.wall_s:.1f}s")
-    console.print(f"wrote {args.out}/summary.json, traces.jsonl, rounds.jsonl")
+    with _progress_bar() as progress:
+        summary = run(config, args.out, progress=progress)
+    _print_summary(summary)
+    print(f"wrote {args.out}/summary.json, traces.jsonl, rounds.jsonl")
     return 0
 
 
@@ -50,7 +65,20 @@ def _sweep(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set)
     gammas = [float(g) for g in args.gammas.split(",")]
-    sweep(config, gammas, args.out, progress=print)
+    with _progress_bar() as progress:
+        summaries = sweep(config, gammas, args.out, progress=progress)
+    for s in summaries:
+        _print_summary(s)
+    print(f"wrote {args.out}/gamma_*/ and {args.out}/sweep.md")
+    return 0
+
+
+def _train_router(args: argparse.Namespace) -> int:
+    from steer_jax.runner import load_config, train_router_from_config
+
+    with _progress_bar() as progress:
+        out = train_router_from_config(load_config(args.config, args.set), args.out, progress)
+    print(f"router saved to {out}; use it with method: query_router and router.path: {out}")
     return 0
 
 
@@ -75,12 +103,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen.set_defaults(func=_generate)
 
     for name, func, text in (("run", _run, "run one config"),
-                             ("sweep", _sweep, "run a config over a list of gamma values")):
+                             ("sweep", _sweep, "run a config over a list of gamma values"),
+                             ("train-router", _train_router,
+                              "train the query_router baseline on router.train")):
         p = sub.add_parser(name, help=text)
         p.add_argument("config", help="YAML run config")
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config key, e.g. --set steer.gamma=0.7")
-        p.add_argument("--out", required=True, help="output directory")
+        p.add_argument("--out", required=True, help="output directory (router: its checkpoint)")
         p.set_defaults(func=func)
         if name == "sweep":
             p.add_argument("--gammas", default="0.1,0.3,0.5,0.7,0.9")

@@ -24,18 +24,23 @@ from steer_jax.steer import SteerOptions, SteerResult, steer
 # The config schema: section -> allowed keys (None: a scalar top-level key).
 SCHEMA: dict[str, tuple[str, ...] | None] = {
     "small": None, "large": None, "method": None, "dtype": None,
-    "benchmark": ("name", "path", "limit"),
+    "benchmark": ("name", "path", "offset", "limit"),
     "sampling": ("temperature", "top_p", "seed"),
     "steer": ("gamma", "max_steps", "max_step_tokens", "max_new_tokens", "delimiter",
               "confidence", "aggregate", "source", "groups", "refine", "policy", "percentile",
               "threshold"),
     "batch": ("size",),
+    "specreason": ("threshold",),
+    "rsd": ("prm", "threshold"),
+    "router": ("path", "train"),
 }
 DEFAULTS: dict[str, Any] = {
     "method": "steer", "dtype": "bfloat16",
-    "benchmark": {"path": None, "limit": None},
+    "benchmark": {"path": None, "offset": 0, "limit": None},
     "sampling": {"temperature": 0.7, "top_p": 1.0, "seed": 0},
     "steer": {}, "batch": {"size": None},
+    "specreason": {"threshold": 7}, "rsd": {"prm": None, "threshold": 0.7},
+    "router": {"path": None, "train": None},
 }
 FLOP_UNIT = 1e12  # the paper reports FLOPs per query in units of 1e12
 
@@ -109,10 +114,26 @@ def validate(config: dict[str, Any]) -> tuple[dict[str, Any], SteerOptions]:
     if size is not None and (not isinstance(size, int) or size < 1):
         raise RunConfigError(f"batch.size must be a positive integer or null, got {size!r}")
     try:
-        opts = SteerOptions(method=cfg["method"], **cfg["steer"], **cfg["sampling"])
+        opts = SteerOptions(method=cfg["method"], **cfg["steer"], **cfg["sampling"],
+                            judge_threshold=cfg["specreason"]["threshold"],
+                            prm_threshold=cfg["rsd"]["threshold"])
     except (TypeError, ValueError) as e:
         raise RunConfigError(str(e)) from e
+    if opts.method == "rsd" and not cfg["rsd"]["prm"]:
+        raise RunConfigError("method 'rsd' needs rsd.prm, a local process reward model directory")
+    if opts.method == "query_router" and not cfg["router"]["path"]:
+        raise RunConfigError("method 'query_router' needs router.path (made by "
+                             "`steer-jax train-router`)")
     return cfg, opts
+
+
+def examples_of(spec: dict[str, Any]) -> list:
+    """A benchmark slice: `limit` examples from `offset` on (so train and test can split a file)."""
+    from steer_jax.eval import load_benchmark
+
+    offset, limit = spec.get("offset") or 0, spec.get("limit")
+    examples = load_benchmark(spec["name"], spec.get("path"))[offset:]
+    return examples if limit is None else examples[:limit]
 
 
 def check_tokenizers(small: Any, large: Any, small_path: str, large_path: str) -> None:
@@ -138,8 +159,9 @@ def summarize(result: SteerResult, correct: list[bool], opts: SteerOptions, benc
     two_n = {k: 2 * v for k, v in result.params.items()}
     gen = sum(two_n["small"] * (t.generated["small"] + t.discarded)
               + two_n["large"] * t.generated["large"] for t in result.traces)
-    pre = sum(two_n[m] * t.read[m] for t in result.traces for m in ("small", "large"))
-    executed = sum(two_n[m] * result.executed_tokens[m] for m in ("small", "large"))
+    # Reads: prompts, catch-up, judge prompts, and the PRM's reads when there is one.
+    pre = sum(two_n[m] * t.read.get(m, 0) for t in result.traces for m in two_n)
+    executed = sum(two_n[m] * result.executed_tokens[m] for m in two_n)
     steps = [s for t in result.traces for s in t.steps]
     acc = sum(correct) / max(n, 1)
     flops = gen / max(n, 1) / FLOP_UNIT
@@ -155,18 +177,19 @@ def summarize(result: SteerResult, correct: list[bool], opts: SteerOptions, benc
 
 
 def _merge(results: list[SteerResult]) -> SteerResult:
-    executed = {m: sum(r.executed_tokens[m] for r in results) for m in ("small", "large")}
+    executed = {m: sum(r.executed_tokens[m] for r in results) for m in results[0].executed_tokens}
     return SteerResult([t for r in results for t in r.traces],
                        [m for r in results for m in r.mixtures], executed, results[0].params)
 
 
 def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple | None = None,
-        progress: Callable[[str], None] | None = None) -> Summary:
+        progress: Callable[[int, int, str], None] | None = None) -> Summary:
     """Run one config end to end; with `out`, write summary.json, traces.jsonl and rounds.jsonl.
 
     `models` may pass already loaded (small, large, tokenizer) to reuse them across a sweep.
+    `progress(done, total, message)` hears of every round of every wave.
     """
-    from steer_jax.eval import extract_answer, grade, load_benchmark, render_prompt
+    from steer_jax.eval import extract_answer, grade, render_prompt
 
     cfg, opts = validate(config)
     configs = (read_config(cfg["small"]), read_config(cfg["large"]))  # fail fast on bad dirs
@@ -176,7 +199,7 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
     else:
         tokenizer = models[2]
     bench = cfg["benchmark"]
-    examples = load_benchmark(bench["name"], bench["path"], bench["limit"])
+    examples = examples_of(bench)
     prompts = [tokenizer(render_prompt(tokenizer, ex, bench["name"]),
                          add_special_tokens=False)["input_ids"] for ex in examples]
     try:
@@ -188,15 +211,34 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
         small, large = load_model(cfg["small"], cfg["dtype"]), load_model(cfg["large"], cfg["dtype"])
     else:
         small, large = models[0], models[1]
+    extra: dict[str, Any] = {}
+    if opts.method == "rsd":
+        extra["prm"] = load_model(cfg["rsd"]["prm"], cfg["dtype"], value_head=True)
+        check_tokenizers(tokenizer, load_tokenizer(cfg["rsd"]["prm"]), cfg["small"],
+                         cfg["rsd"]["prm"])
+    if opts.method == "query_router":
+        from steer_jax.baselines.query_router import load_router, prompt_features, route
+
+        router = load_router(cfg["router"]["path"])
+        extra["route_queries"] = route(router, prompt_features(small, prompts)).tolist()
     size = cfg["batch"]["size"] or len(prompts)
+    n_waves = -(-len(prompts) // size)
     start = time.perf_counter()
     waves = []
-    for lo in range(0, len(prompts), size):
+    for w, lo in enumerate(range(0, len(prompts), size)):
+        hi = min(lo + size, len(prompts))
+        wave_extra = {k: (v[lo:hi] if k == "route_queries" else v) for k, v in extra.items()}
+        report = None
         if progress:
-            progress(f"wave {lo // size + 1}/{-(-len(prompts) // size)}: traces {lo}.."
-                     f"{min(lo + size, len(prompts)) - 1}")
-        waves.append(steer(small, large, tokenizer, prompts[lo:lo + size], opts,
-                           trace_ids=range(lo, min(lo + size, len(prompts)))))
+            def report(rnd: int, running: int, w: int = w) -> None:
+                progress(w * opts.max_steps + rnd, n_waves * opts.max_steps,
+                         f"{opts.method}: wave {w + 1}/{n_waves}, round {rnd}, "
+                         f"{running} traces running")
+        waves.append(steer(small, large, tokenizer, prompts[lo:hi], opts,
+                           trace_ids=range(lo, hi), progress=report, **wave_extra))
+        if progress:
+            progress((w + 1) * opts.max_steps, n_waves * opts.max_steps,
+                     f"{opts.method}: wave {w + 1}/{n_waves} done")
     wall = time.perf_counter() - start
     result = _merge(waves)
     answers = [extract_answer(bench["name"], t.output) for t in result.traces]
@@ -223,7 +265,7 @@ def write_run(out: Path, summary: Summary, result: SteerResult, examples: list, 
 
 
 def sweep(config: dict[str, Any], gammas: Sequence[float], out: str | Path,
-          progress: Callable[[str], None] | None = None) -> list[Summary]:
+          progress: Callable[[int, int, str], None] | None = None) -> list[Summary]:
     """STEER at each gamma (models loaded once); one run directory per value and a table."""
     cfg, _ = validate(config)
     for g in gammas:  # all values checked before any run starts
@@ -237,13 +279,49 @@ def sweep(config: dict[str, Any], gammas: Sequence[float], out: str | Path,
     for g in gammas:
         run_cfg = {**config, "method": "steer", "steer": {**config.get("steer", {}), "gamma": g}}
         summaries.append(run(run_cfg, out / f"gamma_{g:g}", models=models, progress=progress))
-        if progress:
-            s = summaries[-1]
-            progress(f"gamma {g:g}: accuracy {s.accuracy:.3f}, {s.flops_per_query:.4g}e12 "
-                     f"FLOPs/query, large steps {s.large_step_fraction:.1%}")
+
     rows = ["| gamma | accuracy | FLOPs (1e12/query) | A/F | large steps | wall s |",
             "|---|---|---|---|---|---|"]
     rows += [f"| {s.gamma:g} | {s.accuracy:.3f} | {s.flops_per_query:.4g} | {s.a_per_f:.4g} | "
              f"{s.large_step_fraction:.1%} | {s.wall_s:.1f} |" for s in summaries]
     _write_atomic(out / "sweep.md", "\n".join(rows) + "\n")
     return summaries
+
+
+def train_router_from_config(config: dict[str, Any], out: str | Path,
+                             progress: Callable[[int, int, str], None] | None = None) -> Path:
+    """Train the query router on `router.train` (a benchmark slice disjoint from the test one):
+    small_only and large_only runs label which queries need the large model."""
+    from steer_jax.baselines.query_router import (labels_from_runs, prompt_features,
+                                                  save_router, train_router)
+
+    cfg, _ = validate({**config, "method": "small_only"})
+    train = cfg["router"]["train"]
+    if not isinstance(train, dict) or not train.get("name"):
+        raise RunConfigError("router.train must name the training slice: {name, path, offset, "
+                             "limit}")
+    tokenizer = load_tokenizer(cfg["small"])
+    check_tokenizers(tokenizer, load_tokenizer(cfg["large"]), cfg["small"], cfg["large"])
+    models = (load_model(cfg["small"], cfg["dtype"]), load_model(cfg["large"], cfg["dtype"]),
+              tokenizer)
+    correct = {}
+    for method in ("small_only", "large_only"):
+        run_cfg = {**config, "method": method, "benchmark": train}
+        correct[method] = _graded(run_cfg, models, progress)
+    from steer_jax.eval import render_prompt
+
+    prompts = [tokenizer(render_prompt(tokenizer, ex, train["name"]),
+                         add_special_tokens=False)["input_ids"] for ex in examples_of(train)]
+    router = train_router(prompt_features(models[0], prompts),
+                          labels_from_runs(correct["small_only"], correct["large_only"]))
+    save_router(router, out, overwrite=True)
+    return Path(out)
+
+
+def _graded(config: dict[str, Any], models: tuple, progress: Any) -> list[bool]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        run(config, d, models=models, progress=progress)
+        lines = (Path(d) / "traces.jsonl").read_text().splitlines()
+    return [json.loads(x)["correct"] for x in lines]

@@ -178,8 +178,8 @@ def test_tokenizers_must_match(pair, shared_data, tmp_path):
 
 def test_prompt_longer_than_context(pair, shared_data):
     cfg = _config(pair, benchmark={"name": "math500", "path": str(shared_data / "math500"),
-                                   "limit": 20}, steer={"max_new_tokens": 400})
-    with pytest.raises(RunConfigError, match="exceeds the model's context of 512"):
+                                   "limit": 20}, steer={"max_new_tokens": 900})
+    with pytest.raises(RunConfigError, match="exceeds the model's context of 1024"):
         run(cfg, None)
 
 
@@ -244,3 +244,33 @@ def tiny_torch(path):
     import transformers as tf
 
     return tf.Qwen2ForCausalLM.from_pretrained(path).eval()
+
+
+def test_every_method_writes_the_same_schema(pair, shared_data, tmp_path):
+    from steer_jax.baselines.query_router import RouterConfig, save_router, train_router
+
+    prm_dir = tmp_path / "prm"
+    tiny.prm(prm_dir)
+    # A router trained on made-up labels: this test is about plumbing, not routing quality.
+    rs = np.random.RandomState(0)
+    feats = rs.randn(32, pair["small"].config.hidden_size).astype(np.float32)
+    router = train_router(feats, feats[:, 0] > 0, RouterConfig(epochs=5))
+    save_router(router, tmp_path / "router")
+    bench = {"name": "musique", "path": str(shared_data / "musique"), "limit": 3}
+    schemas = {}
+    for method in ("steer", "small_only", "large_only", "specreason", "rsd", "query_router"):
+        out = tmp_path / method
+        run(_config(pair, method=method, benchmark=bench, rsd={"prm": str(prm_dir)},
+                    router={"path": str(tmp_path / "router")}), out)
+        summary = json.loads((out / "summary.json").read_text())
+        trace = json.loads((out / "traces.jsonl").read_text().splitlines()[0])
+        assert summary["method"] == method and summary["n"] == 3
+        schemas[method] = (set(summary), set(trace), set(trace["steps"][0]))
+    assert len(set(map(str, schemas.values()))) == 1
+
+
+def test_baseline_configs_need_their_models(pair):
+    with pytest.raises(RunConfigError, match="rsd.prm"):
+        validate(_config(pair, method="rsd"))
+    with pytest.raises(RunConfigError, match="router.path"):
+        validate(_config(pair, method="query_router"))

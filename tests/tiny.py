@@ -22,12 +22,12 @@ def _randomize_norms(model: torch.nn.Module, seed: int) -> None:
 
 
 def qwen2_config(*, tied: bool, gqa: bool, layers: int = 2, hidden: int = 64,
-                 intermediate: int = 96, heads: int = 4) -> tf.Qwen2Config:
+                 intermediate: int = 96, heads: int = 4, context: int = 512) -> tf.Qwen2Config:
     return tf.Qwen2Config(
         vocab_size=VOCAB, hidden_size=hidden, intermediate_size=intermediate,
         num_hidden_layers=layers, num_attention_heads=heads,
         num_key_value_heads=heads // 2 if gqa else heads, tie_word_embeddings=tied,
-        rope_theta=10000.0, max_position_embeddings=512, eos_token_id=2, bos_token_id=1)
+        rope_theta=10000.0, max_position_embeddings=context, eos_token_id=2, bos_token_id=1)
 
 
 def gemma3_text_config(**overrides) -> tf.Gemma3TextConfig:
@@ -123,8 +123,9 @@ def steer_pair(root: Path) -> tuple[Path, Path]:
     """A small (2 layers) and a large (3 layers, wider) Qwen2 checkpoint with one tokenizer."""
     small = root / "small"
     large = root / "large"
-    qwen2(small, tied=True, gqa=True, seed=11, layers=2)
-    qwen2(large, tied=False, gqa=True, seed=12, layers=3, hidden=96, intermediate=160)
+    qwen2(small, tied=True, gqa=True, seed=11, layers=2, context=1024)
+    qwen2(large, tied=False, gqa=True, seed=12, layers=3, hidden=96, intermediate=160,
+          context=1024)
     tok = chat_tokenizer()
     for path in (small, large):
         tok.save_pretrained(path)
@@ -136,7 +137,7 @@ def prm(path: Path, seed: int = 13) -> tuple[tf.Qwen2ForCausalLM, torch.Tensor, 
     plus `v_head.summary.{weight,bias}`. Returns the torch model and the head's weight and bias."""
     from safetensors.torch import load_file, save_file
 
-    model = qwen2(path, tied=True, gqa=True, seed=seed, layers=2)
+    model = qwen2(path, tied=True, gqa=True, seed=seed, layers=2, context=1024)
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(1, model.config.hidden_size, generator=g) * 0.3
     b = torch.randn(1, generator=g)
