@@ -37,6 +37,15 @@ def test_logits_match_transformers(tiny_models, name):
     assert rel_err(model.logits(IDS), hf_logits(ref_model, IDS)) < 1e-5
 
 
+@pytest.mark.parametrize("name", ["qwen2_untied_gqa", "gemma3_text"])
+def test_scanned_and_unrolled_layers_agree(tiny_models, name):
+    path, _ = tiny_models[name]
+    scanned = load_model(path, "float32", scan_layers=True)
+    unrolled = load_model(path, "float32", scan_layers=False)
+    assert isinstance(unrolled.params["layers"], list) and unrolled.num_params == scanned.num_params
+    np.testing.assert_allclose(unrolled.logits(IDS), scanned.logits(IDS), rtol=1e-5, atol=1e-5)
+
+
 def test_gemma3_config_features_are_exercised(tiny_models):
     cfg = read_config(tiny_models["gemma3_text"][0])
     assert cfg.sliding_layers == (True, True, False, True) and cfg.sliding_window == 4

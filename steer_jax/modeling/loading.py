@@ -21,7 +21,7 @@ from safetensors import safe_open
 
 from steer_jax.modeling import gemma3, qwen2, weights
 from steer_jax.modeling.config import ConfigError, ModelConfig, param_shapes
-from steer_jax.modeling.transformer import Model
+from steer_jax.modeling.transformer import Model, unstack_layers
 
 _FAMILIES = {"qwen2": qwen2, "gemma3": gemma3}
 _DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
@@ -144,18 +144,24 @@ def load_params(path: str | Path, cfg: ModelConfig, dtype: str = "bfloat16") -> 
     return jax.tree.map(jnp.asarray, buffers)
 
 
-def load_model(path: str | Path, dtype: str = "bfloat16", *, value_head: bool = False) -> Model:
+def load_model(path: str | Path, dtype: str = "bfloat16", *, value_head: bool = False,
+               scan_layers: bool | None = None) -> Model:
     """Load a local HF checkpoint directory (Qwen2 family, Gemma 3 text or multimodal).
 
     `value_head`: the checkpoint is a process reward model whose `v_head.summary.*` tensors are
     read too (a Qwen2 PRM, as RSD uses); without it such tensors are unexpected.
+    `scan_layers`: keep layers stacked for `lax.scan` (fast compiles; the default on
+    accelerators) or unstack them for an unrolled forward (faster on the CPU, its default).
     """
     cfg = read_config(path)
     if value_head:
         if cfg.family != "qwen2":
             raise CheckpointError(f"{path}: value heads are supported on Qwen2 checkpoints only")
         cfg = dataclasses.replace(cfg, value_head=True)
-    return Model(cfg, load_params(path, cfg, dtype), str(path))
+    params = load_params(path, cfg, dtype)
+    if not (jax.default_backend() != "cpu" if scan_layers is None else scan_layers):
+        params = unstack_layers(params)
+    return Model(cfg, params, str(path))
 
 
 def load_tokenizer(path: str | Path) -> Any:

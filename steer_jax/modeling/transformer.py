@@ -29,18 +29,19 @@ Params = dict[str, Any]
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    k: jax.Array  # [layers, batch, slots, kv_heads, head_dim]
+    k: jax.Array  # [layers, batch, kv_heads, slots, head_dim]: (batch, head) lead, as attention
+    # contracts over them in batches; no per-step transpose of the cache
     v: jax.Array
     length: jax.Array  # [batch] int32: tokens held by each row; the next write goes to this slot
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, slots: int, dtype: Any) -> KVCache:
-        shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
 
     @property
     def slots(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> Params:
@@ -94,15 +95,16 @@ def _apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
                cfg: ModelConfig) -> jax.Array:
-    """q [B, T, H, hd] against all cache slots k, v [B, S, K, hd]; mask [B, T, S]."""
+    """q [B, T, H, hd] against all cache slots k, v [B, K, S, hd]; mask [B, T, S]."""
     B, T, H, hd = q.shape
     K = cfg.num_kv_heads
-    q = q.reshape(B, T, K, H // K, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    q = q.reshape(B, T, K, H // K, hd).transpose(0, 2, 3, 1, 4).reshape(B, K, H // K * T, hd)
+    scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32)
+    scores = scores.reshape(B, K, H // K, T, -1)
     scores = jnp.where(mask[:, None, None], scores * cfg.attn_scale, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(B, T, H, hd)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(B, K, H // K * T, -1)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v).reshape(B, K, H // K, T, hd)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
 
 
 def _mlp(h: jax.Array, lp: Params, cfg: ModelConfig) -> jax.Array:
@@ -149,8 +151,10 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array,
         cos = jnp.where(sliding, rope_l[0], rope_g[0])
         sin = jnp.where(sliding, rope_l[1], rope_g[1])
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-        k_all = k_all.at[i, rows, positions].set(k.astype(k_all.dtype), mode="drop")
-        v_all = v_all.at[i, rows, positions].set(v.astype(v_all.dtype), mode="drop")
+        heads = jnp.arange(cfg.num_kv_heads)[None, :, None]
+        put = lambda c, new: c.at[i, rows[:, :, None], heads, positions[:, None, :]].set(  # noqa
+            new.transpose(0, 2, 1, 3).astype(c.dtype), mode="drop")
+        k_all, v_all = put(k_all, k), put(v_all, v)
         attn = _attention(q, k_all[i], v_all[i], jnp.where(sliding, windowed, causal), cfg)
         out = jnp.einsum("bthk,hkd->btd", attn, lp["o"])
         if cfg.sandwich_norms:
@@ -162,7 +166,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array,
         return (x + out, k_all, v_all), None
 
     if isinstance(params["layers"], (list, tuple)):
-        # Unstacked layers (see `unstack_layers`): a Python loop reads each weight in place.
+        # Unstacked layers (`unstack_layers`): a Python loop reads each weight where it lies.
         carry = (x, cache.k, cache.v)
         for i, lp in enumerate(params["layers"]):
             carry, _ = layer(carry, (lp, i, cfg.sliding_layers[i]))
@@ -174,6 +178,18 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array,
                                             (params["layers"], layer_ids, sliding))
     hidden = rms_norm(x, params["final_norm"], cfg)
     return hidden, KVCache(k_new, v_new, cache.length + T)
+
+
+def unstack_layers(params: Params) -> Params:
+    """Per-layer parameter dicts instead of stacked arrays, for an unrolled forward.
+
+    `lax.scan` over stacked layers compiles one layer and suits TPUs, but on the CPU backend each
+    iteration copies its layer's weights out of the stack before the matmuls read them, which
+    costs a memory-bound decode step about a sixth of its time (benchmarks/decode.py).
+    """
+    layers = params["layers"]
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return {**params, "layers": [jax.tree.map(lambda a: a[i], layers) for i in range(n)]}
 
 
 def logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
