@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from steer_jax.modeling.config import ConfigError, ModelConfig, RopeConfig
-from steer_jax.modeling.weights import LAYER, Rule
+from steer_jax.modeling.weights import COMMON, LAYER, Rule
 
 # HF Gemma3TextConfig defaults: real gemma-3 config.json files leave most of these out.
 _DEFAULTS = dict(
@@ -98,23 +98,12 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
-RULES: tuple[Rule, ...] = (
-    Rule(r"model\.embed_tokens\.weight", ("embed",), "copy"),
-    Rule(r"model\.norm\.weight", ("final_norm",), "copy"),
-    Rule(r"lm_head\.weight", ("lm_head",), "transpose"),
-    Rule(LAYER + r"input_layernorm\.weight", ("layers", "attn_norm"), "copy"),
+RULES: tuple[Rule, ...] = COMMON + (
     Rule(LAYER + r"post_attention_layernorm\.weight", ("layers", "post_attn_norm"), "copy"),
     Rule(LAYER + r"pre_feedforward_layernorm\.weight", ("layers", "mlp_norm"), "copy"),
     Rule(LAYER + r"post_feedforward_layernorm\.weight", ("layers", "post_mlp_norm"), "copy"),
     Rule(LAYER + r"self_attn\.q_norm\.weight", ("layers", "q_norm"), "copy"),
     Rule(LAYER + r"self_attn\.k_norm\.weight", ("layers", "k_norm"), "copy"),
-    Rule(LAYER + r"self_attn\.q_proj\.weight", ("layers", "q"), "in_heads"),
-    Rule(LAYER + r"self_attn\.k_proj\.weight", ("layers", "k"), "in_kv_heads"),
-    Rule(LAYER + r"self_attn\.v_proj\.weight", ("layers", "v"), "in_kv_heads"),
-    Rule(LAYER + r"self_attn\.o_proj\.weight", ("layers", "o"), "out_heads"),
-    Rule(LAYER + r"mlp\.gate_proj\.weight", ("layers", "gate"), "transpose"),
-    Rule(LAYER + r"mlp\.up_proj\.weight", ("layers", "up"), "transpose"),
-    Rule(LAYER + r"mlp\.down_proj\.weight", ("layers", "down"), "transpose"),
 )
 
 # Multimodal checkpoints keep the language model under a prefix (pre-v5 and v5 spellings); the

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from steer_jax.modeling.config import ConfigError, ModelConfig, RopeConfig
-from steer_jax.modeling.weights import LAYER, Rule
+from steer_jax.modeling.weights import COMMON, LAYER, Rule
 
 # HF Qwen2Config defaults, for keys a config.json leaves out.
 _DEFAULTS = dict(
@@ -69,22 +69,12 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 
 # HF tensor names below the text model's root -> (parameter path, layout conversion).
-RULES: tuple[Rule, ...] = (
-    Rule(r"model\.embed_tokens\.weight", ("embed",), "copy"),
-    Rule(r"model\.norm\.weight", ("final_norm",), "copy"),
-    Rule(r"lm_head\.weight", ("lm_head",), "transpose"),
-    Rule(LAYER + r"input_layernorm\.weight", ("layers", "attn_norm"), "copy"),
+RULES: tuple[Rule, ...] = COMMON + (
+    # Qwen2's "post-attention" norm is the one before the MLP.
     Rule(LAYER + r"post_attention_layernorm\.weight", ("layers", "mlp_norm"), "copy"),
-    Rule(LAYER + r"self_attn\.q_proj\.weight", ("layers", "q"), "in_heads"),
-    Rule(LAYER + r"self_attn\.k_proj\.weight", ("layers", "k"), "in_kv_heads"),
-    Rule(LAYER + r"self_attn\.v_proj\.weight", ("layers", "v"), "in_kv_heads"),
     Rule(LAYER + r"self_attn\.q_proj\.bias", ("layers", "q_bias"), "bias_heads"),
     Rule(LAYER + r"self_attn\.k_proj\.bias", ("layers", "k_bias"), "bias_kv_heads"),
     Rule(LAYER + r"self_attn\.v_proj\.bias", ("layers", "v_bias"), "bias_kv_heads"),
-    Rule(LAYER + r"self_attn\.o_proj\.weight", ("layers", "o"), "out_heads"),
-    Rule(LAYER + r"mlp\.gate_proj\.weight", ("layers", "gate"), "transpose"),
-    Rule(LAYER + r"mlp\.up_proj\.weight", ("layers", "up"), "transpose"),
-    Rule(LAYER + r"mlp\.down_proj\.weight", ("layers", "down"), "transpose"),
     # Process reward models (the Skywork-o1-Open-PRM layout): a value head on the last hidden state.
     Rule(r"v_head\.summary\.weight", ("v_head", "w"), "row"),
     Rule(r"v_head\.summary\.bias", ("v_head", "b"), "row"),
@@ -103,17 +93,12 @@ _KNOWN: dict[str, dict[str, Any]] = {
         num_key_value_heads=4, vocab_size=152064, rope_theta=1000000.0,
         max_position_embeddings=32768, tie_word_embeddings=False, bos_token_id=151643,
         eos_token_id=[151645, 151643]),
-    "Qwen2.5-Math-1.5B-Instruct": dict(
-        hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-        num_key_value_heads=2, vocab_size=151936, rope_theta=10000.0,
-        max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=151643,
-        eos_token_id=[151645, 151643]),
-    "Qwen2.5-Math-7B-Instruct": dict(
-        hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-        num_key_value_heads=4, vocab_size=152064, rope_theta=10000.0,
-        max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=151643,
-        eos_token_id=[151645, 151643]),
 }
+# The Math models are the same shapes with a 4k context and the base RoPE frequency.
+for size in ("1.5B", "7B"):
+    _KNOWN[f"Qwen2.5-Math-{size}-Instruct"] = {
+        **_KNOWN[f"Qwen2.5-{size}-Instruct"], "rope_theta": 10000.0,
+        "max_position_embeddings": 4096}
 
 
 def known(name: str) -> ModelConfig:

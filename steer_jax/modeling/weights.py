@@ -25,6 +25,22 @@ class Rule:
     kind: Kind
 
 
+# Tensors every supported family names the same way (HF's Llama lineage).
+COMMON: tuple[Rule, ...] = (
+    Rule(r"model\.embed_tokens\.weight", ("embed",), "copy"),
+    Rule(r"model\.norm\.weight", ("final_norm",), "copy"),
+    Rule(r"lm_head\.weight", ("lm_head",), "transpose"),
+    Rule(LAYER + r"input_layernorm\.weight", ("layers", "attn_norm"), "copy"),
+    Rule(LAYER + r"self_attn\.q_proj\.weight", ("layers", "q"), "in_heads"),
+    Rule(LAYER + r"self_attn\.k_proj\.weight", ("layers", "k"), "in_kv_heads"),
+    Rule(LAYER + r"self_attn\.v_proj\.weight", ("layers", "v"), "in_kv_heads"),
+    Rule(LAYER + r"self_attn\.o_proj\.weight", ("layers", "o"), "out_heads"),
+    Rule(LAYER + r"mlp\.gate_proj\.weight", ("layers", "gate"), "transpose"),
+    Rule(LAYER + r"mlp\.up_proj\.weight", ("layers", "up"), "transpose"),
+    Rule(LAYER + r"mlp\.down_proj\.weight", ("layers", "down"), "transpose"),
+)
+
+
 def match(rules: tuple[Rule, ...], name: str) -> tuple[Rule, int | None] | None:
     """The rule for an HF name, and its layer index (None for non-layer tensors)."""
     for rule in rules:
