@@ -187,10 +187,15 @@ def test_failed_save_leaves_no_directory(trained, tmp_path, monkeypatch):
     # The JSON item is written alongside the arrays: a crash in the middle of the checkpoint.
     monkeypatch.setattr(ocp.JsonCheckpointHandler, "async_save", crash)
     with pytest.raises(RuntimeError, match="disk full"):
-        save_router(router, tmp_path / "router")
-    assert not (tmp_path / "router").exists()
-    # The leftover temporary directory does not block the next save.
+        save_router(router, tmp_path / "crashed")
+    assert not (tmp_path / "crashed").exists()
     monkeypatch.undo()
+    # A process killed mid-save leaves orbax's temporary directory; it does not block the next
+    # save. (Re-saving over the in-process crash above would race its orphaned writes, which a
+    # killed process cannot have.)
+    leftover = tmp_path / "router.orbax-checkpoint-tmp"
+    (leftover / "state").mkdir(parents=True)
+    (leftover / "state" / "junk").write_bytes(b"half a checkpoint")
     save_router(router, tmp_path / "router")
     assert load_router(tmp_path / "router").threshold == router.threshold
 

@@ -305,10 +305,12 @@ def save_router(router: Router, path: str | Path, *, overwrite: bool = False) ->
     meta = {"format": _FORMAT, "version": _FORMAT_VERSION,
             "config": dataclasses.asdict(router.config), "threshold": router.threshold,
             "num_features": router.num_features}
-    ocp.Checkpointer(ocp.CompositeCheckpointHandler()).save(
-        path, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      meta=ocp.args.JsonSave(meta)),
-        force=overwrite)
+    # Closing waits for the array writes still in flight when another item's save fails, so a
+    # crashed save cannot go on writing into the temporary directory the next save clears.
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+        checkpointer.save(path, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                        meta=ocp.args.JsonSave(meta)),
+                          force=overwrite)
 
 
 def load_router(path: str | Path) -> Router:
