@@ -54,7 +54,7 @@ def _run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set)
     with _progress_bar() as progress:
-        summary = run(config, args.out, progress=progress)
+        summary = run(config, args.out, progress=progress, resume=args.resume)
     _print_summary(summary)
     print(f"wrote {args.out}/summary.json, traces.jsonl, rounds.jsonl")
     return 0
@@ -114,6 +114,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.set_defaults(func=func)
         if name == "sweep":
             p.add_argument("--gammas", default="0.1,0.3,0.5,0.7,0.9")
+        if name == "run":
+            p.add_argument("--resume", action="store_true",
+                           help="continue a killed run from the waves it finished (out/waves/)")
 
     rep = sub.add_parser("report", help="tables and plots from run directories", add_help=False)
     rep.add_argument("rest", nargs=argparse.REMAINDER)

@@ -19,7 +19,7 @@ import yaml
 
 from steer_jax.decoding.generate import check_prompts
 from steer_jax.modeling.loading import load_model, load_tokenizer, read_config
-from steer_jax.steer import SteerOptions, SteerResult, steer
+from steer_jax.steer import RoundMixture, Step, SteerOptions, SteerResult, Trace, steer
 
 # The config schema: section -> allowed keys (None: a scalar top-level key).
 SCHEMA: dict[str, tuple[str, ...] | None] = {
@@ -182,12 +182,65 @@ def _merge(results: list[SteerResult]) -> SteerResult:
                        [m for r in results for m in r.mixtures], executed, results[0].params)
 
 
+def _wave_to_json(result: SteerResult, wall_s: float) -> str:
+    return json.dumps({"result": dataclasses.asdict(result), "wall_s": wall_s})
+
+
+def _wave_from_json(text: str) -> tuple[SteerResult, float]:
+    d = json.loads(text)
+    r = d["result"]
+    traces = [Trace(**{**t, "steps": [Step(**s) for s in t["steps"]]}) for t in r["traces"]]
+    mixtures = [RoundMixture(**m) for m in r["mixtures"]]
+    return SteerResult(traces, mixtures, r["executed_tokens"], r["params"]), d["wall_s"]
+
+
+class _Waves:
+    """Finished waves on disk (out/waves/): a killed run loses at most the wave it was in.
+
+    Each wave is written atomically once complete, beside the config it was run with; `resume`
+    reads them back instead of recomputing. Trace ids are global and seed the sampling, so a
+    resumed run writes exactly the traces an uninterrupted one would.
+    """
+
+    def __init__(self, out: Path | None, cfg: dict[str, Any], resume: bool):
+        self.dir = None if out is None else Path(out) / "waves"
+        if self.dir is None:
+            return
+        stamp = self.dir / "config.json"
+        if resume and stamp.is_file():
+            before = json.loads(stamp.read_text())
+            changed = sorted(k for k in set(before) | set(cfg) if before.get(k) != cfg.get(k))
+            if changed:
+                raise RunConfigError(f"cannot resume {out}: the config changed since its "
+                                     f"checkpoint ({', '.join(changed)})")
+        else:
+            if self.dir.exists():  # a fresh run: earlier waves are of another run
+                for f in self.dir.glob("wave_*.json"):
+                    f.unlink()
+            self.dir.mkdir(parents=True, exist_ok=True)
+            _write_atomic(stamp, json.dumps(cfg, sort_keys=True))
+
+    def _path(self, w: int) -> Path:
+        return self.dir / f"wave_{w:05d}.json"
+
+    def load(self, w: int) -> tuple[SteerResult, float] | None:
+        if self.dir is None or not self._path(w).is_file():
+            return None
+        return _wave_from_json(self._path(w).read_text())
+
+    def save(self, w: int, result: SteerResult, wall_s: float) -> None:
+        if self.dir is not None:
+            _write_atomic(self._path(w), _wave_to_json(result, wall_s))
+
+
 def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple | None = None,
-        progress: Callable[[int, int, str], None] | None = None) -> Summary:
+        progress: Callable[[int, int, str], None] | None = None,
+        resume: bool = False) -> Summary:
     """Run one config end to end; with `out`, write summary.json, traces.jsonl and rounds.jsonl.
 
     `models` may pass already loaded (small, large, tokenizer) to reuse them across a sweep.
-    `progress(done, total, message)` hears of every round of every wave.
+    `progress(done, total, message)` hears of every round of every wave. Every finished wave is
+    kept under out/waves/; `resume=True` continues a killed run from them.
     """
     from steer_jax.eval import extract_answer, grade, render_prompt
 
@@ -223,9 +276,15 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
         extra["route_queries"] = route(router, prompt_features(small, prompts)).tolist()
     size = cfg["batch"]["size"] or len(prompts)
     n_waves = -(-len(prompts) // size)
-    start = time.perf_counter()
-    waves = []
+    done = _Waves(out, cfg, resume)
+    waves, wall = [], 0.0
     for w, lo in enumerate(range(0, len(prompts), size)):
+        saved = done.load(w)
+        if saved is not None:
+            waves.append(saved[0])
+            wall += saved[1]
+            continue
+        start = time.perf_counter()
         hi = min(lo + size, len(prompts))
         wave_extra = {k: (v[lo:hi] if k == "route_queries" else v) for k, v in extra.items()}
         report = None
@@ -236,10 +295,11 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
                          f"{running} traces running")
         waves.append(steer(small, large, tokenizer, prompts[lo:hi], opts,
                            trace_ids=range(lo, hi), progress=report, **wave_extra))
+        wall += time.perf_counter() - start
+        done.save(w, waves[-1], time.perf_counter() - start)
         if progress:
             progress((w + 1) * opts.max_steps, n_waves * opts.max_steps,
                      f"{opts.method}: wave {w + 1}/{n_waves} done")
-    wall = time.perf_counter() - start
     result = _merge(waves)
     answers = [extract_answer(bench["name"], t.output) for t in result.traces]
     correct = [grade(bench["name"], t.output, ex) for t, ex in zip(result.traces, examples)]

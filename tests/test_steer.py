@@ -274,3 +274,39 @@ def test_baseline_configs_need_their_models(pair):
         validate(_config(pair, method="rsd"))
     with pytest.raises(RunConfigError, match="router.path"):
         validate(_config(pair, method="query_router"))
+
+
+def test_killed_run_resumes_to_the_same_traces(pair, shared_data, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    cfg = _config(pair, benchmark={"name": "musique", "path": str(shared_data / "musique"),
+                                   "limit": 6}, batch={"size": 2})
+    run(cfg, tmp_path / "whole")
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "steer_jax.cli", "run", str(path), "--out",
+                             str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "waves" / "wave_00000.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run died or hung"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "summary.json").exists()  # killed midway: no half-written summary either
+    summary = run(cfg, out, resume=True)
+    assert summary.n == 6
+    assert (out / "traces.jsonl").read_text() == (tmp_path / "whole" / "traces.jsonl").read_text()
+
+
+def test_resume_refuses_a_changed_config(pair, shared_data, tmp_path):
+    cfg = _config(pair, benchmark={"name": "musique", "path": str(shared_data / "musique"),
+                                   "limit": 2})
+    run(cfg, tmp_path)
+    with pytest.raises(RunConfigError, match="config changed since its checkpoint"):
+        run({**cfg, "steer": {**cfg["steer"], "gamma": 0.9}}, tmp_path, resume=True)
