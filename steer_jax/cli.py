@@ -9,24 +9,21 @@ from typing import Sequence
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from steer_jax import generate, load_model, load_tokenizer
+    from steer_jax import load_model, load_tokenizer, steer
 
     model = load_model(args.model, dtype=args.dtype)
     tokenizer = load_tokenizer(args.model)
-    messages = [{"role": "user", "content": args.prompt}]
-    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    if not isinstance(prompt, list):  # transformers 5 returns a BatchEncoding
-        prompt = list(prompt["input_ids"])
-    for step in range(args.steps):
-        res = generate(model, [prompt], args.max_step_tokens, temperature=args.temperature,
-                       seed=args.seed, stop_at_step=True, tokenizer=tokenizer)
-        new = res.tokens[0]
-        print(f"--- step {step}  confidence {res.step_confidence[0]:.3f}  "
-              f"({len(new)} tokens, {res.stop_reasons[0]})")
-        print(tokenizer.decode(new, skip_special_tokens=True).strip())
-        prompt = prompt + new
-        if res.stop_reasons[0] in ("eos", "cache_full"):
-            break
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
+                                           add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    # One model's steps through the STEER engine: small_only with the model on both sides.
+    result = steer(model, model, tokenizer, [ids], method="small_only", max_steps=args.steps,
+                   max_step_tokens=args.max_step_tokens,
+                   max_new_tokens=args.steps * args.max_step_tokens,
+                   temperature=args.temperature, seed=args.seed)
+    for step in result.traces[0].steps:
+        print(f"--- step {step.round}  confidence {step.confidence:.3f}  ({step.tokens} tokens)")
+        print(step.text.strip())
     return 0
 
 

@@ -310,3 +310,22 @@ def test_resume_refuses_a_changed_config(pair, shared_data, tmp_path):
     run(cfg, tmp_path)
     with pytest.raises(RunConfigError, match="config changed since its checkpoint"):
         run({**cfg, "steer": {**cfg["steer"], "gamma": 0.9}}, tmp_path, resume=True)
+
+
+def test_cli_generate_prints_steps(pair, capsys):
+    from steer_jax.cli import main
+
+    assert main(["generate", "--model", str(pair["small_dir"]), "--prompt", "What is 2+2?",
+                 "--steps", "3", "--max-step-tokens", "8", "--dtype", "float32"]) == 0
+    printed = capsys.readouterr().out
+    assert "--- step 0  confidence" in printed
+
+
+def test_cli_reports_bad_config(tmp_path, capsys):
+    from steer_jax.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text("small: a\nlarge: b\nbenchmark: {name: math500}\nsteer: {gamma: 2}\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", str(path), "--out", str(tmp_path / "o")])
+    assert exit_.value.code == 2 and "gamma must be in [0, 1]" in capsys.readouterr().err
