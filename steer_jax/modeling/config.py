@@ -25,6 +25,13 @@ class ConfigError(ValueError):
     """A checkpoint's config.json cannot be turned into a supported model."""
 
 
+def eos_ids(value: Any) -> tuple[int, ...]:
+    """config.json's eos_token_id (absent, one id, or a list) as a tuple."""
+    if value is None:
+        return ()
+    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeConfig:
     """Rotary embedding of one attention kind: base, and linear position scaling (1.0: none)."""

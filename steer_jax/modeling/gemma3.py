@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from steer_jax.modeling.config import ConfigError, ModelConfig, RopeConfig
+from steer_jax.modeling.config import ConfigError, ModelConfig, RopeConfig, eos_ids
 from steer_jax.modeling.weights import COMMON, LAYER, Rule
 
 # HF Gemma3TextConfig defaults: real gemma-3 config.json files leave most of these out.
@@ -68,7 +68,6 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         rope_global = _rope({"rope_theta": c["rope_theta"], **(rp or c["rope_scaling"] or {})},
                             c["rope_theta"], "global")
         rope_local = RopeConfig(float(c["rope_local_base_freq"]))
-    eos = c["eos_token_id"]
     return ModelConfig(
         family="gemma3",
         vocab_size=int(c["vocab_size"]),
@@ -92,7 +91,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         activation="gelu_tanh",
         query_pre_attn_scalar=float(c["query_pre_attn_scalar"]),
         final_logit_softcap=c["final_logit_softcapping"],
-        eos_token_ids=tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),),
+        eos_token_ids=eos_ids(c["eos_token_id"]),
         bos_token_id=c["bos_token_id"],
         pad_token_id=c["pad_token_id"],
     )

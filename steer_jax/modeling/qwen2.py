@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from steer_jax.modeling.config import ConfigError, ModelConfig, RopeConfig
+from steer_jax.modeling.config import ConfigError, ModelConfig, RopeConfig, eos_ids
 from steer_jax.modeling.weights import COMMON, LAYER, Rule
 
 # HF Qwen2Config defaults, for keys a config.json leaves out.
@@ -19,12 +19,6 @@ _DEFAULTS = dict(
     rope_theta=10000.0, use_sliding_window=False, sliding_window=4096, max_window_layers=28,
     rope_scaling=None, layer_types=None, bos_token_id=None, eos_token_id=None, pad_token_id=None,
 )
-
-
-def _eos(value: Any) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -62,7 +56,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         max_position_embeddings=int(c["max_position_embeddings"]),
         qkv_bias=True,
         activation="silu",
-        eos_token_ids=_eos(c["eos_token_id"]),
+        eos_token_ids=eos_ids(c["eos_token_id"]),
         bos_token_id=c["bos_token_id"],
         pad_token_id=c["pad_token_id"],
     )
