@@ -1,0 +1,212 @@
+"""Mesh, partition rules and multi-host start: one place that says where every tensor lives.
+
+Why logical axes: a parameter is described once by what its dimensions mean ('heads', 'mlp',
+'vocab', ...), and one small table maps those meanings onto the ('data', 'model') mesh. Changing
+the parallelism (more model parallelism for a 12B model, pure data parallelism for a 1.5B one)
+is then a mesh shape, not an edit to every tensor, and the same code runs on 1 CPU device, 8 fake
+CPU devices, a TPU host and a pod slice.
+
+Weights are split over 'model' along heads, KV heads, the MLP width and the vocabulary (the
+Megatron split: each device holds whole heads, so attention needs no communication inside a
+head), and batch rows (KV cache, trace state) over 'data'. A dimension that does not divide its
+mesh axis is replicated instead, with one warning per tensor and reason: a slower layout that
+runs is better than a failed run on a mesh the checkpoint does not fit evenly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from steer_jax.modeling.transformer import KVCache, Model, Params
+
+log = logging.getLogger(__name__)
+
+AXES = ("data", "model")
+
+# Logical dimension name -> mesh axis. Names absent here ('embed', 'layers', 'head_dim', ...)
+# are replicated: sharding the residual width would put a collective in every norm.
+RULES: dict[str, str] = {
+    "batch": "data",
+    "heads": "model",
+    "kv_heads": "model",
+    "mlp": "model",
+    "vocab": "model",
+}
+
+# The logical axes of every parameter of the layout in `transformer.init_params`. Layer tensors
+# are listed without the leading 'layers' axis, which stacked parameters add in front.
+TOP_AXES: dict[str, tuple[str, ...]] = {
+    "embed": ("vocab", "embed"),
+    "lm_head": ("embed", "vocab"),
+    "final_norm": ("embed",),
+    "v_head.w": ("embed",),
+    "v_head.b": (),
+}
+LAYER_AXES: dict[str, tuple[str, ...]] = {
+    "attn_norm": ("embed",),
+    "q": ("embed", "heads", "head_dim"),
+    "k": ("embed", "kv_heads", "head_dim"),
+    "v": ("embed", "kv_heads", "head_dim"),
+    "o": ("heads", "head_dim", "embed"),
+    "q_bias": ("heads", "head_dim"),
+    "k_bias": ("kv_heads", "head_dim"),
+    "v_bias": ("kv_heads", "head_dim"),
+    "q_norm": ("head_dim",),
+    "k_norm": ("head_dim",),
+    "post_attn_norm": ("embed",),
+    "mlp_norm": ("embed",),
+    "gate": ("embed", "mlp"),
+    "up": ("embed", "mlp"),
+    "down": ("mlp", "embed"),
+    "post_mlp_norm": ("embed",),
+}
+CACHE_AXES: dict[str, tuple[str | None, ...]] = {
+    "k": ("layers", "batch", "kv_heads", None, None),
+    "v": ("layers", "batch", "kv_heads", None, None),
+    "length": ("batch",),
+}
+
+# (tensor name, reason) pairs already reported: a fallback is said once, not once per layer
+# or per call.
+_warned: set[tuple[str, str]] = set()
+
+
+def make_mesh(data: int, model: int) -> Mesh:
+    """A ('data', 'model') mesh over all of `jax.devices()` (every process's, on a pod)."""
+    n = jax.device_count()
+    if data < 1 or model < 1 or data * model != n:
+        raise ValueError(f"mesh data={data} x model={model} = {data * model} devices, but there "
+                         f"are {n} devices: choose data * model == {n}")
+    # Auto axes: the model code carries no sharding annotations; XLA propagates them from the
+    # arguments. jax.make_mesh orders devices by the physical topology (ICI rings on TPU).
+    return jax.make_mesh((data, model), AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def mesh_from_config(cfg: dict[str, Any]) -> Mesh:
+    """The mesh a run config asks for: `mesh.data`, `mesh.model`; a missing one takes the rest
+    of the devices, and with neither every device is on 'data'."""
+    section = cfg.get("mesh") or {}
+    unknown = set(section) - set(AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh keys {sorted(unknown)}; use mesh.data and mesh.model")
+    n = jax.device_count()
+    data, model = section.get("data"), section.get("model")
+    if data is None and model is None:
+        data, model = n, 1
+    elif data is None or model is None:
+        given, name = (model, "model") if data is None else (data, "data")
+        if not isinstance(given, int) or given < 1 or n % given:
+            raise ValueError(f"mesh.{name}={given} does not divide the {n} devices")
+        data, model = (n // given, given) if data is None else (given, n // given)
+    return make_mesh(data, model)
+
+
+def initialize(cfg: dict[str, Any]) -> None:
+    """Join a multi-host run before anything touches a device, from the `distributed` section.
+
+    With `coordinator` ('host:port' of process 0), `num_processes` and `process_id` given they
+    are used as they are (GPU clusters, or TPUs with a chosen port); with `auto: true` JAX reads
+    them from the environment (Cloud TPU metadata, SLURM). Without the section nothing happens:
+    a single host needs no coordinator.
+    """
+    section = dict(cfg.get("distributed") or {})
+    if not section:
+        return
+    auto = section.pop("auto", False)
+    keys = ("coordinator", "num_processes", "process_id")
+    unknown = set(section) - set(keys)
+    if unknown:
+        raise ValueError(f"unknown distributed keys {sorted(unknown)}; use auto or {keys}")
+    if auto:
+        if section:
+            raise ValueError(f"distributed.auto excludes {sorted(section)}: the environment "
+                             "supplies them")
+        jax.distributed.initialize()
+        return
+    missing = [k for k in keys if section.get(k) is None]
+    if missing:
+        raise ValueError(f"distributed needs {', '.join(keys)} together (or auto: true); "
+                         f"missing {', '.join(missing)}")
+    jax.distributed.initialize(coordinator_address=section["coordinator"],
+                               num_processes=int(section["num_processes"]),
+                               process_id=int(section["process_id"]))
+
+
+def _spec(name: str, shape: tuple[int, ...], axes: tuple[str | None, ...],
+          mesh: Mesh) -> PartitionSpec:
+    """PartitionSpec of one tensor; a dim that does not divide its mesh axis stays whole."""
+    if len(axes) != len(shape):
+        raise ValueError(f"tensor {name} has shape {shape}, but its logical axes {axes} "
+                         f"name {len(axes)} dims")
+    spec: list[str | None] = []
+    for dim, (size, logical) in enumerate(zip(shape, axes)):
+        axis = RULES.get(logical) if logical else None
+        if axis is not None and size % mesh.shape[axis]:
+            reason = (f"dim {dim} ({logical}) of size {size} does not divide mesh axis "
+                      f"'{axis}' of size {mesh.shape[axis]}")
+            if (name, reason) not in _warned:
+                _warned.add((name, reason))
+                log.warning("replicating %s along %s: %s", name, logical, reason)
+            axis = None
+        # A mesh axis of size 1 adds nothing; leaving it out keeps the specs readable.
+        spec.append(axis if axis is not None and mesh.shape[axis] > 1 else None)
+    return PartitionSpec(*spec)
+
+
+def _param_axes(path: tuple[Any, ...]) -> tuple[str, tuple[str, ...]]:
+    """(canonical name, logical axes) of the parameter at a pytree path, stacked or not."""
+    keys = [k.key if hasattr(k, "key") else k.idx for k in path]
+    if keys[0] == "layers":
+        # Unstacked: ("layers", i, name) without the layer axis; stacked: ("layers", name).
+        stacked = len(keys) == 2
+        name = keys[-1]
+        if name not in LAYER_AXES:
+            raise ValueError(f"parameter layers.{name} has no partition rule in "
+                             "steer_jax.distributed.LAYER_AXES")
+        return f"layers.{name}", (("layers",) if stacked else ()) + LAYER_AXES[name]
+    name = ".".join(str(k) for k in keys)
+    if name not in TOP_AXES:
+        raise ValueError(f"parameter {name} has no partition rule in "
+                         "steer_jax.distributed.TOP_AXES")
+    return name, TOP_AXES[name]
+
+
+def param_shardings(params: Params, mesh: Mesh) -> Params:
+    """A NamedSharding per parameter, in the params' own tree (stacked or unstacked layers).
+
+    Leaves only need a `.shape`, so `jax.eval_shape` / `param_shapes` trees work too: a loader
+    can place each tensor on its devices as it reads it.
+    """
+    def one(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
+        name, axes = _param_axes(path)
+        return NamedSharding(mesh, _spec(name, tuple(leaf.shape), axes, mesh))
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def shard_params(params: Params, mesh: Mesh) -> Params:
+    """The params placed on `mesh` by the partition rules."""
+    return jax.device_put(params, param_shardings(params, mesh))
+
+
+def shard_model(model: Model, mesh: Mesh) -> Model:
+    """The same model with its params placed on `mesh`."""
+    return dataclasses.replace(model, params=shard_params(model.params, mesh))
+
+
+def cache_shardings(cache: KVCache, mesh: Mesh) -> KVCache:
+    """A NamedSharding per KV cache field: rows over 'data', KV heads over 'model'."""
+    return KVCache(**{f: NamedSharding(mesh, _spec(f"cache.{f}", tuple(getattr(cache, f).shape),
+                                                   axes, mesh))
+                      for f, axes in CACHE_AXES.items()})
+
+
+def shard_cache(cache: KVCache, mesh: Mesh) -> KVCache:
+    """The KV cache placed on `mesh`."""
+    return jax.device_put(cache, cache_shardings(cache, mesh))
+

@@ -1,0 +1,219 @@
+"""Sharding over a ('data', 'model') mesh changes where tensors live, never what the model computes.
+
+Runs on the 8 fake CPU devices of conftest.py. Each model/mesh pair costs a compile, so the cases
+are few and the unsharded references are computed once per module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import tiny
+from steer_jax import distributed, generate, load_model, load_tokenizer, steer
+from steer_jax.modeling.config import param_shapes
+from steer_jax.modeling.loading import read_config
+from steer_jax.modeling.transformer import KVCache, unstack_layers
+
+MESHES = [(4, 2), (2, 4), (8, 1)]
+TOKENS = [[1, 5, 9, 17, 33, 65, 100, 7, 3, 12, 44, 90]]
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings(monkeypatch):
+    # The fallback is reported once per process; each test starts as a fresh process would.
+    monkeypatch.setattr(distributed, "_warned", set())
+
+
+def _fallbacks(caplog, name: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.name == distributed.__name__ and r.getMessage().startswith(f"replicating {name} ")]
+
+
+def test_make_mesh_and_config():
+    mesh = distributed.make_mesh(4, 2)
+    assert mesh.axis_names == ("data", "model") and dict(mesh.shape) == {"data": 4, "model": 2}
+    assert sorted(d.id for d in mesh.devices.flat) == sorted(d.id for d in jax.devices())
+    with pytest.raises(ValueError, match=r"data=3 x model=2 = 6 devices.*8 devices"):
+        distributed.make_mesh(3, 2)
+    shape = lambda cfg: dict(distributed.mesh_from_config(cfg).shape)  # noqa: E731
+    assert shape({}) == {"data": 8, "model": 1}
+    assert shape({"mesh": {"model": 2}}) == {"data": 4, "model": 2}
+    assert shape({"mesh": {"data": 2}}) == {"data": 2, "model": 4}
+    assert shape({"mesh": {"data": 1, "model": 8}}) == {"data": 1, "model": 8}
+    with pytest.raises(ValueError, match="mesh.model=3 does not divide the 8 devices"):
+        distributed.mesh_from_config({"mesh": {"model": 3}})
+    with pytest.raises(ValueError, match="unknown mesh keys"):
+        distributed.mesh_from_config({"mesh": {"tensor": 2}})
+
+
+def _configs(tiny_models):
+    """Between them every parameter kind: Qwen2 (QKV bias, untied head, value head) and Gemma 3
+    (QK-norm, sandwich norms)."""
+    qwen = dataclasses.replace(read_config(tiny_models["qwen2_untied_gqa"][0]), value_head=True)
+    return qwen, read_config(tiny_models["gemma3_text"][0])
+
+
+def test_rules_cover_the_layout_stacked_and_unstacked(tiny_models):
+    mesh = distributed.make_mesh(4, 2)  # every sharded dim of the tiny models divides 2
+    expected = {  # the partition rules of the design, written out for a 4 x 2 mesh
+        "embed": P("model", None), "lm_head": P(None, "model"),
+        "q": P(None, "model", None), "k": P(None, "model", None), "v": P(None, "model", None),
+        "o": P("model", None, None), "q_bias": P("model", None), "k_bias": P("model", None),
+        "v_bias": P("model", None), "gate": P(None, "model"), "up": P(None, "model"),
+        "down": P("model", None)}
+    seen = set()
+    for cfg in _configs(tiny_models):
+        shapes = param_shapes(cfg)
+        stacked = distributed.param_shardings(shapes, mesh)
+        flat = jax.eval_shape(unstack_layers, shapes)
+        unstacked = distributed.param_shardings(flat, mesh)
+        assert len(unstacked["layers"]) == cfg.num_layers
+        for path, sharding in jax.tree_util.tree_flatten_with_path(stacked)[0]:
+            keys = [k.key for k in path]
+            if keys[0] == "layers":
+                name = keys[1]
+                want = expected.get(name, P(*[None] * (len(sharding.spec) - 1)))
+                assert sharding.spec == P(None, *want), name  # the stacked layer axis: whole
+                for layer in unstacked["layers"]:
+                    assert layer[name].spec == want, name
+            else:
+                name = ".".join(keys)
+                assert sharding.spec == expected.get(name, P(*[None] * len(sharding.spec))), name
+            seen.add(name)
+    assert {"q_norm", "post_mlp_norm", "v_head.w", "v_head.b", "final_norm"} <= seen
+    assert set(expected) <= seen
+
+
+def test_a_tensor_without_a_rule_is_an_error():
+    mesh = distributed.make_mesh(8, 1)
+    with pytest.raises(ValueError, match="layers.rotary has no partition rule"):
+        distributed.param_shardings({"layers": {"rotary": np.zeros((2, 4))}}, mesh)
+    with pytest.raises(ValueError, match="layers.q has shape"):
+        distributed.param_shardings({"layers": [{"q": np.zeros((4, 4))}]}, mesh)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_models):
+    """Qwen2 with unstacked layers (the CPU default) and Gemma 3 with stacked ones (TPU's)."""
+    qwen = load_model(tiny_models["qwen2_untied_gqa"][0], "float32")
+    gemma = load_model(tiny_models["gemma3_text"][0], "float32", scan_layers=True)
+    assert isinstance(qwen.params["layers"], list) and isinstance(gemma.params["layers"], dict)
+    return {"qwen2": (qwen, np.asarray(qwen.logits(TOKENS))),
+            "gemma3": (gemma, np.asarray(gemma.logits(TOKENS)))}
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("family", ["qwen2", "gemma3"])
+def test_sharded_logits_equal_unsharded(models, family, mesh_shape):
+    model, reference = models[family]
+    mesh = distributed.make_mesh(*mesh_shape)
+    sharded = distributed.shard_model(model, mesh)
+    embed = sharded.params["embed"]
+    assert embed.sharding.mesh == mesh and len(embed.sharding.device_set) == 8
+    # Each device holds 1/model of the vocabulary: the weights really are split.
+    assert embed.addressable_shards[0].data.shape[0] == model.config.vocab_size // mesh_shape[1]
+    np.testing.assert_allclose(np.asarray(sharded.logits(TOKENS)), reference, rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_fallback_replicates_and_warns_once(models, caplog):
+    model, reference = models["qwen2"]  # 4 query heads, 2 KV heads, 2 unstacked layers
+    mesh = distributed.make_mesh(2, 4)
+    with caplog.at_level(logging.WARNING, logger=distributed.__name__):
+        first = distributed.shard_params(model.params, mesh)
+        distributed.shard_params(model.params, mesh)
+    for name in ("layers.k", "layers.v", "layers.k_bias", "layers.v_bias"):
+        messages = _fallbacks(caplog, name)
+        assert len(messages) == 1, (name, messages)  # two layers, two calls: said once
+        assert "size 2" in messages[0] and "'model' of size 4" in messages[0]
+    assert not _fallbacks(caplog, "layers.q") and not _fallbacks(caplog, "embed")
+    for layer in first["layers"]:
+        assert layer["k"].sharding.is_fully_replicated
+        assert layer["q"].sharding.spec == P(None, "model", None)
+
+
+def test_shard_cache(models, caplog):
+    cfg = models["gemma3"][0].config  # 2 KV heads
+    mesh = distributed.make_mesh(4, 2)
+    cache = KVCache.init(cfg, 8, 16, np.float32)
+    cache = dataclasses.replace(cache, length=jax.numpy.arange(8, dtype=jax.numpy.int32))
+    sharded = distributed.shard_cache(cache, mesh)
+    assert sharded.k.sharding.spec == P(None, "data", "model", None, None)
+    assert sharded.v.sharding.spec == P(None, "data", "model", None, None)
+    assert sharded.length.sharding.spec == P("data")
+    np.testing.assert_array_equal(np.asarray(sharded.length), np.arange(8))
+    # Three rows over four 'data' devices: rows stay whole, heads are still split.
+    with caplog.at_level(logging.WARNING, logger=distributed.__name__):
+        odd = distributed.shard_cache(KVCache.init(cfg, 3, 16, np.float32), mesh)
+    assert odd.k.sharding.spec == P(None, None, "model", None, None)
+    assert odd.length.sharding.is_fully_replicated
+    assert len(_fallbacks(caplog, "cache.k")) == 1 and len(_fallbacks(caplog, "cache.length")) == 1
+
+
+@pytest.fixture(scope="module")
+def mha(tiny_models):
+    """4 query and 4 KV heads: every head dim divides both 2 and 4 'model' devices."""
+    model = load_model(tiny_models["qwen2_tied_mha"][0], "float32")
+    prompts = [[1, 5, 9, 17], [3, 4, 100, 7, 8, 60, 61], [12], [44, 90, 91, 92, 93]]
+    return model, prompts
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_sharded_generate_gives_identical_tokens(mha, temperature, caplog):
+    model, prompts = mha
+    kw = dict(max_new_tokens=12, temperature=temperature, seed=3)
+    reference = generate(model, prompts, **kw)
+    assert len({tuple(t) for t in reference.tokens}) > 1  # not a degenerate constant output
+    with caplog.at_level(logging.WARNING, logger=distributed.__name__):
+        for shape in ((4, 2), (2, 4)):
+            sharded = distributed.shard_model(model, distributed.make_mesh(*shape))
+            out = generate(sharded, prompts, **kw)
+            assert out.tokens == reference.tokens, shape
+            np.testing.assert_allclose(np.concatenate(out.max_logits),
+                                       np.concatenate(reference.max_logits), rtol=1e-5)
+    assert not _fallbacks(caplog, "")  # nothing had to fall back
+
+
+QUESTIONS = ["What is 2+2?", "Add 17 and 5.", "Is 9 prime?", "Name a color."]
+
+
+def test_sharded_steer_gives_identical_traces(tmp_path_factory):
+    small_dir, large_dir = tiny.steer_pair(tmp_path_factory.mktemp("pair"))
+    tok = load_tokenizer(small_dir)
+    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": q}],
+                                           add_generation_prompt=True, tokenize=False),
+                   add_special_tokens=False)["input_ids"] for q in QUESTIONS]
+    small, large = load_model(small_dir, "float32"), load_model(large_dir, "float32")
+    kw = dict(max_steps=3, max_step_tokens=8, max_new_tokens=24, temperature=0.7, seed=1,
+              policy="percentile", percentile=0.5)  # half the traces go large each round
+    reference = steer(small, large, tok, prompts, **kw)
+    mesh = distributed.make_mesh(4, 2)
+    sharded = steer(distributed.shard_model(small, mesh), distributed.shard_model(large, mesh),
+                    tok, prompts, **kw)
+    models_of = lambda res: [[s.model for s in t.steps] for t in res.traces]  # noqa: E731
+    assert {"small", "large"} <= {m for ms in models_of(reference) for m in ms}
+    assert [t.tokens for t in sharded.traces] == [t.tokens for t in reference.traces]
+    assert models_of(sharded) == models_of(reference)
+
+
+def test_initialize_maps_the_distributed_section(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    distributed.initialize({})
+    distributed.initialize({"distributed": {}})
+    assert calls == []
+    distributed.initialize({"distributed": {"coordinator": "10.0.0.2:8476", "num_processes": 4,
+                                            "process_id": "3"}})
+    assert calls == [dict(coordinator_address="10.0.0.2:8476", num_processes=4, process_id=3)]
+    distributed.initialize({"distributed": {"auto": True}})
+    assert calls[-1] == {}
+    with pytest.raises(ValueError, match="missing process_id"):
+        distributed.initialize({"distributed": {"coordinator": "h:1", "num_processes": 2}})
+    with pytest.raises(ValueError, match="auto excludes"):
+        distributed.initialize({"distributed": {"auto": True, "process_id": 0}})
