@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from steer_jax.eval.benchmarks import BENCHMARKS, Example, canonical_name
+from steer_jax.eval.benchmarks import BENCHMARKS, DEMO, Example, canonical_name
+from steer_jax.eval.demo_task import demo_equal, extract_demo_answer
 from steer_jax.eval.extraction import last_boxed
 from steer_jax.eval.korbench import extract_korbench_answer, korbench_equal
 from steer_jax.eval.math_grading import extract_aime_answer, extract_math_answer, grade_aime, math_equal
@@ -19,6 +20,8 @@ __all__ = ["BENCHMARKS", "extract_answer", "grade", "metrics"]
 def extract_answer(name: str, output: str) -> str:
     """The answer an output commits to, as it goes into a trace's `answer` field ("" if none)."""
     key = canonical_name(name)
+    if key == DEMO:
+        return extract_demo_answer(output)
     if key == "aime":
         return extract_aime_answer(output)
     if key in ("math500", "omnimath"):
@@ -38,6 +41,8 @@ def grade(name: str, output: str, example: Example) -> bool:
 def metrics(name: str, output: str, example: Example) -> dict[str, float]:
     """`correct` (0/1) plus the benchmark's extra measures: MuSiQue `f1`, counterfactual `real_life`."""
     key = canonical_name(name)
+    if key == DEMO:
+        return {"correct": float(demo_equal(output, example.reference))}
     if key == "aime":
         return {"correct": float(grade_aime(output, example.reference))}
     if key in ("math500", "omnimath"):

@@ -11,6 +11,9 @@ Families:
 
 Every prompt asks for one reasoning step per paragraph: STEER splits steps at a blank line.
 
+The demo benchmark is not math in this sense: its models answer "Answer: N", never \\boxed{}, so it
+gets no math system prompt; its instruction is worded in the demo tokenizer's own words.
+
 Gemma note: the shared gemma-3-4b-it folder has tokenizer_config.json and chat_template.json but
 neither tokenizer.json nor tokenizer.model. transformers 5.24 still builds a GemmaTokenizer from it
 offline whose chat template renders correctly, but it knows only the added special tokens (ordinary
@@ -22,7 +25,8 @@ from __future__ import annotations
 import os
 from typing import Any, Protocol
 
-from steer_jax.eval.benchmarks import MATH_BENCHMARKS, Example, canonical_name
+from steer_jax.eval.benchmarks import DEMO, MATH_BENCHMARKS, Example, canonical_name
+from steer_jax.eval.demo_task import INSTRUCTION as DEMO_INSTRUCTION
 
 FAMILIES = ("qwen-math", "qwen", "gemma")
 
@@ -59,6 +63,8 @@ def _task_text(example: Example, key: str) -> tuple[str, bool]:
     """The user-turn text for a benchmark and whether it is a math prompt (system prompt wanted)."""
     if key in MATH_BENCHMARKS:
         return example.question.strip(), True
+    if key == DEMO:
+        return f"{example.question.strip()}\n\n{DEMO_INSTRUCTION}", False
     if key == "acpbench":
         text = (
             f"{example.question.strip()}\n\n"

@@ -1,0 +1,274 @@
+"""`demo`: a synthetic multi-step arithmetic benchmark and its tokenizer, for the embedded demo.
+
+The demo trains a tiny small/large model pair on a laptop CPU, so it needs a task that tiny models
+can learn, whose steps are delimited exactly as STEER expects, and whose difficulty behaves as in
+real reasoning: it differs between problems and persists within one. Chained arithmetic does that:
+
+    question  Start with 47. Add 38. Multiply by 6. Subtract 129. What is the result?
+    solution  47 + 38 = 85\\n\\n85 * 6 = 510\\n\\n510 - 129 = 381\\n\\nAnswer: 381
+
+One operation per step, steps separated by a blank line ("\\n\\n"), a final "Answer: N" line graded by
+exact integer match. Each problem draws a difficulty level that fixes its operand sizes, its
+operations and the range its running value may take, for every one of its steps (`LEVELS`): a small
+model that struggles with step 1 of a level-4 problem will struggle with step 3 too, which is what
+makes the previous step's confidence a signal for routing the next. Levels (1..4) and step counts
+(2..6) are drawn independently, so a problem's length says nothing of its difficulty. Running values
+stay non-negative and under the level's cap, so no step needs a sign or an unbounded product.
+
+Splits: `make_split(split, n, seed)` is a pure function of its arguments. A problem belongs to the
+test split iff a stable hash of its question text falls in one of `_TEST_BUCKETS` of `_BUCKETS`
+buckets, so train and test are disjoint for every size and seed, not just the shipped ones. The
+fixed test split (`TEST_SIZE` problems from `TEST_SEED`) is what `load_benchmark("demo")` returns;
+`write_split` stores a split as JSONL that `load_benchmark("demo", path)` reads back.
+
+Tokenizer: `build_demo_tokenizer` makes a word-level tokenizer with `tokenizers` and wraps it as a
+transformers fast tokenizer with a ChatML template, so the demo loads through `AutoTokenizer` like
+real checkpoints do and `detect_family` sees the "qwen" family. Digits are single tokens (place
+value stays visible, so arithmetic is learnable); " + ", " - ", " * ", " = " are one token each;
+the task's words are whole tokens, with and without a leading space; "\\n\\n" is ONE token, so a step
+ends on a single token. Every other printable ASCII character is a token of its own, so any ASCII
+text round-trips exactly; anything else encodes to <|unk|> rather than failing. Keep the folder a
+saved tokenizer lives in free of "math" in its name: `detect_family` would read it as Qwen-Math.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import operator
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from steer_jax.eval.benchmarks import Example
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+SPLITS = ("train", "test")
+TEST_SIZE = 500
+TEST_SEED = 0
+TRAIN_SIZE = 20_000
+TRAIN_SEED = 1
+MIN_STEPS, MAX_STEPS = 2, 6
+
+INSTRUCTION = "Solve step by step, with a blank line between steps. End with Answer: N"
+ANSWER_PREFIX = "Answer:"
+
+
+@dataclass(frozen=True)
+class Level:
+    """Operand ranges (inclusive) and the bound on the running value, for every step of a problem."""
+
+    start: tuple[int, int]
+    add_sub: tuple[int, int]
+    mul: tuple[int, int] | None  # None: no multiplication at this level
+    cap: int
+
+
+# Each level adds to the one below: carries and borrows across tens (2), a one-digit multiplier (3),
+# three-digit operands and a two-digit multiplier, i.e. two partial products in one step (4).
+LEVELS: dict[int, Level] = {
+    1: Level(start=(10, 50), add_sub=(1, 9), mul=None, cap=99),
+    2: Level(start=(10, 99), add_sub=(10, 99), mul=None, cap=999),
+    3: Level(start=(10, 99), add_sub=(10, 99), mul=(2, 9), cap=9_999),
+    4: Level(start=(100, 999), add_sub=(100, 999), mul=(11, 19), cap=99_999),
+}
+
+_OPS = {"+": ("Add", operator.add), "-": ("Subtract", operator.sub), "*": ("Multiply by", operator.mul)}
+# 1 in 5 question hashes belongs to the test split; train gets the other 4.
+_BUCKETS, _TEST_BUCKETS = 5, 1
+
+
+def _operand_range(level: Level, op: str, value: int) -> tuple[int, int]:
+    """Operands of `op` that keep the running value in [0, cap]; empty (lo > hi) when none do."""
+    if op == "*":
+        assert level.mul is not None
+        return level.mul[0], min(level.mul[1], level.cap // value if value else 0)
+    lo, hi = level.add_sub
+    return lo, min(hi, level.cap - value if op == "+" else value)
+
+
+def _problem(rng: random.Random, level_id: int, steps: int) -> tuple[str, str, int]:
+    """(question, worked solution, answer) of one problem drawn from `rng`."""
+    level = LEVELS[level_id]
+    ops = ["+", "-"] + (["*"] if level.mul else [])
+    value = rng.randint(*level.start)
+    clauses, lines = [f"Start with {value}."], []
+    for _ in range(steps):
+        ranges = {op: _operand_range(level, op, value) for op in ops}
+        # Never empty: every cap is at least twice the smallest add/sub operand, so a value too big
+        # to add to can be subtracted from.
+        op = rng.choice([op for op, (lo, hi) in ranges.items() if lo <= hi])
+        operand = rng.randint(*ranges[op])
+        word, fn = _OPS[op]
+        result = fn(value, operand)
+        clauses.append(f"{word} {operand}.")
+        lines.append(f"{value} {op} {operand} = {result}")
+        value = result
+    question = " ".join([*clauses, "What is the result?"])
+    solution = "\n\n".join([*lines, f"{ANSWER_PREFIX} {value}"])
+    return question, solution, value
+
+
+def _is_test(question: str) -> bool:
+    # sha256, not hash(): Python salts str hashes per process, and the split must not move.
+    digest = hashlib.sha256(question.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % _BUCKETS < _TEST_BUCKETS
+
+
+def make_split(split: str, n: int | None = None, seed: int | None = None) -> list[Example]:
+    """`n` distinct problems of `split`, the same ones for the same arguments on any machine.
+
+    Defaults: the fixed test split (TEST_SIZE from TEST_SEED) or the training set the demo models
+    learn from (TRAIN_SIZE from TRAIN_SEED). Train and test never share a question.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    n = (TEST_SIZE if split == "test" else TRAIN_SIZE) if n is None else n
+    seed = (TEST_SEED if split == "test" else TRAIN_SEED) if seed is None else seed
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    # A string seed is hashed with sha512 by `random`, so the stream is stable across processes.
+    rng = random.Random(f"steer-jax/demo/{split}/{seed}")
+    seen: set[str] = set()
+    out: list[Example] = []
+    while len(out) < n:
+        level, steps = rng.randint(1, len(LEVELS)), rng.randint(MIN_STEPS, MAX_STEPS)
+        question, solution, answer = _problem(rng, level, steps)
+        if question in seen or _is_test(question) != (split == "test"):
+            continue
+        seen.add(question)
+        out.append(
+            Example(
+                id=f"demo/{split}/{len(out)}",
+                question=question,
+                reference=str(answer),
+                meta={"level": level, "steps": steps, "solution": solution},
+            )
+        )
+    return out
+
+
+def write_split(path: str | Path, split: list[Example]) -> Path:
+    """Store `split` as JSONL (id, question, answer, level, steps, solution), one problem a line."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for e in split:
+            record = {"id": e.id, "question": e.question, "answer": e.reference, **e.meta}
+            f.write(json.dumps(record) + "\n")
+    return path
+
+
+def read_split(path: str | Path) -> list[Example]:
+    """The examples `write_split` stored in `path`, in file order."""
+    with Path(path).open(encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return [
+        Example(
+            id=r["id"],
+            question=r["question"],
+            reference=str(r["answer"]),
+            meta={"level": int(r["level"]), "steps": int(r["steps"]), "solution": r["solution"]},
+        )
+        for r in records
+    ]
+
+
+# ---- grading ------------------------------------------------------------------------------------
+
+_ANSWER_LINE = re.compile(rf"^[ \t]*{ANSWER_PREFIX}(.*)$", re.MULTILINE)
+_INTEGER = re.compile(r"[ \t]*(-?\d+)[ \t]*")
+
+
+def extract_demo_answer(output: str) -> str:
+    """The integer on the last "Answer:" line, canonical (no spaces, no leading zeros); "" if none.
+
+    Only the last such line counts: a model that corrects itself is graded on its final word, and
+    one whose final line is not an integer has committed to no answer.
+    """
+    lines = _ANSWER_LINE.findall(output)
+    if not lines:
+        return ""
+    m = _INTEGER.fullmatch(lines[-1])
+    return str(int(m.group(1))) if m else ""
+
+
+def demo_equal(output: str, reference: str) -> bool:
+    """Exact integer match of the output's final answer with the reference."""
+    answer = extract_demo_answer(output)
+    return bool(answer) and int(answer) == int(reference)
+
+
+# ---- tokenizer ----------------------------------------------------------------------------------
+
+PAD, BOS_TURN, EOS = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+UNK = "<|unk|>"
+SPECIAL_TOKENS = (PAD, BOS_TURN, EOS, UNK)
+OPERATORS = tuple(f" {op} " for op in (*_OPS, "="))
+ROLES = ("system", "user", "assistant")
+# ChatML, as Qwen2.5 writes it but without a default system turn: the demo's prompts stay short.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _words() -> list[str]:
+    """Every word the questions, solutions, instruction and chat roles use, each once, sorted."""
+    texts = [*(word for word, _ in _OPS.values()), "Start with", "What is the result?", INSTRUCTION,
+             ANSWER_PREFIX, *ROLES]
+    return sorted({w for text in texts for w in re.findall(r"[A-Za-z]+", text)})
+
+
+def _vocabulary() -> list[str]:
+    """Token strings in id order: specials first, so their ids stay put if the words change."""
+    chars = [chr(c) for c in range(32, 127)]
+    words = _words()
+    return [*SPECIAL_TOKENS, "\n\n", "\n", *OPERATORS, *chars, *words, *(f" {w}" for w in words)]
+
+
+def _split_pattern() -> str:
+    # Ordered alternation, tried left to right at each position: the blank line before a lone
+    # newline, spaced operators before a lone space, whole words (\b both sides, so "Adds" is not
+    # "Add" + "s") before single characters. Everything else is one character, never unmatched.
+    words = "|".join(_words())
+    return rf"\n\n|\n| [-+*=] | ?\b(?:{words})\b|."
+
+
+def build_demo_tokenizer() -> PreTrainedTokenizerFast:
+    """The demo's tokenizer: word level, digits and the step delimiter single tokens, ChatML chat."""
+    # Imported here: grading and prompts import this module, and must not pay for transformers.
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(_vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(_split_pattern()), behavior="isolated")
+    # Pieces carry their own spaces and newlines, so decoding is plain concatenation.
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        additional_special_tokens=[BOS_TURN],
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+        model_max_length=512,
+    )
+
+
+def save_demo_tokenizer(path: str | Path) -> Path:
+    """Write tokenizer.json and tokenizer_config.json, the chat template and special tokens inside."""
+    path = Path(path)
+    # The template goes into tokenizer_config.json, as in the Qwen2.5 checkpoints, rather than a
+    # chat_template.jinja beside it that older transformers versions do not read.
+    build_demo_tokenizer().save_pretrained(path, save_jinja_files=False)
+    return path
