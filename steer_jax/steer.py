@@ -220,7 +220,7 @@ def _write(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array, mask
     # Catch-up: everything from the first unseen token through the newest (pending) one.
     n_append = jnp.where(active, total - seen, 0)
     budget = opts.max_new_tokens - (total - state.prompt_len[idx])
-    out, _ = dec.decode(params, cfg, sub, _unseen(state, idx, seen, width), n_append, active, seed,
+    out = dec.decode(params, cfg, sub, _unseen(state, idx, seen, width), n_append, active, seed,
                         trace_ids[idx], masks, jnp.minimum(budget, opts.max_step_tokens), stream,
                         sampler=dec.make_sampler(opts.temperature, opts.top_p),
                         max_tokens=opts.max_step_tokens, stops=stops)

@@ -230,11 +230,11 @@ def test_rollback_then_generate_equals_shorter_prefix(models):
     run = dict(sampler=Greedy(), max_tokens=12, stops=Stops())
     args = (jnp.ones(1, bool), jnp.int32(0), jnp.zeros(1, jnp.int32), None)
     cache = KVCache.init(cfg, 1, 64, model.dtype)
-    first, _ = decode(model.params, cfg, cache, jnp.asarray(prompt), jnp.array([11]), *args, **run)
+    first = decode(model.params, cfg, cache, jnp.asarray(prompt), jnp.array([11]), *args, **run)
     toks = np.asarray(first.tokens[0])
     # Keep the prompt and 3 generated tokens in the cache; the 4th is pending again.
     cache = rollback(first.cache, jnp.array([11 + 3]))
-    again, _ = decode(model.params, cfg, cache, jnp.asarray(toks[3:4][None]), jnp.array([1]),
+    again = decode(model.params, cfg, cache, jnp.asarray(toks[3:4][None]), jnp.array([1]),
                       *args, **run)
     assert np.asarray(again.tokens[0]).tolist()[:8] == toks[4:].tolist()[:8]
 

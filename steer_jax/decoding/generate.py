@@ -83,7 +83,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
         tokens[i, : len(p)] = p
     slots = _round_up(width + max_new_tokens + 1, 64)
     cache = KVCache.init(cfg, B, slots, model.dtype)
-    state, _ = engine.decode(
+    state = engine.decode(
         model.params, cfg, cache, jnp.asarray(tokens), jnp.asarray(lengths),
         jnp.ones((B,), bool), jnp.asarray(seed, jnp.int32), jnp.asarray(ids, jnp.int32), masks,
         sampler=sampler, max_tokens=max_new_tokens,

@@ -163,23 +163,23 @@ def _record(state: DecodeState, token: jax.Array, measures: jax.Array, stops: St
                        state.done | (reason != RUNNING), reason)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "sampler", "max_tokens", "stops", "scores"),
+@functools.partial(jax.jit, static_argnames=("cfg", "sampler", "max_tokens", "stops"),
                    donate_argnames=("cache",))
 def decode(params: Params, cfg: ModelConfig, cache: KVCache, tokens: jax.Array, n: jax.Array,
            active: jax.Array, seed: jax.Array, trace_ids: jax.Array, masks: VocabMasks | None,
            limit: jax.Array | None = None, stream: jax.Array | int = 0,
-           *, sampler: Sampler, max_tokens: int, stops: Stops, scores: bool = False):
+           *, sampler: Sampler, max_tokens: int, stops: Stops) -> DecodeState:
     """Append tokens[b, :n[b]], then generate up to `max_tokens` for the `active` rows.
 
     Inactive rows append nothing and generate nothing; `limit` [B] caps each row's new tokens
-    below `max_tokens`. Returns (DecodeState, appended measures [B, P, 3] or None). Each active
-    row needs n >= 1 (at least its pending token).
+    below `max_tokens`. Each active row needs n >= 1 (at least its pending token). The returned
+    cache holds every token but each row's last, which stays pending.
     """
     B = tokens.shape[0]
     limit = jnp.full((B,), max_tokens, jnp.int32) if limit is None else jnp.minimum(
         limit, max_tokens)
     n = jnp.where(active, n, 0)
-    cache, next_logits, appended = append(params, cfg, cache, tokens, n, scores=scores)
+    cache, next_logits, _ = append(params, cfg, cache, tokens, n, scores=False)
     state = DecodeState(cache, jnp.zeros((B,), jnp.int32),
                         jnp.zeros((B, max_tokens), jnp.int32),
                         jnp.zeros((B, max_tokens, len(MEASURES)), jnp.float32),
@@ -198,8 +198,7 @@ def decode(params: Params, cfg: ModelConfig, cache: KVCache, tokens: jax.Array, 
         cache = dataclasses.replace(cache, length=jnp.where(state.done, old, cache.length))
         return pick(dataclasses.replace(state, cache=cache), logits(params, cfg, hidden[:, 0]))
 
-    state = jax.lax.while_loop(cond, body, pick(state, next_logits))
-    return state, appended
+    return jax.lax.while_loop(cond, body, pick(state, next_logits))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
