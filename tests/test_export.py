@@ -94,6 +94,10 @@ def test_config_round_trip(tiny_models, tmp_path, name):
     model = steer_jax.load_model(tiny_models[name][0], "float32")
     cfg = json.loads((save_hf(model, tmp_path / "e") / "config.json").read_text())
     assert ModelConfig.from_hf_config(cfg) == model.config
+    # Spelled as transformers spells it (a single EOS id as a scalar, the v5 rope_parameters...).
+    source = json.loads((tiny_models[name][0] / "config.json").read_text())
+    differ = {k: (cfg[k], source[k]) for k in cfg.keys() & source.keys() if cfg[k] != source[k]}
+    assert differ == {}
 
 
 def test_config_round_trip_multi_eos_and_sliding_qwen():
@@ -164,3 +168,13 @@ def test_refuses_directory_with_other_weights(tiny_models, tmp_path):
     (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"")
     with pytest.raises(FileExistsError, match="other weight files"):
         save_hf(model, tmp_path)
+
+
+def test_multimodal_gemma_exports_its_text_model(tiny_models, tmp_path):
+    model = steer_jax.load_model(tiny_models["gemma3_mm"][0], "float32")
+    out = save_hf(model, tmp_path / "text")
+    assert json.loads((out / "config.json").read_text())["model_type"] == "gemma3_text"
+    assert not any(k.startswith(("vision", "multi_modal", "language_model")) for k in _keys(out))
+    again = steer_jax.load_model(out, "float32")
+    assert again.config == model.config
+    _assert_same_params(again.params, model.params)
