@@ -33,6 +33,7 @@ SCHEMA: dict[str, tuple[str, ...] | None] = {
     "specreason": ("threshold",),
     "rsd": ("prm", "threshold"),
     "router": ("path", "train"),
+    "mesh": ("data", "model"),
 }
 DEFAULTS: dict[str, Any] = {
     "method": "steer", "dtype": "bfloat16",
@@ -41,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "steer": {}, "batch": {"size": None},
     "specreason": {"threshold": 7}, "rsd": {"prm": None, "threshold": 0.7},
     "router": {"path": None, "train": None},
+    "mesh": {},
 }
 FLOP_UNIT = 1e12  # the paper reports FLOPs per query in units of 1e12
 
@@ -264,6 +266,11 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
         small, large = load_model(cfg["small"], cfg["dtype"]), load_model(cfg["large"], cfg["dtype"])
     else:
         small, large = models[0], models[1]
+    if cfg["mesh"]:  # weights over a ('data', 'model') mesh of this host's devices
+        from steer_jax.distributed import mesh_from_config, shard_model
+
+        mesh = mesh_from_config(cfg)
+        small, large = shard_model(small, mesh), shard_model(large, mesh)
     extra: dict[str, Any] = {}
     if opts.method == "rsd":
         extra["prm"] = load_model(cfg["rsd"]["prm"], cfg["dtype"], value_head=True)

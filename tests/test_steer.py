@@ -329,3 +329,18 @@ def test_cli_reports_bad_config(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["run", str(path), "--out", str(tmp_path / "o")])
     assert exit_.value.code == 2 and "gamma must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_run_on_a_mesh_writes_the_same_traces(pair, shared_data, tmp_path):
+    bench = {"name": "musique", "path": str(shared_data / "musique"), "limit": 2}
+    run(_config(pair, benchmark=bench), tmp_path / "one")
+    run(_config(pair, benchmark=bench, mesh={"data": 4, "model": 2}), tmp_path / "mesh")
+    one, mesh = ([json.loads(x) for x in (tmp_path / d / "traces.jsonl").read_text().splitlines()]
+                 for d in ("one", "mesh"))
+    for a, b in zip(one, mesh):
+        assert a["output"] == b["output"]
+        assert [(s["model"], s["tokens"]) for s in a["steps"]] == \
+            [(s["model"], s["tokens"]) for s in b["steps"]]
+        # Sharded matmuls sum in another order: confidences agree to float32 rounding only.
+        np.testing.assert_allclose([s["confidence"] for s in a["steps"]],
+                                   [s["confidence"] for s in b["steps"]], rtol=1e-5)
