@@ -207,6 +207,7 @@ def _write_atomic(path: Path, write: Any) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make a shipped checkpoint unreadable to others
         write(tmp)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -245,9 +246,10 @@ def save_hf(model: Model, path: str | Path, *, tokenizer: Any = None,
             Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
         return write
 
-    # Weights first, config last: until config.json is replaced nothing reads the new weights
-    # as a checkpoint of another config. generation_config.json is rewritten because
-    # `read_config` merges its EOS ids in, and a stale one would change the model's EOS set.
+    # All three are written in full before any is renamed, so a failed write leaves the directory
+    # as it was; only a crash between the renames could pair old and new files. Config last, so
+    # a fresh directory never has a config.json without its weights. generation_config.json is
+    # rewritten because `read_config` merges its EOS ids in, and a stale one would change them.
     pending: list[tuple[Path, Path]] = []
     try:
         for name, writer in (
