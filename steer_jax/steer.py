@@ -4,7 +4,8 @@ Round 0: the small model writes step 0 for every trace; the confidence mixture i
 and the unconfident ones are thrown away and rewritten by the large model. Round i >= 1: a trace's
 step comes from the small model when the posterior of its previous step's confidence is at least
 gamma, else from the large model. The baselines are the same rounds with another rule for who
-writes and who may veto a small step (`small_only`, `large_only`).
+writes (`small_only`, `large_only`, `query_router`: fixed per query) or who may veto a small step
+(`specreason`: the large model's judge score; `rsd`: a process reward model's value).
 
 Both models keep a KV cache for every trace and a `seen` length (their cache length). A model that
 writes first reads what the other model wrote since it last looked; the small model also reads
