@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import yaml
 
 from steer_jax.decoding.generate import check_prompts
@@ -178,6 +180,33 @@ def summarize(result: SteerResult, correct: list[bool], opts: SteerOptions, benc
         options=dataclasses.asdict(opts))
 
 
+def device_memory() -> int:
+    """Bytes one device can hold: the accelerator's limit, or half the host's free memory."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"])
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+
+
+def auto_batch_size(models: Sequence[Any], prompt_len: int, max_new_tokens: int,
+                    memory: int | None = None) -> int:
+    """How many traces fit at once: every model keeps a KV cache row per trace of the longest
+    prompt plus the whole token budget, beside all the weights (90% of memory, for activations
+    and the logits of a step)."""
+    memory = device_memory() if memory is None else memory
+    slots = prompt_len + max_new_tokens
+    weights = sum(x.nbytes for m in models for x in jax.tree.leaves(m.params))
+    per_trace = sum(2 * m.config.num_layers * m.config.num_kv_heads * m.config.head_dim * slots
+                    * jnp.dtype(m.dtype).itemsize for m in models)
+    fits = int((0.9 * memory - weights) // per_trace)
+    if fits < 1:
+        raise RunConfigError(f"not even one trace fits: weights take {weights / 2**30:.1f} GiB and "
+                             f"a trace's caches {per_trace / 2**30:.2f} GiB of "
+                             f"{memory / 2**30:.1f} GiB; lower steer.max_new_tokens or shard the "
+                             "models over a mesh")
+    return fits
+
+
 def _merge(results: list[SteerResult]) -> SteerResult:
     executed = {m: sum(r.executed_tokens[m] for r in results) for m in results[0].executed_tokens}
     return SteerResult([t for r in results for t in r.traces],
@@ -281,7 +310,14 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
 
         router = load_router(cfg["router"]["path"])
         extra["route_queries"] = route(router, prompt_features(small, prompts)).tolist()
-    size = cfg["batch"]["size"] or len(prompts)
+    size = cfg["batch"]["size"]
+    if size is None:
+        verifiers = [extra["prm"]] if "prm" in extra else []
+        size = auto_batch_size([small, large, *verifiers], max(map(len, prompts)),
+                               opts.max_new_tokens)
+        if progress:
+            progress(0, 1, f"batch.size {size}: what fits in device memory")
+    size = min(size, len(prompts))
     n_waves = -(-len(prompts) // size)
     done = _Waves(out, cfg, resume)
     waves, wall = [], 0.0

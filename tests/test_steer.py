@@ -344,3 +344,17 @@ def test_run_on_a_mesh_writes_the_same_traces(pair, shared_data, tmp_path):
         # Sharded matmuls sum in another order: confidences agree to float32 rounding only.
         np.testing.assert_allclose([s["confidence"] for s in a["steps"]],
                                    [s["confidence"] for s in b["steps"]], rtol=1e-5)
+
+
+def test_auto_batch_size_counts_caches_and_weights(pair):
+    from steer_jax.runner import auto_batch_size
+
+    models = [pair["small"], pair["large"]]
+    weights = sum(4 * m.num_params for m in models)  # float32
+    # Per trace and model: keys and values for every layer, KV head and slot.
+    per_trace = sum(2 * m.config.num_layers * m.config.num_kv_heads * m.config.head_dim * 4
+                    * (30 + 70) for m in models)
+    memory = int((weights + 7 * per_trace + per_trace // 2) / 0.9)
+    assert auto_batch_size(models, 30, 70, memory=memory) == 7
+    with pytest.raises(RunConfigError, match="not even one trace fits"):
+        auto_batch_size(models, 30, 70, memory=weights)
