@@ -291,15 +291,18 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
                       min(c.max_position_embeddings for c in configs), opts.max_new_tokens)
     except ValueError as e:
         raise RunConfigError(f"{bench['name']}: {e}") from e
-    if models is None:
-        small, large = load_model(cfg["small"], cfg["dtype"]), load_model(cfg["large"], cfg["dtype"])
-    else:
-        small, large = models[0], models[1]
+    mesh = None
     if cfg["mesh"]:  # weights over a ('data', 'model') mesh of this host's devices
         from steer_jax.distributed import mesh_from_config, shard_model
 
         mesh = mesh_from_config(cfg)
-        small, large = shard_model(small, mesh), shard_model(large, mesh)
+    if models is None:  # read shard by shard when there is a mesh
+        small = load_model(cfg["small"], cfg["dtype"], mesh=mesh)
+        large = load_model(cfg["large"], cfg["dtype"], mesh=mesh)
+    else:
+        small, large = models[0], models[1]
+        if mesh is not None:
+            small, large = shard_model(small, mesh), shard_model(large, mesh)
     extra: dict[str, Any] = {}
     if opts.method == "rsd":
         extra["prm"] = load_model(cfg["rsd"]["prm"], cfg["dtype"], value_head=True)

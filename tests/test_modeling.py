@@ -59,7 +59,7 @@ def test_multimodal_loads_in_shards_without_reading_the_vision_tower(tiny_models
     assert len(list(path.glob("*.safetensors"))) > 2
     read: list[str] = []
     original = loading._read_tensor
-    monkeypatch.setattr(loading, "_read_tensor", lambda h, n: (read.append(n), original(h, n))[1])
+    monkeypatch.setattr(loading, "_read_tensor", lambda h, n, r: (read.append(n), original(h, n, r))[1])
     load_model(path, dtype="float32")
     assert read and not [n for n in read if "vision" in n or "multi_modal" in n]
 

@@ -9,6 +9,7 @@ tensors the text model does not use (a multimodal checkpoint's vision tower) are
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from pathlib import Path
 from typing import Any
@@ -73,24 +74,48 @@ def _weight_files(path: Path) -> list[Path]:
     return files
 
 
-def _read_tensor(handle: Any, name: str) -> np.ndarray:
-    return handle.get_tensor(name)
+def _read_tensor(handle: Any, name: str, region: tuple[slice, ...]) -> np.ndarray:
+    """The only place bytes are read: one rectangular region of one tensor."""
+    return handle.get_slice(name)[region]
 
 
-def load_params(path: str | Path, cfg: ModelConfig, dtype: str = "bfloat16") -> dict[str, Any]:
-    """Read a checkpoint's text-model weights into the steer-jax parameter tree."""
-    path = Path(path)
-    if dtype not in _DTYPES:
-        raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}")
-    np_dtype = _DTYPES[dtype]
+def _heads(s: slice, hd: int) -> slice:
+    """Rows of a [heads * head_dim, ...] tensor holding the heads in `s`."""
+    return slice(s.start * hd, s.stop * hd)
+
+
+def _read_region(handle: Any, name: str, kind: weights.Kind, shape: tuple[int, ...],
+                 index: tuple[slice, ...]) -> np.ndarray:
+    """`index` of the steer-jax layout `shape`, read from the HF tensor without the rest of it."""
+    read = functools.partial(_read_tensor, handle, name)
+    if kind == "copy":
+        return read(index)
+    if kind == "row":
+        return read((slice(0, 1), *index)).reshape([s.stop - s.start for s in index])
+    if kind == "transpose":
+        return read(index[::-1]).T
+    if kind in ("in_heads", "in_kv_heads"):  # [D, H, hd] <- [H * hd, D]
+        d, h, k = index
+        block = read((_heads(h, shape[2]), d)).T
+        return block.reshape(d.stop - d.start, h.stop - h.start, shape[2])[:, :, k]
+    if kind in ("bias_heads", "bias_kv_heads"):  # [H, hd] <- [H * hd]
+        h, k = index
+        return read((_heads(h, shape[1]),)).reshape(h.stop - h.start, shape[1])[:, k]
+    if kind == "out_heads":  # [H, hd, D] <- [D, H * hd]
+        h, k, d = index
+        block = read((d, _heads(h, shape[1]))).T
+        return block.reshape(h.stop - h.start, shape[1], d.stop - d.start)[:, k, :]
+    raise ValueError(kind)
+
+
+def _locate(path: Path, cfg: ModelConfig) -> dict[tuple[tuple[str, ...], int | None],
+                                                  tuple[Path, str, weights.Kind]]:
+    """Where each parameter (and layer) lives: file, tensor name, layout. Checked against the
+    config from the files' headers alone, so a bad checkpoint fails before any byte is read."""
     family = _FAMILIES[cfg.family]
-    shapes = param_shapes(cfg)
-    buffers = jax.tree.map(lambda s: np.empty(s.shape, np_dtype), shapes)
-    # Which (layer) slices of each parameter some tensor has filled.
-    filled = {tuple(k.key for k in leaf_path): np.zeros(s.shape[0] if leaf_path[0].key == "layers"
-                                                        else 1, bool)
-              for leaf_path, s in jax.tree_util.tree_flatten_with_path(shapes)[0]}
-
+    shapes = {tuple(k.key for k in p): s.shape
+              for p, s in jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]}
+    where = {}
     for file in _weight_files(path):
         try:
             handle = safe_open(str(file), framework="numpy")
@@ -111,54 +136,95 @@ def load_params(path: str | Path, cfg: ModelConfig, dtype: str = "bfloat16") -> 
                 rule, layer = found
                 if rule.path == ("lm_head",) and cfg.tie_embeddings:
                     continue  # some exports write the tied head out; the embedding is the truth
-                if rule.path[0] not in buffers:  # e.g. a value head, unasked for
+                if rule.path not in shapes:  # e.g. a value head, unasked for
                     raise CheckpointError(f"unexpected tensor {name!r} in {file} (a "
                                           f"{rule.path[0]} this model has no place for)")
                 if layer is not None and layer >= cfg.num_layers:
                     raise CheckpointError(f"tensor {name!r} in {file} is for layer {layer}, but "
                                           f"the config has {cfg.num_layers} layers")
-                buf = buffers
-                for key in rule.path:
-                    buf = buf[key]
-                target = buf.shape[1:] if layer is not None else buf.shape
+                target = shapes[rule.path][1:] if layer is not None else shapes[rule.path]
                 expected = weights.hf_shape(rule.kind, target)
                 got = tuple(handle.get_slice(name).get_shape())
                 if got != expected:
                     raise CheckpointError(f"tensor {name!r} in {file} has shape {got}; the config "
                                           f"implies {expected}")
-                try:
-                    value = weights.to_ours(rule.kind, _read_tensor(handle, name).astype(np_dtype),
-                                            target)
-                except Exception as e:
-                    raise CheckpointError(f"tensor {name!r} in {file} cannot be read ({e}): "
-                                          "is the file truncated?") from e
-                if layer is None:
-                    buf[...] = value
-                else:
-                    buf[layer] = value
-                filled[rule.path][layer or 0] = True
+                where[(rule.path, layer)] = (file, name, rule.kind)
     missing = [".".join(p) + (f"[layer {i}]" if p[0] == "layers" else "")
-               for p, done in filled.items() for i in np.flatnonzero(~done)]
+               for p, shape in shapes.items()
+               for i in (range(shape[0]) if p[0] == "layers" else [None])
+               if (p, i) not in where]
     if missing:
         raise CheckpointError(f"{path}: {len(missing)} tensors missing, e.g. {missing[:5]}")
-    return jax.tree.map(jnp.asarray, buffers)
+    return where
+
+
+def load_params(path: str | Path, cfg: ModelConfig, dtype: str = "bfloat16",
+                shardings: Any = None) -> dict[str, Any]:
+    """Read a checkpoint's text-model weights into the steer-jax parameter tree.
+
+    With `shardings` (a tree of `NamedSharding` like the parameters, e.g.
+    `distributed.param_shardings`), each device's shard is read from the files by slices, so no
+    host ever holds a whole large model; without, one parameter at a time is read whole.
+    """
+    path = Path(path)
+    if dtype not in _DTYPES:
+        raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}")
+    np_dtype = _DTYPES[dtype]
+    where = _locate(path, cfg)
+    handles: dict[Path, Any] = {}
+
+    def read(keys: tuple[str, ...], layer: int | None, shape: tuple[int, ...],
+             index: tuple[slice, ...]) -> np.ndarray:
+        file, name, kind = where[(keys, layer)]
+        if file not in handles:
+            handles[file] = safe_open(str(file), framework="numpy")
+        try:
+            return _read_region(handles[file], name, kind, shape, index).astype(np_dtype)
+        except Exception as e:
+            raise CheckpointError(f"tensor {name!r} in {file} cannot be read ({e}): "
+                                  "is the file truncated?") from e
+
+    def leaf(leaf_path: Any, abstract: Any, sharding: Any = None) -> jax.Array:
+        keys, shape = tuple(k.key for k in leaf_path), tuple(abstract.shape)
+
+        def fetch(index: tuple[slice, ...]) -> np.ndarray:
+            index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+            if keys[0] != "layers":
+                return read(keys, None, shape, index)
+            layers = range(index[0].start, index[0].stop)
+            return np.stack([read(keys, i, shape[1:], index[1:]) for i in layers])
+
+        if sharding is None:
+            return jnp.asarray(fetch((slice(None),) * len(shape)))
+        return jax.make_array_from_callback(shape, sharding, fetch)
+
+    shapes = param_shapes(cfg)
+    if shardings is None:
+        return jax.tree_util.tree_map_with_path(leaf, shapes)
+    return jax.tree_util.tree_map_with_path(leaf, shapes, shardings)
 
 
 def load_model(path: str | Path, dtype: str = "bfloat16", *, value_head: bool = False,
-               scan_layers: bool | None = None) -> Model:
+               scan_layers: bool | None = None, mesh: Any = None) -> Model:
     """Load a local HF checkpoint directory (Qwen2 family, Gemma 3 text or multimodal).
 
     `value_head`: the checkpoint is a process reward model whose `v_head.summary.*` tensors are
     read too (a Qwen2 PRM, as RSD uses); without it such tensors are unexpected.
     `scan_layers`: keep layers stacked for `lax.scan` (fast compiles; the default on
     accelerators) or unstack them for an unrolled forward (faster on the CPU, its default).
+    `mesh`: a ('data', 'model') mesh; each device's shard is then read straight from the files.
     """
     cfg = read_config(path)
     if value_head:
         if cfg.family != "qwen2":
             raise CheckpointError(f"{path}: value heads are supported on Qwen2 checkpoints only")
         cfg = dataclasses.replace(cfg, value_head=True)
-    params = load_params(path, cfg, dtype)
+    shardings = None
+    if mesh is not None:
+        from steer_jax.distributed import param_shardings
+
+        shardings = param_shardings(param_shapes(cfg), mesh)
+    params = load_params(path, cfg, dtype, shardings)
     if not (jax.default_backend() != "cpu" if scan_layers is None else scan_layers):
         params = unstack_layers(params)
     return Model(cfg, params, str(path))
