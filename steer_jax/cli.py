@@ -79,6 +79,14 @@ def _train_router(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from steer_jax.modeling.convert import convert
+
+    out = convert(args.hf_dir, args.out_dir, args.dtype)
+    print(f"wrote {out}: load it with load_model({str(out)!r}) or name it in a run config")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from steer_jax.eval import main_report
 
@@ -114,6 +122,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "run":
             p.add_argument("--resume", action="store_true",
                            help="continue a killed run from the waves it finished (out/waves/)")
+
+    conv = sub.add_parser("convert", help="HF checkpoint -> orbax, restorable into a mesh")
+    conv.add_argument("hf_dir")
+    conv.add_argument("out_dir")
+    conv.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    conv.set_defaults(func=_convert)
 
     rep = sub.add_parser("report", help="tables and plots from run directories", add_help=False)
     rep.add_argument("rest", nargs=argparse.REMAINDER)

@@ -293,3 +293,23 @@ def test_sharded_loading_peak_memory_stays_near_one_copy(tmp_path):
     # One copy on the (fake) devices plus a shard in flight; a whole-model host buffer beside
     # the device copy would be two copies.
     assert grown < 1.3 * model_bytes, (grown, model_bytes)
+
+
+def test_converted_checkpoint_restores_into_the_mesh(tiny_models, tmp_path):
+    from steer_jax.cli import main
+    from steer_jax.modeling import CheckpointError
+    from steer_jax.modeling.convert import convert
+
+    path = tiny_models["qwen2_tied_mha"][0]
+    assert main(["convert", str(path), str(tmp_path / "conv"), "--dtype", "float32"]) == 0
+    with pytest.raises(CheckpointError, match="already exists"):
+        convert(path, tmp_path / "conv")
+    reference = load_model(path, "float32")
+    mesh = distributed.make_mesh(2, 4)
+    restored = load_model(tmp_path / "conv", "float32", mesh=mesh)
+    expected = distributed.param_shardings(param_shapes(restored.config), mesh)
+    stacked = load_model(tmp_path / "conv", "float32", scan_layers=True, mesh=mesh)
+    for a, s in zip(jax.tree.leaves(stacked.params), jax.tree.leaves(expected)):
+        assert a.sharding.is_equivalent_to(s, a.ndim)
+    np.testing.assert_allclose(np.asarray(restored.logits(TOKENS)),
+                               np.asarray(reference.logits(TOKENS)), rtol=1e-5, atol=1e-5)

@@ -20,7 +20,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from steer_jax.modeling import gemma3, qwen2, weights
+from steer_jax.modeling import convert, gemma3, qwen2, weights
 from steer_jax.modeling.config import ConfigError, ModelConfig, param_shapes
 from steer_jax.modeling.transformer import Model, unstack_layers
 
@@ -213,7 +213,10 @@ def load_model(path: str | Path, dtype: str = "bfloat16", *, value_head: bool = 
     `scan_layers`: keep layers stacked for `lax.scan` (fast compiles; the default on
     accelerators) or unstack them for an unrolled forward (faster on the CPU, its default).
     `mesh`: a ('data', 'model') mesh; each device's shard is then read straight from the files.
+    `path` may also be a directory written by `steer-jax convert` (weights in orbax).
     """
+    if dtype not in _DTYPES:
+        raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}")
     cfg = read_config(path)
     if value_head:
         if cfg.family != "qwen2":
@@ -224,7 +227,10 @@ def load_model(path: str | Path, dtype: str = "bfloat16", *, value_head: bool = 
         from steer_jax.distributed import param_shardings
 
         shardings = param_shardings(param_shapes(cfg), mesh)
-    params = load_params(path, cfg, dtype, shardings)
+    if convert.is_converted(path):
+        params = convert.load_converted(path, cfg, _DTYPES[dtype], shardings)
+    else:
+        params = load_params(path, cfg, dtype, shardings)
     if not (jax.default_backend() != "cpu" if scan_layers is None else scan_layers):
         params = unstack_layers(params)
     return Model(cfg, params, str(path))
