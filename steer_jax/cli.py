@@ -52,6 +52,9 @@ def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config, args.set)
     with _progress_bar() as progress:
         summary = run(config, args.out, progress=progress, resume=args.resume)
+    if summary is None:
+        print("this process's waves are written; process 0 writes the outputs")
+        return 0
     _print_summary(summary)
     print(f"wrote {args.out}/summary.json, traces.jsonl, rounds.jsonl")
     return 0

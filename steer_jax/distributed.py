@@ -117,6 +117,8 @@ def initialize(cfg: dict[str, Any]) -> None:
     section = dict(cfg.get("distributed") or {})
     if not section:
         return
+    if "cpu" in str(jax.config.jax_platforms or ""):  # CPU hosts talk through gloo
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     auto = section.pop("auto", False)
     keys = ("coordinator", "num_processes", "process_id")
     unknown = set(section) - set(keys)

@@ -36,6 +36,7 @@ SCHEMA: dict[str, tuple[str, ...] | None] = {
     "rsd": ("prm", "threshold"),
     "router": ("path", "train"),
     "mesh": ("data", "model"),
+    "distributed": ("coordinator", "num_processes", "process_id", "auto"),
 }
 DEFAULTS: dict[str, Any] = {
     "method": "steer", "dtype": "bfloat16",
@@ -45,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "specreason": {"threshold": 7}, "rsd": {"prm": None, "threshold": 0.7},
     "router": {"path": None, "train": None},
     "mesh": {},
+    "distributed": {},
 }
 FLOP_UNIT = 1e12  # the paper reports FLOPs per query in units of 1e12
 
@@ -182,7 +184,7 @@ def summarize(result: SteerResult, correct: list[bool], opts: SteerOptions, benc
 
 def device_memory() -> int:
     """Bytes one device can hold: the accelerator's limit, or half the host's free memory."""
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         return int(stats["bytes_limit"])
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
@@ -205,6 +207,13 @@ def auto_batch_size(models: Sequence[Any], prompt_len: int, max_new_tokens: int,
                              f"{memory / 2**30:.1f} GiB; lower steer.max_new_tokens or shard the "
                              "models over a mesh")
     return fits
+
+
+def _barrier(n_proc: int, name: str) -> None:
+    if n_proc > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _merge(results: list[SteerResult]) -> SteerResult:
@@ -235,7 +244,7 @@ class _Waves:
 
     def __init__(self, out: Path | None, cfg: dict[str, Any], resume: bool):
         self.dir = None if out is None else Path(out) / "waves"
-        if self.dir is None:
+        if self.dir is None or jax.process_index() != 0:  # process 0 sets the folder up
             return
         stamp = self.dir / "config.json"
         if resume and stamp.is_file():
@@ -266,8 +275,11 @@ class _Waves:
 
 def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple | None = None,
         progress: Callable[[int, int, str], None] | None = None,
-        resume: bool = False) -> Summary:
+        resume: bool = False) -> Summary | None:
     """Run one config end to end; with `out`, write summary.json, traces.jsonl and rounds.jsonl.
+
+    With a `distributed` section, every process runs its share of the waves and process 0
+    writes the outputs and returns the summary (the others return None).
 
     `models` may pass already loaded (small, large, tokenizer) to reuse them across a sweep.
     `progress(done, total, message)` hears of every round of every wave. Every finished wave is
@@ -276,6 +288,16 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
     from steer_jax.eval import extract_answer, grade, render_prompt
 
     cfg, opts = validate(config)
+    if cfg["distributed"]:
+        from steer_jax.distributed import initialize
+
+        if cfg["mesh"]:
+            raise RunConfigError("mesh and distributed together are not supported yet: with "
+                                 "several processes each one runs whole waves on its own devices")
+        if out is None:
+            raise RunConfigError("a multi-process run needs an output directory that every "
+                                 "process can reach")
+        initialize(cfg)  # before anything touches a device
     configs = (read_config(cfg["small"]), read_config(cfg["large"]))  # fail fast on bad dirs
     if models is None:
         tokenizer, tok_large = load_tokenizer(cfg["small"]), load_tokenizer(cfg["large"])
@@ -323,12 +345,18 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
     size = min(size, len(prompts))
     n_waves = -(-len(prompts) // size)
     done = _Waves(out, cfg, resume)
+    # Several processes split the waves (w % count); whole waves keep each wave's mixture groups,
+    # and so every trace, what one process would compute. They meet through out/waves/.
+    n_proc, me = jax.process_count(), jax.process_index()
+    _barrier(n_proc, "steer-jax: waves folder ready")
     waves, wall = [], 0.0
     for w, lo in enumerate(range(0, len(prompts), size)):
         saved = done.load(w)
         if saved is not None:
             waves.append(saved[0])
             wall += saved[1]
+            continue
+        if w % n_proc != me:
             continue
         start = time.perf_counter()
         hi = min(lo + size, len(prompts))
@@ -346,6 +374,12 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
         if progress:
             progress((w + 1) * opts.max_steps, n_waves * opts.max_steps,
                      f"{opts.method}: wave {w + 1}/{n_waves} done")
+    if n_proc > 1:
+        _barrier(n_proc, "steer-jax: all waves written")
+        if me != 0:
+            return None  # process 0 gathers and writes
+        waves, wall = zip(*(done.load(w) for w in range(n_waves)))
+        waves, wall = list(waves), sum(wall)
     result = _merge(waves)
     answers = [extract_answer(bench["name"], t.output) for t in result.traces]
     correct = [grade(bench["name"], t.output, ex) for t, ex in zip(result.traces, examples)]

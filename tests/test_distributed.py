@@ -313,3 +313,37 @@ def test_converted_checkpoint_restores_into_the_mesh(tiny_models, tmp_path):
         assert a.sharding.is_equivalent_to(s, a.ndim)
     np.testing.assert_allclose(np.asarray(restored.logits(TOKENS)),
                                np.asarray(reference.logits(TOKENS)), rtol=1e-5, atol=1e-5)
+
+
+def test_two_processes_write_the_traces_of_one(shared_data, tmp_path):
+    """Two processes on loopback, 4 fake CPU devices each, talking through gloo."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    import yaml
+
+    from steer_jax.runner import run
+
+    small, large = tiny.steer_pair(tmp_path / "pair")
+    cfg = {"small": str(small), "large": str(large), "dtype": "float32",
+           "benchmark": {"name": "musique", "path": str(shared_data / "musique"), "limit": 4},
+           "steer": {"max_steps": 3, "max_step_tokens": 8, "max_new_tokens": 24},
+           "batch": {"size": 2}}
+    run(cfg, tmp_path / "one")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "steer_jax.cli", "run", str(tmp_path / "run.yaml"), "--out",
+         str(tmp_path / "two"), "--set", f"distributed.coordinator=127.0.0.1:{port}",
+         "--set", "distributed.num_processes=2", "--set", f"distributed.process_id={i}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
+    outputs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert (tmp_path / "two" / "traces.jsonl").read_text() == \
+        (tmp_path / "one" / "traces.jsonl").read_text()
