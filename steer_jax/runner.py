@@ -419,6 +419,8 @@ def sweep(config: dict[str, Any], gammas: Sequence[float], out: str | Path,
     for g in gammas:
         run_cfg = {**config, "method": "steer", "steer": {**config.get("steer", {}), "gamma": g}}
         summaries.append(run(run_cfg, out / f"gamma_{g:g}", models=models, progress=progress))
+    if None in summaries:  # not process 0 of a multi-process sweep: it writes the table
+        return []
 
     rows = ["| gamma | accuracy | FLOPs (1e12/query) | A/F | large steps | wall s |",
             "|---|---|---|---|---|---|"]
