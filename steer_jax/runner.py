@@ -421,7 +421,6 @@ def sweep(config: dict[str, Any], gammas: Sequence[float], out: str | Path,
         summaries.append(run(run_cfg, out / f"gamma_{g:g}", models=models, progress=progress))
     if None in summaries:  # not process 0 of a multi-process sweep: it writes the table
         return []
-
     rows = ["| gamma | accuracy | FLOPs (1e12/query) | A/F | large steps | wall s |",
             "|---|---|---|---|---|---|"]
     rows += [f"| {s.gamma:g} | {s.accuracy:.3f} | {s.flops_per_query:.4g} | {s.a_per_f:.4g} | "

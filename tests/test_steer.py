@@ -358,3 +358,18 @@ def test_auto_batch_size_counts_caches_and_weights(pair):
     assert auto_batch_size(models, 30, 70, memory=memory) == 7
     with pytest.raises(RunConfigError, match="not even one trace fits"):
         auto_batch_size(models, 30, 70, memory=weights)
+
+
+def test_sweep_writes_a_run_per_gamma_and_a_table(pair, shared_data, tmp_path):
+    from steer_jax.runner import sweep
+
+    bench = {"name": "musique", "path": str(shared_data / "musique"), "limit": 2}
+    summaries = sweep(_config(pair, benchmark=bench), [0.0, 1.0], tmp_path)
+    assert [s.gamma for s in summaries] == [0.0, 1.0]
+    for g, s in zip(("0", "1"), summaries):
+        on_disk = json.loads((tmp_path / f"gamma_{g}" / "summary.json").read_text())
+        assert on_disk["gamma"] == s.gamma and on_disk["accuracy"] == s.accuracy
+    # gamma 0 never calls the large model; gamma 1 gives it every kept step.
+    assert summaries[0].large_step_fraction == 0.0 and summaries[1].large_step_fraction == 1.0
+    table = (tmp_path / "sweep.md").read_text().splitlines()
+    assert len(table) == 4 and table[2].startswith("| 0 |") and table[3].startswith("| 1 |")
