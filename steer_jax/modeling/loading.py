@@ -199,9 +199,13 @@ def load_params(path: str | Path, cfg: ModelConfig, dtype: str = "bfloat16",
         return jax.make_array_from_callback(shape, sharding, fetch)
 
     shapes = param_shapes(cfg)
-    if shardings is None:
-        return jax.tree_util.tree_map_with_path(leaf, shapes)
-    return jax.tree_util.tree_map_with_path(leaf, shapes, shardings)
+    try:  # every read happens inside: make_array_from_callback calls back synchronously
+        if shardings is None:
+            return jax.tree_util.tree_map_with_path(leaf, shapes)
+        return jax.tree_util.tree_map_with_path(leaf, shapes, shardings)
+    finally:
+        for handle in handles.values():  # release the files' maps now, not at collection
+            handle.__exit__(None, None, None)
 
 
 def load_model(path: str | Path, dtype: str = "bfloat16", *, value_head: bool = False,
