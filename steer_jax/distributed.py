@@ -201,6 +201,25 @@ def shard_model(model: Model, mesh: Mesh) -> Model:
     return dataclasses.replace(model, params=shard_params(model.params, mesh))
 
 
+def mesh_of(params: Params) -> Mesh | None:
+    """The mesh the params are sharded on, or None when they live on one device.
+
+    The engine takes its layout from the weights it is given, so callers shard a model once
+    (`shard_model`, or `load_model(mesh=...)`) and every cache and batch follows it.
+    """
+    for leaf in jax.tree.leaves(params):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+            return sharding.mesh
+    return None
+
+
+def place_cache(cache: KVCache, params: Params) -> KVCache:
+    """`cache` sharded like the model whose `params` will fill it; unchanged off a mesh."""
+    mesh = mesh_of(params)
+    return cache if mesh is None else shard_cache(cache, mesh)
+
+
 def cache_shardings(cache: KVCache, mesh: Mesh) -> KVCache:
     """A NamedSharding per KV cache field: rows over 'data', KV heads over 'model'."""
     return KVCache(**{f: NamedSharding(mesh, _spec(f"cache.{f}", tuple(getattr(cache, f).shape),

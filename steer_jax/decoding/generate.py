@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from steer_jax import distributed
 from steer_jax.decoding import sampler as engine
 from steer_jax.decoding.steps import vocab_masks
 from steer_jax.modeling.transformer import KVCache, Model
@@ -82,7 +83,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
     slots = _round_up(width + max_new_tokens + 1, 64)
-    cache = KVCache.init(cfg, B, slots, model.dtype)
+    cache = distributed.place_cache(KVCache.init(cfg, B, slots, model.dtype), model.params)
     state = engine.decode(
         model.params, cfg, cache, jnp.asarray(tokens), jnp.asarray(lengths),
         jnp.ones((B,), bool), jnp.asarray(seed, jnp.int32), jnp.asarray(ids, jnp.int32), masks,
