@@ -51,7 +51,8 @@ def _run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set)
     with _progress_bar() as progress:
-        summary = run(config, args.out, progress=progress, resume=args.resume)
+        summary = run(config, args.out, progress=progress, resume=args.resume,
+                      checkpoint_every=args.checkpoint_every)
     if summary is None:
         print("this process's waves are written; process 0 writes the outputs")
         return 0
@@ -124,7 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("--gammas", default="0.1,0.3,0.5,0.7,0.9")
         if name == "run":
             p.add_argument("--resume", action="store_true",
-                           help="continue a killed run from the waves it finished (out/waves/)")
+                           help="continue a killed run from the waves it finished and the "
+                           "newest round checkpoint of the wave it was in (out/waves/)")
+            p.add_argument("--checkpoint-every", type=int, default=None, metavar="K",
+                           help="save the wave in flight every K rounds, so a preempted run "
+                           "loses at most K rounds")
 
     conv = sub.add_parser("convert", help="HF checkpoint -> orbax, restorable into a mesh")
     conv.add_argument("hf_dir")

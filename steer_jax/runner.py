@@ -3,25 +3,41 @@
 Everything a config can get wrong is checked before any model is loaded or compiled: the YAML
 itself, unknown keys (named), value ranges, checkpoint directories, tokenizers that differ between
 the two models, prompts longer than the context.
+
+A run survives preemption at two grains: every finished wave is kept (out/waves/wave_*.json), and
+with `checkpoint_every` the wave in flight is saved with orbax every K rounds
+(out/waves/rounds_<wave>/round_<r>/); `resume` continues from both, to the same traces.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
+import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
 import yaml
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from steer_jax.decoding.generate import check_prompts
+from steer_jax.distributed import mesh_of
 from steer_jax.modeling.loading import load_model, load_tokenizer, read_config
-from steer_jax.steer import RoundMixture, Step, SteerOptions, SteerResult, Trace, steer
+from steer_jax.modeling.transformer import KVCache
+from steer_jax.routing.gmm import GMMParams
+from steer_jax.steer import (Fit, RoundMixture, RoundState, Step, SteerOptions, SteerResult,
+                             Trace, TraceState, steer)
+
+log = logging.getLogger(__name__)
 
 # The config schema: section -> allowed keys (None: a scalar top-level key).
 SCHEMA: dict[str, tuple[str, ...] | None] = {
@@ -222,6 +238,12 @@ def _merge(results: list[SteerResult]) -> SteerResult:
                        [m for r in results for m in r.mixtures], executed, results[0].params)
 
 
+def _config_changes(before: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
+    """The top-level config keys whose values differ from a checkpoint's (as JSON sees them)."""
+    now = json.loads(json.dumps(cfg))
+    return sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+
+
 def _wave_to_json(result: SteerResult, wall_s: float) -> str:
     return json.dumps({"result": dataclasses.asdict(result), "wall_s": wall_s})
 
@@ -248,8 +270,7 @@ class _Waves:
             return
         stamp = self.dir / "config.json"
         if resume and stamp.is_file():
-            before = json.loads(stamp.read_text())
-            changed = sorted(k for k in set(before) | set(cfg) if before.get(k) != cfg.get(k))
+            changed = _config_changes(json.loads(stamp.read_text()), cfg)
             if changed:
                 raise RunConfigError(f"cannot resume {out}: the config changed since its "
                                      f"checkpoint ({', '.join(changed)})")
@@ -257,6 +278,8 @@ class _Waves:
             if self.dir.exists():  # a fresh run: earlier waves are of another run
                 for f in self.dir.glob("wave_*.json"):
                     f.unlink()
+                for d in self.dir.glob("rounds_*"):
+                    shutil.rmtree(d)
             self.dir.mkdir(parents=True, exist_ok=True)
             _write_atomic(stamp, json.dumps(cfg, sort_keys=True))
 
@@ -273,9 +296,144 @@ class _Waves:
             _write_atomic(self._path(w), _wave_to_json(result, wall_s))
 
 
+_ROUND_FORMAT = "steer_jax.round_checkpoint"
+_ROUND_DIR = re.compile(r"round_\d{5}")
+
+
+def _fields(x: Any) -> dict[str, Any]:
+    return {f.name: getattr(x, f.name) for f in dataclasses.fields(x)}
+
+
+class _RoundCheckpoint:
+    """The wave in flight, saved every `every` rounds as out/waves/rounds_<wave>/round_<r>/.
+
+    Each save is one orbax directory: the arrays (trace state, every cache, the routing mixture,
+    the fits so far) and a JSON item saying which config, wave and round they belong to. Orbax
+    writes into a temporary sibling and renames it into place only when complete, so a save
+    killed halfway leaves nothing that `latest` would read. The newest two are kept: should the
+    newest still be unreadable (a damaged copy, a full disk), the one before it is used.
+    """
+
+    def __init__(self, waves: Path, wave: int, trace_ids: range, every: int | None,
+                 cfg: dict[str, Any], mesh: Mesh | None):
+        self.dir = (waves / f"rounds_{wave:05d}").absolute()  # orbax requires absolute paths
+        self.every, self.mesh = every, mesh
+        self.meta = {"format": _ROUND_FORMAT, "wave": wave,
+                     "trace_ids": [trace_ids.start, trace_ids.stop],
+                     "config": json.loads(json.dumps(cfg))}
+        me = jax.process_index()
+        # Each process checkpoints only its own waves: no other process joins in or waits.
+        self._processes = ocp.options.MultiprocessingOptions(primary_host=me,
+                                                             active_processes={me})
+
+    def _checkpointer(self) -> ocp.Checkpointer:
+        return ocp.Checkpointer(
+            ocp.CompositeCheckpointHandler(state=ocp.StandardCheckpointHandler(),
+                                           meta=ocp.JsonCheckpointHandler()),
+            multiprocessing_options=self._processes)
+
+    def __call__(self, state: RoundState) -> None:
+        """steer's `on_round` hook: save every `every` rounds."""
+        if not self.every or state.round % self.every:
+            return
+        routing = state.routing
+        routing = [] if routing is None else [routing] if isinstance(routing, GMMParams) \
+            else list(routing)
+        arrays = {"trace": _fields(state.trace), "caches": [_fields(c) for c in state.caches],
+                  "routing": [_fields(p) for p in routing],
+                  # The fits only feed rounds.jsonl at the end: they wait on the host.
+                  "fits": [{"params": jax.tree.map(np.asarray, _fields(f.params)),
+                            "conf": np.asarray(f.conf), "among": np.asarray(f.among)}
+                           for f in state.fits]}
+        kind = "none" if state.routing is None else "one" \
+            if isinstance(state.routing, GMMParams) else "per_writer"
+        meta = {**self.meta, "round": state.round, "routing": kind,
+                "fits": [[f.round, f.who] for f in state.fits]}
+        # Synchronous: the next round donates the caches these arrays are.
+        with self._checkpointer() as checkpointer:
+            checkpointer.save(self.dir / f"round_{state.round:05d}", force=True,
+                              args=ocp.args.Composite(state=ocp.args.StandardSave(arrays),
+                                                      meta=ocp.args.JsonSave(meta)))
+        # Only this process writes here: anything else is older or a save killed halfway.
+        keep = set(self._complete()[:2])
+        for path in self.dir.iterdir():
+            if path not in keep:
+                shutil.rmtree(path)
+
+    def _complete(self) -> list[Path]:
+        """Finalized round checkpoints, newest first."""
+        if not self.dir.is_dir():
+            return []
+        return sorted((p for p in self.dir.iterdir()
+                       if _ROUND_DIR.fullmatch(p.name) and ocp.step.is_path_finalized(p)),
+                      reverse=True)
+
+    def latest(self) -> RoundState | None:
+        """The newest readable round of this wave, or None when there is none."""
+        for path in self._complete():
+            try:
+                return self._restore(path)
+            except RunConfigError:
+                raise
+            except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable: an older one
+                log.warning("round checkpoint %s is unreadable, trying an older one: %s", path, e)
+        return None
+
+    def clear(self) -> None:
+        """The wave is finished and kept whole: its rounds are no longer needed."""
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _restore(self, path: Path) -> RoundState:
+        checkpointer = self._checkpointer()
+        meta = checkpointer.restore(path, args=ocp.args.Composite(
+            meta=ocp.args.JsonRestore()))["meta"]
+        if not isinstance(meta, dict) or meta.get("format") != _ROUND_FORMAT:
+            raise ValueError(f"not a round checkpoint (metadata {meta!r})")
+        changed = _config_changes(meta["config"], self.meta["config"])
+        if changed:
+            raise RunConfigError(f"cannot resume from {path}: the config changed since it was "
+                                 f"saved ({', '.join(changed)})")
+        if [meta["wave"], meta["trace_ids"]] != [self.meta["wave"], self.meta["trace_ids"]]:
+            raise RunConfigError(f"cannot resume from {path}: it holds wave {meta['wave']} "
+                                 f"(traces {meta['trace_ids']}), this is wave "
+                                 f"{self.meta['wave']} (traces {self.meta['trace_ids']})")
+        tree = checkpointer.metadata(path).item_metadata["state"].tree
+        target = jax.tree.map(self._target, tree,
+                              is_leaf=lambda x: isinstance(x, ocp.metadata.ArrayMetadata))
+        a = checkpointer.restore(path, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target)))["state"]
+        # Arrays of a one-device run come back through the host and go to the default device
+        # uncommitted, as a fresh run's are, so the resumed rounds reuse its compiled programs.
+        on_device = lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x  # noqa: E731
+        a = {**a, **jax.tree.map(on_device, {k: a[k] for k in ("trace", "caches", "routing")})}
+        kind, routing = meta["routing"], [GMMParams(**p) for p in a["routing"]]
+        return RoundState(
+            round=meta["round"], trace=TraceState(**a["trace"]),
+            caches=tuple(KVCache(**c) for c in a["caches"]),
+            routing=None if kind == "none" else routing[0] if kind == "one" else tuple(routing),
+            fits=tuple(Fit(r, who, GMMParams(**f["params"]), f["conf"], f["among"])
+                       for (r, who), f in zip(meta["fits"], a["fits"])))
+
+    def _target(self, leaf: Any) -> Any:
+        """Where a saved array goes back to: the layout it was saved in, on this run's mesh
+        (the same layout compiles the same programs, so the resumed rounds compute the same);
+        the host for one-device arrays and the fits."""
+        sharding = leaf.sharding
+        if isinstance(sharding, ocp.metadata.NamedShardingMetadata):
+            saved = dict(zip(sharding.axis_names, np.asarray(sharding.shape).tolist()))
+            if self.mesh is None or saved != dict(self.mesh.shape):
+                raise RunConfigError(f"the round checkpoints in {self.dir} were saved on a mesh "
+                                     f"{saved}; this run has "
+                                     f"{dict(self.mesh.shape) if self.mesh else 'one device'}")
+            spec = [tuple(a) if isinstance(a, list) else a for a in sharding.partition_spec]
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                        sharding=NamedSharding(self.mesh, PartitionSpec(*spec)))
+        return np.empty(leaf.shape, leaf.dtype)
+
+
 def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple | None = None,
         progress: Callable[[int, int, str], None] | None = None,
-        resume: bool = False) -> Summary | None:
+        resume: bool = False, checkpoint_every: int | None = None) -> Summary | None:
     """Run one config end to end; with `out`, write summary.json, traces.jsonl and rounds.jsonl.
 
     With a `distributed` section, every process runs its share of the waves and process 0
@@ -283,11 +441,20 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
 
     `models` may pass already loaded (small, large, tokenizer) to reuse them across a sweep.
     `progress(done, total, message)` hears of every round of every wave. Every finished wave is
-    kept under out/waves/; `resume=True` continues a killed run from them.
+    kept under out/waves/; with `checkpoint_every=K` the wave in flight is also saved every K
+    rounds. `resume=True` continues a killed run from both, to the traces an uninterrupted run
+    writes.
     """
     from steer_jax.eval import extract_answer, grade, render_prompt
 
     cfg, opts = validate(config)
+    if checkpoint_every is not None:
+        if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) \
+                or checkpoint_every < 1:
+            raise RunConfigError(f"checkpoint_every must be a positive number of rounds, got "
+                                 f"{checkpoint_every!r}")
+        if out is None:
+            raise RunConfigError("checkpoint_every needs an output directory to save rounds in")
     if cfg["distributed"]:
         from steer_jax.distributed import initialize
 
@@ -361,6 +528,11 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
         start = time.perf_counter()
         hi = min(lo + size, len(prompts))
         wave_extra = {k: (v[lo:hi] if k == "route_queries" else v) for k, v in extra.items()}
+        rounds = None
+        if done.dir is not None:
+            rounds = _RoundCheckpoint(done.dir, w, range(lo, hi), checkpoint_every, cfg,
+                                      mesh_of(small.params))
+        resume_from = rounds.latest() if rounds is not None and resume else None
         report = None
         if progress:
             def report(rnd: int, running: int, w: int = w) -> None:
@@ -368,9 +540,12 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
                          f"{opts.method}: wave {w + 1}/{n_waves}, round {rnd}, "
                          f"{running} traces running")
         waves.append(steer(small, large, tokenizer, prompts[lo:hi], opts,
-                           trace_ids=range(lo, hi), progress=report, **wave_extra))
+                           trace_ids=range(lo, hi), progress=report, on_round=rounds,
+                           resume_from=resume_from, **wave_extra))
         wall += time.perf_counter() - start
         done.save(w, waves[-1], time.perf_counter() - start)
+        if rounds is not None:
+            rounds.clear()
         if progress:
             progress((w + 1) * opts.max_steps, n_waves * opts.max_steps,
                      f"{opts.method}: wave {w + 1}/{n_waves} done")

@@ -14,6 +14,10 @@ each large step as soon as it is written, which scores it on the small model's s
 runs, and scatters them back, so executed work tracks routed work. Per round, the host learns a
 few scalars (how many rows each model serves and the longest catch-up read, to pick a compiled
 bucket); routing masks, confidences and mixtures stay on device.
+
+Between rounds the whole loop is one `RoundState` (trace state, every cache, the mixtures so far):
+`on_round` hears it after each round and `resume_from` continues from one, which is all a caller
+needs to checkpoint a run (runner.py writes it with orbax); this module knows nothing of files.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from steer_jax import distributed
 from steer_jax.decoding import sampler as dec
 from steer_jax.decoding.generate import check_prompts
 from steer_jax.decoding.steps import VocabMasks, vocab_masks
@@ -183,6 +188,31 @@ class TraceState:
 
 
 STOPS = ("running", "eos", "max_steps", "max_new_tokens", "cache_full")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fit:
+    """One mixture fitted in a round, kept for the result's `mixtures` (rounds.jsonl)."""
+
+    round: int
+    who: str  # whose steps: "all", "small-draft", "small" or "large"
+    params: gmm.GMMParams
+    conf: jax.Array  # [B] the confidences it saw
+    among: jax.Array  # [B] which of them took part
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundState:
+    """Everything the round loop carries from one round to the next, so a run can stop after any
+    round and continue from it with the same result (the sampling keys are stateless)."""
+
+    round: int  # rounds done: the next one to run
+    trace: TraceState
+    caches: tuple[KVCache, ...]  # small, large (and the PRM's for rsd)
+    # The mixture the newest steps were judged under, which routes the next round: one, or one
+    # per writer (SMALL, LARGE) with source="generator"; None before round 0.
+    routing: gmm.GMMParams | tuple[gmm.GMMParams, ...] | None
+    fits: tuple[Fit, ...]
 
 
 def _pow2(n: int, cap: int) -> int:
@@ -344,10 +374,19 @@ class _Side:
     """One model inside a run: its weights, its cache over all traces, its vocabulary tables."""
 
     def __init__(self, model: Model, stream: int, tokenizer: Any, opts: SteerOptions, batch: int,
-                 slots: int):
+                 slots: int, cache: KVCache | None = None):
         self.model, self.stream = model, stream
         self.cfg = model.config
-        self.cache = KVCache.init(self.cfg, batch, slots, model.dtype)
+        shape = (self.cfg.num_layers, batch, self.cfg.num_kv_heads, slots, self.cfg.head_dim)
+        if cache is None:
+            # On a mesh the cache follows the weights: traces over 'data', KV heads over 'model'.
+            cache = distributed.place_cache(KVCache.init(self.cfg, batch, slots, model.dtype),
+                                            model.params)
+        elif cache.k.shape != shape or cache.k.dtype != jnp.dtype(model.dtype):
+            raise ValueError(f"resume_from: the {MODEL_NAMES[stream]} model's cache is "
+                             f"{cache.k.dtype}{list(cache.k.shape)}, this run needs "
+                             f"{jnp.dtype(model.dtype)}{list(shape)}")
+        self.cache = cache
         self.masks = vocab_masks(tokenizer, self.cfg.vocab_size, opts.delimiter)
         self.stops = dec.Stops(self.cfg.eos_token_ids, step_mode=True)
 
@@ -371,13 +410,20 @@ def digit_tokens(tokenizer: Any) -> list[int]:
 def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence[int]],
           options: SteerOptions | None = None, *, trace_ids: Sequence[int] | None = None,
           prm: Model | None = None, route_queries: Sequence[bool] | None = None,
-          progress: Callable[[int, int], None] | None = None, **kwargs: Any) -> SteerResult:
+          progress: Callable[[int, int], None] | None = None,
+          on_round: Callable[[RoundState], None] | None = None,
+          resume_from: RoundState | None = None, **kwargs: Any) -> SteerResult:
     """Run STEER (or a baseline, `method`) over token-id prompts as one batch.
 
     Options come as a `SteerOptions` or as its fields by keyword, e.g. `gamma=0.7`. Trace ids
     (default 0..n-1) seed each trace's sampling, so a trace does not depend on its batch.
     `rsd` needs `prm`, a reward model with a value head; `query_router` needs `route_queries`,
     one decision per prompt (True: the large model answers it).
+
+    `on_round(state)` is called after every round with the loop's whole `RoundState` (a
+    checkpoint hook: its caches are only valid during the call, as the next round donates them);
+    `resume_from`, such a state of a run with the same inputs, continues from it to the result an
+    uninterrupted run gives.
     """
     opts = options or SteerOptions(**kwargs)
     if opts.method == "rsd" and (prm is None or "v_head" not in prm.params):
@@ -399,10 +445,14 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
         raise ValueError(f"a prompt, the judge prompt and max_new_tokens={opts.max_new_tokens} "
                          f"exceed the models' context of {context}")
     slots = -(-(longest + opts.max_new_tokens + 2) // 64) * 64
-    sides = [_Side(small, SMALL, tokenizer, opts, B, slots),
-             _Side(large, LARGE, tokenizer, opts, B, slots)]
-    if opts.method == "rsd":
-        sides.append(_Side(prm, PRM, tokenizer, opts, B, slots))
+    models = [small, large] + ([prm] if opts.method == "rsd" else [])
+    # A resumed run takes its caches over instead of allocating fresh ones beside them.
+    caches = [None] * len(models) if resume_from is None else list(resume_from.caches)
+    if len(caches) != len(models):
+        raise ValueError(f"resume_from holds {len(caches)} caches; method {opts.method!r} "
+                         f"keeps {len(models)}")
+    sides = [_Side(m, i, tokenizer, opts, B, slots, c)
+             for i, (m, c) in enumerate(zip(models, caches))]
     threshold = jnp.float32(opts.judge_threshold if opts.method == "specreason"
                             else opts.prm_threshold)
     fixed_large = jnp.asarray(np.asarray(route_queries, bool)) if route_queries is not None \
@@ -428,7 +478,13 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
         rec_score=jnp.full((B, M), jnp.nan, jnp.float32),
         generated=jnp.zeros((B, 2), jnp.int32), discarded=jnp.zeros(B, jnp.int32),
         read=jnp.zeros((B, 3), jnp.int32), executed=jnp.zeros(3, jnp.int32))
-    mixtures: list[tuple[int, str, gmm.GMMParams, jax.Array, jax.Array]] = []
+    mixtures: list[Fit] = []
+    prev_params: Any = None
+    first = 0
+    if resume_from is not None:
+        _check_resumable(resume_from, state, M)
+        first, state, prev_params = resume_from.round, resume_from.trace, resume_from.routing
+        mixtures = list(resume_from.fits)
     none = jnp.zeros(B, bool)
 
     def bucket_for(side: _Side, rows: jax.Array, extra: int = 0) -> tuple[int, int]:
@@ -477,11 +533,10 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
 
     def fit(among: jax.Array, rnd: int, who: str):
         params, post = _mixture(state.conf, among, group, groups=opts.groups)
-        mixtures.append((rnd, who, params, state.conf, among))
+        mixtures.append(Fit(rnd, who, params, state.conf, among))
         return params, post
 
-    prev_params = None
-    for rnd in range(M):
+    for rnd in range(first, M):
         if not bool(jnp.any(state.running)):
             break
         running = state.running
@@ -517,19 +572,37 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
         if opts.source == "small" and opts.method == "steer":
             read(sides[SMALL], to_large)
         if opts.source == "generator":
-            prev_params = {}
+            per_writer = []
             post = jnp.zeros(B)
             for who in (SMALL, LARGE):
                 among = running & (state.writer == who)
-                prev_params[who], p = fit(among, rnd, MODEL_NAMES[who])
+                params, p = fit(among, rnd, MODEL_NAMES[who])
+                per_writer.append(params)
                 post = jnp.where(among, p, post)
+            prev_params = tuple(per_writer)
         else:
             prev_params, post = fit(running, rnd, "all")
         state = _end_round(state, running, reason, post, score, rnd, max_steps=M,
                            max_new_tokens=opts.max_new_tokens, slots=slots)
+        if on_round:
+            on_round(RoundState(rnd + 1, state, tuple(side.cache for side in sides), prev_params,
+                                tuple(mixtures)))
         if progress:
             progress(rnd + 1, int(jnp.sum(state.running)))
     return _collect(state, mixtures, tokenizer, opts, sides, np.asarray(ids))
+
+
+def _check_resumable(saved: RoundState, fresh: TraceState, max_steps: int) -> None:
+    """A state to resume from must be of these prompts and options; say what differs."""
+    for f in dataclasses.fields(TraceState):
+        a, b = getattr(saved.trace, f.name), getattr(fresh, f.name)
+        if a.shape != b.shape or a.dtype != b.dtype:
+            raise ValueError(f"resume_from: trace state field {f.name} is {a.dtype}"
+                             f"{list(a.shape)}, this run's is {b.dtype}{list(b.shape)}")
+    if not np.array_equal(np.asarray(saved.trace.prompt_len), np.asarray(fresh.prompt_len)):
+        raise ValueError("resume_from: its prompts have other lengths than this run's")
+    if not 0 <= saved.round <= max_steps:
+        raise ValueError(f"resume_from: round {saved.round} is outside 0..{max_steps}")
 
 
 @jax.jit
@@ -560,7 +633,7 @@ def _end_round(state: TraceState, running: jax.Array, reason: jax.Array, post: j
         stop=stop, running=running & (stop == 0))
 
 
-def _collect(state: TraceState, mixtures, tokenizer: Any, opts: SteerOptions,
+def _collect(state: TraceState, mixtures: list[Fit], tokenizer: Any, opts: SteerOptions,
              sides: list[_Side], ids: np.ndarray) -> SteerResult:
     s = jax.tree.map(np.asarray, state)
     traces = []
@@ -585,12 +658,12 @@ def _collect(state: TraceState, mixtures, tokenizer: Any, opts: SteerOptions,
             discarded=int(s.discarded[b]),
             read={MODEL_NAMES[i]: int(s.read[b, i]) for i in range(len(sides))}))
     mix = []
-    for rnd, who, params, conf, among in mixtures:
-        p = jax.tree.map(np.asarray, params)
-        conf, among = np.asarray(conf), np.asarray(among)
+    for fit in mixtures:
+        p = jax.tree.map(np.asarray, fit.params)
+        conf, among = np.asarray(fit.conf), np.asarray(fit.among)
         for g in range(opts.groups):
             members = among & (np.arange(len(conf)) * opts.groups // len(conf) == g)
-            mix.append(RoundMixture(rnd, g, who, p.weights[g].tolist(), p.means[g].tolist(),
+            mix.append(RoundMixture(fit.round, g, fit.who, p.weights[g].tolist(), p.means[g].tolist(),
                                     p.variances[g].tolist(), conf[members].tolist()))
     return SteerResult(traces, mix, {MODEL_NAMES[i]: int(s.executed[i]) for i in range(len(sides))},
                        {MODEL_NAMES[i]: sides[i].model.num_params for i in range(len(sides))})

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -106,6 +109,25 @@ def test_options_run(pair, kw):
     assert all(t.steps and t.stop in ("eos", "max_steps", "max_new_tokens") for t in res.traces)
     for t in res.traces:
         assert sum(s.tokens for s in t.steps) == len(t.tokens)
+
+
+def test_a_run_resumed_from_a_round_state_ends_as_the_whole_run(pair):
+    states = []
+
+    def keep(state):
+        # Copies: the next round donates the caches this hook is shown.
+        states.append(dataclasses.replace(state, trace=jax.tree.map(jnp.copy, state.trace),
+                                          caches=jax.tree.map(jnp.copy, state.caches)))
+
+    whole = _run(pair, gamma=0.5, on_round=keep)
+    assert [s.round for s in states] == list(range(1, len(states) + 1))
+    assert len(states) >= 3 and any(s.model == "large" for t in whole.traces for s in t.steps)
+    resumed = _run(pair, gamma=0.5, resume_from=states[1])
+    assert resumed.traces == whole.traces and resumed.mixtures == whole.mixtures
+    assert resumed.executed_tokens == whole.executed_tokens
+    with pytest.raises(ValueError, match="resume_from: the small model's cache"):
+        steer(pair["small"], pair["large"], pair["tok"], pair["prompts"][:4],
+              resume_from=states[1], gamma=0.5, **SHORT)
 
 
 def test_traces_do_not_depend_on_the_batch(pair):
