@@ -12,6 +12,7 @@ import logging
 import jax
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import tiny
@@ -165,41 +166,150 @@ def mha(tiny_models):
 
 
 @pytest.mark.parametrize("temperature", [0.0, 0.7])
-def test_sharded_generate_gives_identical_tokens(mha, temperature, caplog):
+def test_sharded_generate_gives_identical_tokens(mha, temperature, caplog, monkeypatch):
+    from steer_jax.decoding import sampler
+
     model, prompts = mha
     kw = dict(max_new_tokens=12, temperature=temperature, seed=3)
     reference = generate(model, prompts, **kw)
     assert len({tuple(t) for t in reference.tokens}) > 1  # not a degenerate constant output
+    caches = []
+    decode = sampler.decode
+    monkeypatch.setattr(sampler, "decode",
+                        lambda params, cfg, cache, *a, **k: (caches.append(cache),
+                                                             decode(params, cfg, cache, *a,
+                                                                    **k))[1])
     with caplog.at_level(logging.WARNING, logger=distributed.__name__):
         for shape in ((4, 2), (2, 4)):
-            sharded = distributed.shard_model(model, distributed.make_mesh(*shape))
+            mesh = distributed.make_mesh(*shape)
+            sharded = distributed.shard_model(model, mesh)
             out = generate(sharded, prompts, **kw)
             assert out.tokens == reference.tokens, shape
+            # Four rows over 'data', four KV heads over 'model': both divide on either mesh.
+            cache = caches[-1]
+            assert cache.k.sharding.is_equivalent_to(
+                NamedSharding(mesh, P(None, "data", "model", None, None)), 5), shape
+            assert cache.length.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 1)
             np.testing.assert_allclose(np.concatenate(out.max_logits),
                                        np.concatenate(reference.max_logits), rtol=1e-5)
     assert not _fallbacks(caplog, "")  # nothing had to fall back
 
 
-QUESTIONS = ["What is 2+2?", "Add 17 and 5.", "Is 9 prime?", "Name a color."]
+QUESTIONS = ["What is 2+2?", "Add 17 and 5.", "Is 9 prime?", "Name a color.", "Sum 1..4",
+             "x=3, y=4, x*y?", "Spell cat.", "Why?"]  # eight traces: one per 'data' device
+STEER = dict(max_steps=3, max_step_tokens=8, max_new_tokens=24, temperature=0.7, seed=1,
+             policy="percentile", percentile=0.5, refine="none")  # half go large per round
+# Where a steer run's caches live: both tiny models have 2 KV heads, which 4 'model' devices
+# cannot split (replicated), and a 'model' axis of one device adds nothing.
+CACHE_SPECS = {(4, 2): P(None, "data", "model", None, None),
+               (2, 4): P(None, "data", None, None, None),
+               (8, 1): P(None, "data", None, None, None)}
 
 
-def test_sharded_steer_gives_identical_traces(tmp_path_factory):
+@pytest.fixture(scope="module")
+def steer_pair(tmp_path_factory):
+    """The STEER pair, its prompts and the one-device reference run, built once."""
     small_dir, large_dir = tiny.steer_pair(tmp_path_factory.mktemp("pair"))
     tok = load_tokenizer(small_dir)
     prompts = [tok(tok.apply_chat_template([{"role": "user", "content": q}],
                                            add_generation_prompt=True, tokenize=False),
                    add_special_tokens=False)["input_ids"] for q in QUESTIONS]
     small, large = load_model(small_dir, "float32"), load_model(large_dir, "float32")
-    kw = dict(max_steps=3, max_step_tokens=8, max_new_tokens=24, temperature=0.7, seed=1,
-              policy="percentile", percentile=0.5, refine="none")  # half go large per round
-    reference = steer(small, large, tok, prompts, **kw)
-    mesh = distributed.make_mesh(4, 2)
-    sharded = steer(distributed.shard_model(small, mesh), distributed.shard_model(large, mesh),
-                    tok, prompts, **kw)
+    return dict(small=small, large=large, tok=tok, prompts=prompts,
+                reference=steer(small, large, tok, prompts, **STEER))
+
+
+@pytest.fixture(scope="module")
+def sharded_steer(steer_pair):
+    """(mesh, small, large, result, caches seen after each round) per mesh shape, run once: the
+    tests of one mesh share its models and compiled programs."""
+    runs = {}
+
+    def get(shape):
+        if shape not in runs:
+            mesh = distributed.make_mesh(*shape)
+            small, large = (distributed.shard_model(steer_pair[m], mesh) for m in ("small",
+                                                                                   "large"))
+            caches = []
+            result = steer(small, large, steer_pair["tok"], steer_pair["prompts"],
+                           on_round=lambda state: caches.append(
+                               [(c.k.sharding, c.length.sharding) for c in state.caches]),
+                           **STEER)
+            runs[shape] = (mesh, small, large, result, caches)
+        return runs[shape]
+
+    return get
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_sharded_steer_gives_identical_traces(steer_pair, sharded_steer, mesh_shape):
+    reference = steer_pair["reference"]
+    mesh, _, _, sharded, caches = sharded_steer(mesh_shape)
     models_of = lambda res: [[s.model for s in t.steps] for t in res.traces]  # noqa: E731
     assert {"small", "large"} <= {m for ms in models_of(reference) for m in ms}
     assert [t.tokens for t in sharded.traces] == [t.tokens for t in reference.traces]
     assert models_of(sharded) == models_of(reference)
+    # Sharded matmuls sum in another order: confidences, and the mixtures fitted over them,
+    # agree to float32 rounding.
+    np.testing.assert_allclose([s.confidence for t in sharded.traces for s in t.steps],
+                               [s.confidence for t in reference.traces for s in t.steps],
+                               rtol=1e-5)
+    assert [(m.round, m.group, m.model) for m in sharded.mixtures] == \
+        [(m.round, m.group, m.model) for m in reference.mixtures]
+    for a, b in zip(sharded.mixtures, reference.mixtures):
+        for field in ("weights", "means", "variances", "confidences"):
+            np.testing.assert_allclose(getattr(a, field), getattr(b, field), rtol=1e-4,
+                                       atol=1e-6, err_msg=f"round {a.round} {field}")
+    # The caches stayed where the mesh puts them, round after round.
+    want = NamedSharding(mesh, CACHE_SPECS[mesh_shape]), NamedSharding(mesh, P("data"))
+    assert len(caches) == STEER["max_steps"]
+    for rnd in caches:
+        for k, length in rnd:
+            assert k.is_equivalent_to(want[0], 5) and length.is_equivalent_to(want[1], 1), rnd
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_sharded_mixture_fit_equals_one_device(mesh_shape):
+    from steer_jax.steer import _mixture
+
+    rng = np.random.default_rng(0)
+    B, groups = 64, 4
+    conf = np.concatenate([rng.normal(2.0, 0.3, B // 2), rng.normal(5.0, 0.5, B // 2)])
+    conf = rng.permutation(conf).astype(np.float32)
+    among, group = rng.random(B) < 0.8, np.arange(B) * groups // B
+    one = _mixture(conf, among, group, groups=groups)
+    mesh = distributed.make_mesh(*mesh_shape)
+    rows = NamedSharding(mesh, P("data"))
+    sharded = _mixture(*(jax.device_put(x, rows) for x in (conf, among, group)), groups=groups)
+    assert sharded[1].sharding.mesh == mesh  # the fit really ran on the mesh
+    for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(one)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_sharded_run_resumes_from_a_round_checkpoint(steer_pair, sharded_steer, tmp_path):
+    """Saved with orbax and restored onto the mesh it ran on, a round state continues to the
+    very traces of the uninterrupted sharded run."""
+    from steer_jax.runner import _RoundCheckpoint
+
+    mesh, small, large, whole, _ = sharded_steer((4, 2))
+    checkpoint = _RoundCheckpoint(tmp_path, 0, range(len(QUESTIONS)), 1, {}, mesh)
+
+    class Preempted(Exception):
+        pass
+
+    def stop_after_two(done: int, running: int) -> None:
+        if done == 2:
+            raise Preempted
+
+    args = (small, large, steer_pair["tok"], steer_pair["prompts"])
+    with pytest.raises(Preempted):
+        steer(*args, on_round=checkpoint, progress=stop_after_two, **STEER)
+    state = checkpoint.latest()
+    assert state.round == 2
+    for cache in state.caches:
+        assert cache.k.sharding.is_equivalent_to(NamedSharding(mesh, CACHE_SPECS[(4, 2)]), 5)
+    resumed = steer(*args, resume_from=state, **STEER)
+    assert resumed.traces == whole.traces and resumed.mixtures == whole.mixtures
 
 
 def test_initialize_maps_the_distributed_section(monkeypatch):
