@@ -119,6 +119,8 @@ def test_tokenizer_files_and_special_tokens(tokenizer, tmp_path: Path) -> None:
     for special in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
         assert len(tokenizer.encode(special, add_special_tokens=False)) == 1
     assert len(tokenizer) < 200
+    # Ids are 0..len-1 with no hole: a model's embedding table has len(tokenizer) rows.
+    assert sorted(tokenizer.get_vocab().values()) == list(range(len(tokenizer)))
 
 
 def test_blank_line_digits_and_words_are_single_tokens(tokenizer) -> None:

@@ -230,7 +230,10 @@ def _vocabulary() -> list[str]:
     """Token strings in id order: specials first, so their ids stay put if the words change."""
     chars = [chr(c) for c in range(32, 127)]
     words = _words()
-    return [*SPECIAL_TOKENS, "\n\n", "\n", *OPERATORS, *chars, *words, *(f" {w}" for w in words)]
+    tokens = [*SPECIAL_TOKENS, "\n\n", "\n", *OPERATORS, *chars, *words, *(f" {w}" for w in words)]
+    # One-letter words ("a", "N") are characters already; a repeat would leave a hole in the ids,
+    # and ids must be 0..len-1 for the model's embedding table.
+    return list(dict.fromkeys(tokens))
 
 
 def _split_pattern() -> str:
