@@ -321,16 +321,10 @@ class _RoundCheckpoint:
         self.meta = {"format": _ROUND_FORMAT, "wave": wave,
                      "trace_ids": [trace_ids.start, trace_ids.stop],
                      "config": json.loads(json.dumps(cfg))}
-        me = jax.process_index()
-        # Each process checkpoints only its own waves: no other process joins in or waits.
-        self._processes = ocp.options.MultiprocessingOptions(primary_host=me,
-                                                             active_processes={me})
 
     def _checkpointer(self) -> ocp.Checkpointer:
-        return ocp.Checkpointer(
-            ocp.CompositeCheckpointHandler(state=ocp.StandardCheckpointHandler(),
-                                           meta=ocp.JsonCheckpointHandler()),
-            multiprocessing_options=self._processes)
+        return ocp.Checkpointer(ocp.CompositeCheckpointHandler(
+            state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler()))
 
     def __call__(self, state: RoundState) -> None:
         """steer's `on_round` hook: save every `every` rounds."""
@@ -455,6 +449,11 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
                                  f"{checkpoint_every!r}")
         if out is None:
             raise RunConfigError("checkpoint_every needs an output directory to save rounds in")
+        if cfg["distributed"]:
+            # Each process runs its own waves on its own devices, but orbax writes arrays that
+            # live on one process's devices from process 0 only.
+            raise RunConfigError("checkpoint_every is not supported with a distributed section "
+                                 "yet; finished waves are still kept for resume")
     if cfg["distributed"]:
         from steer_jax.distributed import initialize
 

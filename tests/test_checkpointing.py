@@ -135,8 +135,12 @@ def test_a_round_checkpoint_of_another_config_or_wave_is_refused(setup, stopped)
         runner._RoundCheckpoint(waves, 0, range(0, 2), 1, cfg, None).latest()
 
 
-def test_checkpoint_every_must_be_positive(setup, tmp_path):
+def test_bad_checkpoint_every_is_refused_before_any_work(setup, tmp_path):
     with pytest.raises(RunConfigError, match="checkpoint_every must be a positive"):
         run(setup["cfg"], tmp_path, checkpoint_every=0)
     with pytest.raises(RunConfigError, match="needs an output directory"):
         run(setup["cfg"], None, checkpoint_every=2)
+    several = {**setup["cfg"], "distributed": {"coordinator": "127.0.0.1:1", "num_processes": 2,
+                                               "process_id": 0}}
+    with pytest.raises(RunConfigError, match="not supported with a distributed section"):
+        run(several, tmp_path, checkpoint_every=1)
