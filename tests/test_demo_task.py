@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from statistics import mean
 
 import pytest
 
@@ -24,10 +23,10 @@ from steer_jax.eval.demo_task import (
 
 transformers = pytest.importorskip("transformers")
 
-QUESTION = re.compile(r"Start with (\d+)\.((?: (?:Add|Subtract|Multiply by) \d+\.)+) What is the result\?")
-CLAUSE = re.compile(r" (Add|Subtract|Multiply by) (\d+)\.")
-STEP = re.compile(r"(\d+) ([-+*]) (\d+) = (\d+)")
-WORD_OP = {"Add": "+", "Subtract": "-", "Multiply by": "*"}
+QUESTION = re.compile(
+    r"Start with (\d)\. Repeat (\d) times: x((?: [-+*] \d)+)\. Keep the last digit\. What is the result\?")
+OPERATION = re.compile(r" ([-+*]) (\d)")
+STEP = re.compile(r"(\d)((?: [-+*] \d)+) = (\d)")
 
 
 @pytest.fixture(scope="module")
@@ -41,29 +40,30 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory):
     return transformers.AutoTokenizer.from_pretrained(path)
 
 
-def _numbers(solution: str) -> list[int]:
-    """Every operand and result of the worked steps (the answer line repeats the last result)."""
-    steps = solution.split("\n\n")[:-1]
-    return [int(x) for step in steps for x in STEP.fullmatch(step).group(1, 3, 4)]
+def _last_digit(value: int, operations: list[tuple[str, str]]) -> int:
+    """Left to right in unbounded integers, the last digit taken once at the end: independent of
+    the generator, which reduces after every operation."""
+    for op, operand in operations:
+        value = {"+": value + int(operand), "-": value - int(operand), "*": value * int(operand)}[op]
+    return value % 10
 
 
 def test_worked_steps_recompute_from_the_question(test_split: list) -> None:
     for e in test_split:
         m = QUESTION.fullmatch(e.question)
         assert m, e.question
-        value = int(m.group(1))
-        clauses = CLAUSE.findall(m.group(2))
+        value, repeats, rule = int(m.group(1)), int(m.group(2)), m.group(3)
+        operations = OPERATION.findall(rule)
         *steps, answer_line = e.meta["solution"].split("\n\n")
-        assert MIN_STEPS <= e.meta["steps"] == len(steps) == len(clauses) <= MAX_STEPS
-        level = LEVELS[e.meta["level"]]
-        for step, (word, operand) in zip(steps, clauses, strict=True):
+        assert MIN_STEPS <= e.meta["steps"] == repeats == len(steps) <= MAX_STEPS
+        assert LEVELS[e.meta["level"]].ops == len(operations)  # the level is the rule's length
+        assert all(op != "*" or int(x) >= 2 for op, x in operations)
+        for step in steps:
             s = STEP.fullmatch(step)
             assert s, repr(step)  # also rules out stray newlines inside a step
-            a, op, b, c = int(s.group(1)), s.group(2), int(s.group(3)), int(s.group(4))
-            assert (a, op, b) == (value, WORD_OP[word], int(operand))
-            value = {"+": a + b, "-": a - b, "*": a * b}[op]
-            assert c == value and 0 <= value <= level.cap
-            assert op != "*" or level.mul is not None
+            assert int(s.group(1)) == value and s.group(2) == rule
+            value = _last_digit(value, operations)
+            assert int(s.group(3)) == value
         assert answer_line == f"Answer: {value}" and e.reference == str(value)
 
 
@@ -102,13 +102,16 @@ def test_splits_are_deterministic_distinct_and_disjoint(test_split: list) -> Non
     assert {e.question for e in train}.isdisjoint({e.question for e in test_split + other_test})
 
 
-def test_every_level_occurs_and_higher_levels_have_larger_numbers(test_split: list) -> None:
-    by_level: dict[int, list[float]] = {level: [] for level in LEVELS}
+def test_levels_and_step_counts_vary_independently(test_split: list) -> None:
+    counts: dict[tuple[int, int], int] = {}
     for e in test_split:
-        by_level[e.meta["level"]].append(mean(len(str(x)) for x in _numbers(e.meta["solution"])))
-    assert all(len(v) >= TEST_SIZE // 10 for v in by_level.values()), {k: len(v) for k, v in by_level.items()}
-    digits = [mean(by_level[level]) for level in sorted(LEVELS)]
-    assert digits == sorted(digits) and len(set(digits)) == len(digits), digits
+        key = (e.meta["level"], e.meta["steps"])
+        counts[key] = counts.get(key, 0) + 1
+    assert {level for level, _ in counts} == set(LEVELS)
+    assert all(sum(n for (lv, _), n in counts.items() if lv == level) >= TEST_SIZE // 10
+               for level in LEVELS)
+    # Every level comes in every length: length says nothing of difficulty.
+    assert {(lv, st) for lv in LEVELS for st in range(MIN_STEPS, MAX_STEPS + 1)} <= set(counts)
 
 
 def test_tokenizer_files_and_special_tokens(tokenizer, tmp_path: Path) -> None:
@@ -131,8 +134,9 @@ def test_blank_line_digits_and_words_are_single_tokens(tokenizer) -> None:
     assert tokenizer.decode([blank]) == "\n\n"
     assert len(ids("\n")) == 1 and len(ids("\n\n\n")) == 2
     assert ids("90817") == [ids(d)[0] for d in "90817"]
-    tokens = tokenizer.convert_ids_to_tokens(ids("Start with 47. Multiply by 6."))
-    assert tokens == ["Start", " with", " ", "4", "7", ".", " Multiply", " by", " ", "6", "."]
+    tokens = tokenizer.convert_ids_to_tokens(ids("Start with 4. Repeat 3 times: x * 6."))
+    assert tokens == ["Start", " with", " ", "4", ".", " Repeat", " ", "3", " times", ":", " ", "x",
+                      " * ", "6", "."]
     assert tokenizer.convert_ids_to_tokens(ids("12 * 3 = 36")) == ["1", "2", " * ", "3", " = ", "3", "6"]
     assert tokenizer.convert_ids_to_tokens(ids("Adds")) == ["A", "d", "d", "s"]  # words are whole
     assert tokenizer.unk_token_id in ids("é")  # foreign text encodes, lossily, rather than failing

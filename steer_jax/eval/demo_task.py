@@ -1,19 +1,23 @@
 """`demo`: a synthetic multi-step arithmetic benchmark and its tokenizer, for the embedded demo.
 
-The demo trains a tiny small/large model pair on a laptop CPU, so it needs a task that tiny models
-can learn, whose steps are delimited exactly as STEER expects, and whose difficulty behaves as in
-real reasoning: it differs between problems and persists within one. Chained arithmetic does that:
+The demo trains a tiny small/large model pair on a laptop CPU in minutes, so it needs a task that
+tiny models can learn that fast, whose steps are delimited exactly as STEER expects, and whose
+difficulty behaves as in real reasoning: it differs between problems and persists within one.
+A rule applied again and again, on the last digit, does that:
 
-    question  Start with 47. Add 38. Multiply by 6. Subtract 129. What is the result?
-    solution  47 + 38 = 85\\n\\n85 * 6 = 510\\n\\n510 - 129 = 381\\n\\nAnswer: 381
+    question  Start with 3. Repeat 3 times: x * 7 + 4. Keep the last digit. What is the result?
+    solution  3 * 7 + 4 = 5\n\n5 * 7 + 4 = 9\n\n9 * 7 + 4 = 7\n\nAnswer: 7
 
-One operation per step, steps separated by a blank line ("\\n\\n"), a final "Answer: N" line graded by
-exact integer match. Each problem draws a difficulty level that fixes its operand sizes, its
-operations and the range its running value may take, for every one of its steps (`LEVELS`): a small
-model that struggles with step 1 of a level-4 problem will struggle with step 3 too, which is what
-makes the previous step's confidence a signal for routing the next. Levels (1..4) and step counts
-(2..6) are drawn independently, so a problem's length says nothing of its difficulty. Running values
-stay non-negative and under the level's cap, so no step needs a sign or an unbounded product.
+One application of the rule per step, steps separated by a blank line ("\n\n"), a final
+"Answer: N" line graded by exact integer match. Operations run left to right and only the last
+digit is kept (mod 10 commutes with + - *, so it does not matter when). A problem's level is the
+number of operations in its rule (`LEVELS`): every step of a level-4 problem chains four table
+lookups in one line, every step of a level-1 problem one. Depth is what a small model lacks, so a
+small model unsure of step 1 of a level-4 problem is unsure of step 3 too, which is what makes the
+previous step's confidence a signal for routing the next. Every number is one digit, one token,
+and after step 1 everything a step copies is in the line above it: what is left to learn is the
+arithmetic, and that is where the small and the large model differ. Levels (1..4) and step counts
+(2..6) are drawn independently, so a problem's length says nothing of its difficulty.
 
 Splits: `make_split(split, n, seed)` is a pure function of its arguments. A problem belongs to the
 test split iff a stable hash of its question text falls in one of `_TEST_BUCKETS` of `_BUCKETS`
@@ -23,12 +27,12 @@ fixed test split (`TEST_SIZE` problems from `TEST_SEED`) is what `load_benchmark
 
 Tokenizer: `build_demo_tokenizer` makes a word-level tokenizer with `tokenizers` and wraps it as a
 transformers fast tokenizer with a ChatML template, so the demo loads through `AutoTokenizer` like
-real checkpoints do and `detect_family` sees the "qwen" family. Digits are single tokens (place
-value stays visible, so arithmetic is learnable); " + ", " - ", " * ", " = " are one token each;
-the task's words are whole tokens, with and without a leading space; "\\n\\n" is ONE token, so a step
-ends on a single token. Every other printable ASCII character is a token of its own, so any ASCII
-text round-trips exactly; anything else encodes to <|unk|> rather than failing. Keep the folder a
-saved tokenizer lives in free of "math" in its name: `detect_family` would read it as Qwen-Math.
+real checkpoints do and `detect_family` sees the "qwen" family. Digits are single tokens;
+" + ", " - ", " * ", " = " are one token each; the task's words are whole tokens, with and without
+a leading space; "\n\n" is ONE token, so a step ends on a single token. Every other printable ASCII
+character is a token of its own, so any ASCII text round-trips exactly; anything else encodes to
+<|unk|> rather than failing. Keep the folder a saved tokenizer lives in free of "math" in its name:
+`detect_family` would read it as Qwen-Math.
 """
 
 from __future__ import annotations
@@ -60,55 +64,45 @@ ANSWER_PREFIX = "Answer:"
 
 @dataclass(frozen=True)
 class Level:
-    """Operand ranges (inclusive) and the bound on the running value, for every step of a problem."""
+    """How many operations the problem's rule applies in each step, and which ones it may use."""
 
-    start: tuple[int, int]
-    add_sub: tuple[int, int]
-    mul: tuple[int, int] | None  # None: no multiplication at this level
-    cap: int
+    ops: int
+    kinds: tuple[str, ...] = ("+", "-", "*")
 
 
-# Each level adds to the one below: carries and borrows across tens (2), a one-digit multiplier (3),
-# three-digit operands and a two-digit multiplier, i.e. two partial products in one step (4).
-LEVELS: dict[int, Level] = {
-    1: Level(start=(10, 50), add_sub=(1, 9), mul=None, cap=99),
-    2: Level(start=(10, 99), add_sub=(10, 99), mul=None, cap=999),
-    3: Level(start=(10, 99), add_sub=(10, 99), mul=(2, 9), cap=9_999),
-    4: Level(start=(100, 999), add_sub=(100, 999), mul=(11, 19), cap=99_999),
-}
+LEVELS: dict[int, Level] = {k: Level(ops=k) for k in (1, 2, 3, 4)}
+MODULUS = 10  # "keep the last digit"
 
-_OPS = {"+": ("Add", operator.add), "-": ("Subtract", operator.sub), "*": ("Multiply by", operator.mul)}
+_OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul}
+# Multiplying by 0 or 1 would make a step trivial.
+_OPERANDS = {"+": (1, 9), "-": (1, 9), "*": (2, 9)}
 # 1 in 5 question hashes belongs to the test split; train gets the other 4.
 _BUCKETS, _TEST_BUCKETS = 5, 1
 
 
-def _operand_range(level: Level, op: str, value: int) -> tuple[int, int]:
-    """Operands of `op` that keep the running value in [0, cap]; empty (lo > hi) when none do."""
-    if op == "*":
-        assert level.mul is not None
-        return level.mul[0], min(level.mul[1], level.cap // value if value else 0)
-    lo, hi = level.add_sub
-    return lo, min(hi, level.cap - value if op == "+" else value)
+def apply_rule(value: int, rule: list[tuple[str, int]]) -> int:
+    """The rule's operations on `value`, left to right, keeping the last digit."""
+    for op, operand in rule:
+        value = _OPS[op](value, operand) % MODULUS
+    return value
 
 
 def _problem(rng: random.Random, level_id: int, steps: int) -> tuple[str, str, int]:
     """(question, worked solution, answer) of one problem drawn from `rng`."""
     level = LEVELS[level_id]
-    ops = ["+", "-"] + (["*"] if level.mul else [])
-    value = rng.randint(*level.start)
-    clauses, lines = [f"Start with {value}."], []
+    rule = []
+    for _ in range(level.ops):
+        op = rng.choice(level.kinds)
+        rule.append((op, rng.randint(*_OPERANDS[op])))
+    text = "".join(f" {op} {operand}" for op, operand in rule)
+    value = rng.randint(0, MODULUS - 1)
+    question = (f"Start with {value}. Repeat {steps} times: x{text}. Keep the last digit. "
+                "What is the result?")
+    lines = []
     for _ in range(steps):
-        ranges = {op: _operand_range(level, op, value) for op in ops}
-        # Never empty: every cap is at least twice the smallest add/sub operand, so a value too big
-        # to add to can be subtracted from.
-        op = rng.choice([op for op, (lo, hi) in ranges.items() if lo <= hi])
-        operand = rng.randint(*ranges[op])
-        word, fn = _OPS[op]
-        result = fn(value, operand)
-        clauses.append(f"{word} {operand}.")
-        lines.append(f"{value} {op} {operand} = {result}")
+        result = apply_rule(value, rule)
+        lines.append(f"{value}{text} = {result}")
         value = result
-    question = " ".join([*clauses, "What is the result?"])
     solution = "\n\n".join([*lines, f"{ANSWER_PREFIX} {value}"])
     return question, solution, value
 
@@ -221,8 +215,8 @@ CHAT_TEMPLATE = (
 
 def _words() -> list[str]:
     """Every word the questions, solutions, instruction and chat roles use, each once, sorted."""
-    texts = [*(word for word, _ in _OPS.values()), "Start with", "What is the result?", INSTRUCTION,
-             ANSWER_PREFIX, *ROLES]
+    texts = ["Start with", "Repeat times", "Keep the last digit", "What is the result?",
+             INSTRUCTION, ANSWER_PREFIX, *ROLES]
     return sorted({w for text in texts for w in re.findall(r"[A-Za-z]+", text)})
 
 
