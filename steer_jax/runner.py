@@ -321,6 +321,8 @@ class _RoundCheckpoint:
         self.meta = {"format": _ROUND_FORMAT, "wave": wave,
                      "trace_ids": [trace_ids.start, trace_ids.stop],
                      "config": json.loads(json.dumps(cfg))}
+        # The wave's wall-clock before a restart, so that a resumed run bills all of it.
+        self.wall_before, self._started = 0.0, time.perf_counter()
 
     def _checkpointer(self) -> ocp.Checkpointer:
         return ocp.Checkpointer(ocp.CompositeCheckpointHandler(
@@ -342,7 +344,8 @@ class _RoundCheckpoint:
         kind = "none" if state.routing is None else "one" \
             if isinstance(state.routing, GMMParams) else "per_writer"
         meta = {**self.meta, "round": state.round, "routing": kind,
-                "fits": [[f.round, f.who] for f in state.fits]}
+                "fits": [[f.round, f.who] for f in state.fits],
+                "wall_s": self.wall_before + time.perf_counter() - self._started}
         # Synchronous: the next round donates the caches these arrays are.
         with self._checkpointer() as checkpointer:
             checkpointer.save(self.dir / f"round_{state.round:05d}", force=True,
@@ -401,6 +404,7 @@ class _RoundCheckpoint:
         on_device = lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x  # noqa: E731
         a = {**a, **jax.tree.map(on_device, {k: a[k] for k in ("trace", "caches", "routing")})}
         kind, routing = meta["routing"], [GMMParams(**p) for p in a["routing"]]
+        self.wall_before = meta["wall_s"]
         return RoundState(
             round=meta["round"], trace=TraceState(**a["trace"]),
             caches=tuple(KVCache(**c) for c in a["caches"]),
@@ -541,8 +545,9 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
         waves.append(steer(small, large, tokenizer, prompts[lo:hi], opts,
                            trace_ids=range(lo, hi), progress=report, on_round=rounds,
                            resume_from=resume_from, **wave_extra))
-        wall += time.perf_counter() - start
-        done.save(w, waves[-1], time.perf_counter() - start)
+        wave_wall = time.perf_counter() - start + (rounds.wall_before if rounds else 0.0)
+        wall += wave_wall
+        done.save(w, waves[-1], wave_wall)
         if rounds is not None:
             rounds.clear()
         if progress:

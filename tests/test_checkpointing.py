@@ -91,11 +91,15 @@ def test_killed_run_resumes_from_its_newest_round(setup, tmp_path):
     assert not (out / "summary.json").exists()
     saved = sorted(int(p.name[len("round_"):]) for p in (out / ROUNDS).iterdir()
                    if runner._ROUND_DIR.fullmatch(p.name))
+    before = json.loads((out / ROUNDS / f"round_{saved[-1]:05d}" / "meta" / "metadata")
+                        .read_text())["wall_s"]
     messages = _resume(setup["cfg"], out)
     # It went on after its newest saved round, not from the start of the wave.
     assert f"round {saved[-1] + 1}," in messages[0], (saved, messages[0])
     assert (out / "traces.jsonl").read_text() == setup["whole"]
     assert (out / "rounds.jsonl").read_text() == setup["rounds"]
+    # The bill counts the killed process's time up to its checkpoint (compiles included).
+    assert json.loads((out / "summary.json").read_text())["wall_s"] > before > 0
     assert not (out / ROUNDS).exists()  # a finished wave drops its round checkpoints
 
 
