@@ -658,12 +658,13 @@ def _collect(state: TraceState, mixtures: list[Fit], tokenizer: Any, opts: Steer
             discarded=int(s.discarded[b]),
             read={MODEL_NAMES[i]: int(s.read[b, i]) for i in range(len(sides))}))
     mix = []
-    for fit in mixtures:
-        p = jax.tree.map(np.asarray, fit.params)
-        conf, among = np.asarray(fit.conf), np.asarray(fit.among)
+    for m in mixtures:
+        p = jax.tree.map(np.asarray, m.params)
+        conf, among = np.asarray(m.conf), np.asarray(m.among)
         for g in range(opts.groups):
             members = among & (np.arange(len(conf)) * opts.groups // len(conf) == g)
-            mix.append(RoundMixture(fit.round, g, fit.who, p.weights[g].tolist(), p.means[g].tolist(),
-                                    p.variances[g].tolist(), conf[members].tolist()))
+            mix.append(RoundMixture(m.round, g, m.who, p.weights[g].tolist(),
+                                    p.means[g].tolist(), p.variances[g].tolist(),
+                                    conf[members].tolist()))
     return SteerResult(traces, mix, {MODEL_NAMES[i]: int(s.executed[i]) for i in range(len(sides))},
                        {MODEL_NAMES[i]: sides[i].model.num_params for i in range(len(sides))})
