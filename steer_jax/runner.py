@@ -5,8 +5,9 @@ itself, unknown keys (named), value ranges, checkpoint directories, tokenizers t
 the two models, prompts longer than the context.
 
 A run survives preemption at two grains: every finished wave is kept (out/waves/wave_*.json), and
-with `checkpoint_every` the wave in flight is saved with orbax every K rounds
-(out/waves/rounds_<wave>/round_<r>/); `resume` continues from both, to the same traces.
+with `checkpoint_every` the wave in flight is saved every K rounds
+(out/waves/rounds_<wave>/round_<r>/: with orbax, or by each process itself in a multi-process run);
+`resume` continues from both, to the same traces.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import re
 import shutil
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -239,9 +241,14 @@ def _merge(results: list[SteerResult]) -> SteerResult:
 
 
 def _config_changes(before: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
-    """The top-level config keys whose values differ from a checkpoint's (as JSON sees them)."""
+    """The top-level config keys whose values differ from a checkpoint's (as JSON sees them).
+
+    `distributed` is left out: which processes share the waves, and where they meet, changes no
+    trace, and a pod relaunched after preemption may well meet at another address.
+    """
     now = json.loads(json.dumps(cfg))
-    return sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    keys = (set(before) | set(now)) - {"distributed"}
+    return sorted(k for k in keys if before.get(k) != now.get(k))
 
 
 def _wave_to_json(result: SteerResult, wall_s: float) -> str:
@@ -298,6 +305,8 @@ class _Waves:
 
 _ROUND_FORMAT = "steer_jax.round_checkpoint"
 _ROUND_DIR = re.compile(r"round_\d{5}")
+# A multi-process run's rounds (see `_RoundCheckpoint._save_on_host`): arrays, then the JSON.
+_HOST_ARRAYS, _HOST_META = "arrays.npz", "meta.json"
 
 
 def _fields(x: Any) -> dict[str, Any]:
@@ -312,6 +321,9 @@ class _RoundCheckpoint:
     writes into a temporary sibling and renames it into place only when complete, so a save
     killed halfway leaves nothing that `latest` would read. The newest two are kept: should the
     newest still be unreadable (a damaged copy, a full disk), the one before it is used.
+
+    In a multi-process run each process saves the wave it runs by itself, without orbax (see
+    `_save_on_host`), and each wave has its own directory, so no two processes write one.
     """
 
     def __init__(self, waves: Path, wave: int, trace_ids: range, every: int | None,
@@ -347,15 +359,53 @@ class _RoundCheckpoint:
                 "fits": [[f.round, f.who] for f in state.fits],
                 "wall_s": self.wall_before + time.perf_counter() - self._started}
         # Synchronous: the next round donates the caches these arrays are.
-        with self._checkpointer() as checkpointer:
-            checkpointer.save(self.dir / f"round_{state.round:05d}", force=True,
-                              args=ocp.args.Composite(state=ocp.args.StandardSave(arrays),
-                                                      meta=ocp.args.JsonSave(meta)))
+        path = self.dir / f"round_{state.round:05d}"
+        if jax.process_count() > 1:
+            self._save_on_host(path, arrays, meta)
+        else:
+            with self._checkpointer() as checkpointer:
+                checkpointer.save(path, force=True,
+                                  args=ocp.args.Composite(state=ocp.args.StandardSave(arrays),
+                                                          meta=ocp.args.JsonSave(meta)))
         # Only this process writes here: anything else is older or a save killed halfway.
         keep = set(self._complete()[:2])
         for path in self.dir.iterdir():
             if path not in keep:
                 shutil.rmtree(path)
+
+    @staticmethod
+    def _save_on_host(path: Path, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
+        """One process's round, written by that process alone.
+
+        Orbax cannot: with several processes it refuses a jax.Array that one process holds whole
+        (which is every array here: each process runs its waves on its own devices), and writes
+        numpy arrays from process 0 only. So the arrays come to the host into one .npz, their
+        tree and dtypes into the JSON (npz keeps bfloat16 only as raw bytes), both in a
+        temporary sibling that is renamed into place once flushed to disk: a kill at any point
+        leaves either no round_<r> or a whole one.
+        """
+        leaves, _ = jax.tree.flatten(arrays)
+        host = [np.asarray(x) for x in leaves]
+        meta = {**meta, "layout": jax.tree.map(lambda _: 0, arrays),
+                "dtypes": [x.dtype.name for x in host]}
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)  # a save killed halfway
+        tmp.mkdir(parents=True)
+        for name, write in ((_HOST_ARRAYS, lambda f: np.savez(f, *host)),
+                            (_HOST_META, lambda f: f.write(json.dumps(meta).encode()))):
+            with open(tmp / name, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())  # on disk before the rename makes the round count
+        if path.exists():  # the same round again, after resuming from an older one
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+
+    @staticmethod
+    def _read_host(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+        with np.load(path / _HOST_ARRAYS) as npz:
+            leaves = [npz[f"arr_{i}"].view(jnp.dtype(d)) for i, d in enumerate(meta["dtypes"])]
+        return jax.tree.unflatten(jax.tree.structure(meta["layout"]), leaves)
 
     def _complete(self) -> list[Path]:
         """Finalized round checkpoints, newest first."""
@@ -372,7 +422,8 @@ class _RoundCheckpoint:
                 return self._restore(path)
             except RunConfigError:
                 raise
-            except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable: an older one
+            except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
+                # unreadable: an older one
                 log.warning("round checkpoint %s is unreadable, trying an older one: %s", path, e)
         return None
 
@@ -381,9 +432,13 @@ class _RoundCheckpoint:
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def _restore(self, path: Path) -> RoundState:
-        checkpointer = self._checkpointer()
-        meta = checkpointer.restore(path, args=ocp.args.Composite(
-            meta=ocp.args.JsonRestore()))["meta"]
+        host = (path / _HOST_META).is_file()
+        if host:
+            meta = json.loads((path / _HOST_META).read_text())
+        else:
+            checkpointer = self._checkpointer()
+            meta = checkpointer.restore(path, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))["meta"]
         if not isinstance(meta, dict) or meta.get("format") != _ROUND_FORMAT:
             raise ValueError(f"not a round checkpoint (metadata {meta!r})")
         changed = _config_changes(meta["config"], self.meta["config"])
@@ -394,11 +449,14 @@ class _RoundCheckpoint:
             raise RunConfigError(f"cannot resume from {path}: it holds wave {meta['wave']} "
                                  f"(traces {meta['trace_ids']}), this is wave "
                                  f"{self.meta['wave']} (traces {self.meta['trace_ids']})")
-        tree = checkpointer.metadata(path).item_metadata["state"].tree
-        target = jax.tree.map(self._target, tree,
-                              is_leaf=lambda x: isinstance(x, ocp.metadata.ArrayMetadata))
-        a = checkpointer.restore(path, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target)))["state"]
+        if host:
+            a = self._read_host(path, meta)
+        else:
+            tree = checkpointer.metadata(path).item_metadata["state"].tree
+            target = jax.tree.map(self._target, tree,
+                                  is_leaf=lambda x: isinstance(x, ocp.metadata.ArrayMetadata))
+            a = checkpointer.restore(path, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target)))["state"]
         # Arrays of a one-device run come back through the host and go to the default device
         # uncommitted, as a fresh run's are, so the resumed rounds reuse its compiled programs.
         on_device = lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x  # noqa: E731
@@ -453,11 +511,6 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
                                  f"{checkpoint_every!r}")
         if out is None:
             raise RunConfigError("checkpoint_every needs an output directory to save rounds in")
-        if cfg["distributed"]:
-            # Each process runs its own waves on its own devices, but orbax writes arrays that
-            # live on one process's devices from process 0 only.
-            raise RunConfigError("checkpoint_every is not supported with a distributed section "
-                                 "yet; finished waves are still kept for resume")
     if cfg["distributed"]:
         from steer_jax.distributed import initialize
 

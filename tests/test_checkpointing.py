@@ -2,20 +2,26 @@
 writes exactly the traces of a run that was never stopped.
 
 The runs use source="generator" (a mixture per writer), the routing state with the most parts to
-save; tests/test_distributed.py resumes a run on a mesh with the default source.
+save; tests/test_distributed.py resumes a run on a mesh with the default source. In a
+multi-process run each process saves its own wave's rounds without orbax (the last tests).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 import yaml
 
@@ -144,7 +150,103 @@ def test_bad_checkpoint_every_is_refused_before_any_work(setup, tmp_path):
         run(setup["cfg"], tmp_path, checkpoint_every=0)
     with pytest.raises(RunConfigError, match="needs an output directory"):
         run(setup["cfg"], None, checkpoint_every=2)
-    several = {**setup["cfg"], "distributed": {"coordinator": "127.0.0.1:1", "num_processes": 2,
-                                               "process_id": 0}}
-    with pytest.raises(RunConfigError, match="not supported with a distributed section"):
-        run(several, tmp_path, checkpoint_every=1)
+
+
+def test_a_process_saved_round_keeps_its_tree_and_dtypes(tmp_path):
+    # npz keeps bfloat16 (the accelerators' cache dtype) only as raw bytes; empty lists (no
+    # routing yet, no fits) have no arrays to carry them.
+    arrays = {"caches": [{"k": jnp.arange(6, dtype=jnp.bfloat16).reshape(2, 3) / 3,
+                          "length": jnp.array([1, 2], jnp.int32)}],
+              "routing": [], "fits": [{"conf": np.float32(0.5), "among": np.array([True, False])}]}
+    path = tmp_path / "round_00003"
+    runner._RoundCheckpoint._save_on_host(path, arrays, {"round": 3})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["round_00003"]  # no temporary left
+    meta = json.loads((path / runner._HOST_META).read_text())
+    back = runner._RoundCheckpoint._read_host(path, meta)
+    assert back["routing"] == [] and meta["round"] == 3
+    for a, b in zip(jax.tree.leaves(arrays), jax.tree.leaves(back)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_a_process_saved_round_resumes_and_a_damaged_one_is_passed_over(setup, stopped, tmp_path,
+                                                                         monkeypatch, caplog):
+    out = tmp_path / "out"
+    shutil.copytree(stopped, out)
+    cfg, _ = validate(setup["cfg"])
+    rounds = runner._RoundCheckpoint(out / "waves", 0, range(0, 4), 1, cfg, None)
+    states = [rounds._restore(out / ROUNDS / f"round_{r:05d}") for r in (2, 3)]
+    shutil.rmtree(out / ROUNDS)
+    with monkeypatch.context() as m:  # saved as one process of two saves its wave
+        m.setattr(runner.jax, "process_count", lambda: 2)
+        for state in states:
+            rounds(state)
+    assert all((out / ROUNDS / f"round_0000{r}" / runner._HOST_META).is_file() for r in (2, 3))
+    (out / ROUNDS / "round_00003" / runner._HOST_ARRAYS).write_bytes(b"torn")
+    with caplog.at_level(logging.WARNING, logger=runner.__name__):
+        messages = _resume(setup["cfg"], out)  # by one process: the format is the round's own
+    assert any("round_00003 is unreadable" in r.getMessage() for r in caplog.records)
+    assert "round 3," in messages[0]
+    assert (out / "traces.jsonl").read_text() == setup["whole"]
+
+
+# One process of a two-process run; it prints its progress so the test can tell where it began.
+_PROCESS = """
+import sys
+from steer_jax.runner import load_config, run
+path, out, port, pid, resume = sys.argv[1:]
+cfg = load_config(path, [f"distributed.coordinator=127.0.0.1:{port}",
+                         "distributed.num_processes=2", f"distributed.process_id={pid}"])
+run(cfg, out, checkpoint_every=1, resume=resume == "1",
+    progress=lambda done, total, message: print(message, flush=True))
+"""
+
+
+def _two_processes(path: Path, out: Path, resume: bool) -> list[subprocess.Popen]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    return [subprocess.Popen([sys.executable, "-c", _PROCESS, str(path), str(out), str(port),
+                              str(i), str(int(resume))],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in (0, 1)]
+
+
+def _rounds_saved(out: Path, wave: int) -> list[int]:
+    rounds = out / "waves" / f"rounds_{wave:05d}"
+    names = [p.name for p in rounds.iterdir()] if rounds.is_dir() else []
+    return sorted(int(n[len("round_"):]) for n in names if runner._ROUND_DIR.fullmatch(n))
+
+
+def test_two_processes_killed_inside_their_waves_resume_to_the_traces_of_one(setup, tmp_path):
+    """Each process runs one wave (batch.size 2 of 4 examples) and saves its rounds itself; the
+    relaunch meets at another port, as a pod restarted after preemption may."""
+    cfg = {**setup["cfg"], "batch": {"size": 2}}
+    run(cfg, tmp_path / "one")
+    path, out = tmp_path / "run.yaml", tmp_path / "two"
+    path.write_text(yaml.safe_dump(cfg))
+    procs = _two_processes(path, out, resume=False)
+    deadline = time.time() + 300
+    try:
+        while not (_rounds_saved(out, 0) and _rounds_saved(out, 1)):
+            assert all(p.poll() is None for p in procs) and time.time() < deadline, \
+                "a process died or hung before both waves saved a round"
+            time.sleep(0.01)
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGKILL)
+            p.wait()
+    # Both killed inside their waves: nothing but round checkpoints to resume from.
+    assert not list((out / "waves").glob("wave_*.json"))
+    saved = [_rounds_saved(out, w)[-1] for w in (0, 1)]
+    procs = _two_processes(path, out, resume=True)
+    outputs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    for w, (output, r) in enumerate(zip(outputs, saved)):
+        first = next((line for line in output.splitlines()
+                      if f"wave {w + 1}/2, round" in line), output)
+        assert f"round {r + 1}," in first, (w, saved, first)  # went on from its newest round
+    assert (out / "traces.jsonl").read_text() == (tmp_path / "one" / "traces.jsonl").read_text()
+    assert (out / "rounds.jsonl").read_text() == (tmp_path / "one" / "rounds.jsonl").read_text()
