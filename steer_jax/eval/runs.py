@@ -58,6 +58,17 @@ class Run:
         return None if gamma is None else float(gamma)
 
     @property
+    def routing(self) -> str:
+        """STEER's routing rule in a few characters: "γ=0.5", "p=0.3" (percentile), "τ=..."."""
+        opts = self.summary.get("options") or {}
+        policy = opts.get("policy", "posterior")
+        if policy == "percentile":
+            return f"p={float(opts['percentile']):g}"
+        if policy == "threshold":
+            return f"τ={float(opts['threshold']):g}"
+        return f"γ={self.gamma:g}" if self.gamma is not None else ""
+
+    @property
     def accuracy(self) -> float:
         return float(self.summary["accuracy"])
 

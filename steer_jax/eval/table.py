@@ -82,14 +82,15 @@ def pair_label(run: Run) -> str:
 
 def row_label(run: Run, with_pair: bool = False) -> str:
     label = METHOD_LABELS.get(run.method, run.method)
-    if run.method == "steer" and run.gamma is not None:
-        label = f"{label} (γ={run.gamma:g})"
+    if run.method == "steer" and run.routing:
+        label = f"{label} ({run.routing})"
     return f"{pair_label(run)} {label}" if with_pair else label
 
 
 def _row_key(run: Run) -> tuple:
     method_rank = METHODS.index(run.method) if run.method in METHODS else len(METHODS)
-    return (str(run.pair), method_rank, run.method, run.gamma if run.gamma is not None else -1.0)
+    return (str(run.pair), method_rank, run.method, run.routing[:2],
+            run.gamma if run.gamma is not None else -1.0)
 
 
 def build_table(runs: list[Run]) -> ResultsTable:

@@ -240,14 +240,30 @@ def load_model(path: str | Path, dtype: str = "bfloat16", *, value_head: bool = 
     return Model(cfg, params, str(path))
 
 
+# tokenizer_config.json classes that mean "exactly the pipeline in tokenizer.json".
+_GENERIC_TOKENIZERS = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
 def load_tokenizer(path: str | Path) -> Any:
-    """The checkpoint's own transformers tokenizer, from local files only, never remote code."""
-    from transformers import AutoTokenizer
+    """The checkpoint's own transformers tokenizer, from local files only, never remote code.
+
+    A checkpoint whose tokenizer_config.json declares a generic class gets exactly its
+    tokenizer.json: AutoTokenizer would pick the class registered for config.json's model_type
+    instead (Qwen2Tokenizer for the demo's qwen2 models), which rebuilds the tokenizer from the
+    vocabulary with its own pre-tokenizer and encodes the demo's text into other ids.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"tokenizer directory {path} does not exist")
     try:
+        declared = json.loads((path / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError):
+        declared = None
+    try:
+        if declared in _GENERIC_TOKENIZERS and (path / "tokenizer.json").is_file():
+            return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
         return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except Exception as e:
         raise CheckpointError(f"cannot load a tokenizer from {path}: {e}") from e
