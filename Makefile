@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo demo-gemma3 train-demo test bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,12 +16,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# Until the trained demo pair ships (issue #7), the demo is the most useful real thing that runs
-# offline: our engine against HF transformers on the same random checkpoint (parity and speed),
-# and the on-device mixture fit against scikit-learn.
+# STEER and its baselines on the shipped Qwen2 demo pair (models/), the report under runs/demo/.
 demo: $(STAMP)
-	JAX_PLATFORMS=cpu $(PY) benchmarks/decode.py
-	JAX_PLATFORMS=cpu $(PY) benchmarks/gmm.py
+	JAX_PLATFORMS=cpu $(PY) -m steer_jax.cli demo --config configs/demo.yaml --out runs/demo
+
+demo-gemma3: $(STAMP)
+	JAX_PLATFORMS=cpu $(PY) -m steer_jax.cli demo --config configs/demo-gemma3.yaml --out runs/demo-gemma3
+
+# Retrains the four demo models into models/ (deterministic from the seed; see the README for the time).
+train-demo: $(STAMP)
+	JAX_PLATFORMS=cpu $(PY) -m steer_jax.cli train-demo --out models
 
 test: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) -m pytest -q tests

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from pathlib import Path
 from typing import Sequence
+
+# train-demo's defaults, as steer_jax.train_demo.TrainOptions has them (not imported: jax is slow
+# to import and --help should not wait for it).
+TRAIN_STEPS, TRAIN_BATCH = 1500, 32
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -91,6 +96,34 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_demo(args: argparse.Namespace) -> int:
+    from steer_jax.train_demo import FAMILIES, TrainOptions, train_pair
+
+    opts = TrainOptions(steps=args.steps, batch=args.batch, seed=args.seed)
+    for family in FAMILIES if args.family == "all" else [args.family]:
+        record = train_pair(family, args.out, opts)
+        for size, m in record["models"].items():
+            print(f"{family} {size}: {m['params']:,} parameters, final loss "
+                  f"{m['final_loss']:.4f}, {m['seconds']:.0f}s -> {m['path']}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from steer_jax.demo import run_demo
+    from steer_jax.eval.report import report
+    from steer_jax.eval.runs import expand_run_dirs
+    from steer_jax.runner import load_config
+
+    config = load_config(args.config, args.set)
+    with _progress_bar() as progress:
+        summaries = run_demo(config, args.out, progress=progress)
+    for s in summaries.values():
+        _print_summary(s)
+    out = report(expand_run_dirs([args.out]), Path(args.out) / "report")
+    print(f"runs in {args.out}/<method>/ (summary.json, traces.jsonl); table and plots in {out}/")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from steer_jax.eval import main_report
 
@@ -131,6 +164,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                            help="save the wave in flight every K rounds, so a preempted run "
                            "loses at most K rounds")
 
+    td = sub.add_parser("train-demo", help="train the demo's small/large pairs (optax, CPU)")
+    td.add_argument("--out", default="models", help="folder for the demo-<family>-<size>/ dirs")
+    td.add_argument("--family", default="all", choices=["all", "qwen2", "gemma3"])
+    td.add_argument("--steps", type=int, default=TRAIN_STEPS)
+    td.add_argument("--batch", type=int, default=TRAIN_BATCH)
+    td.add_argument("--seed", type=int, default=0)
+    td.set_defaults(func=_train_demo)
+
+    demo = sub.add_parser("demo", help="the demo's methods on its test split, then the report")
+    demo.add_argument("--config", default="configs/demo.yaml")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    demo.add_argument("--out", default="runs/demo")
+    demo.set_defaults(func=_demo)
+
     conv = sub.add_parser("convert", help="HF checkpoint -> orbax, restorable into a mesh")
     conv.add_argument("hf_dir")
     conv.add_argument("out_dir")
@@ -144,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as e:  # config, checkpoint and input errors: the message says what to fix
+    except (ValueError, FileNotFoundError) as e:  # config, checkpoint and input errors: the message says what to fix
         parser.exit(2, f"steer-jax: error: {e}\n")
 
 
