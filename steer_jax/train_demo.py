@@ -4,10 +4,10 @@ No checkpoint can be downloaded where the demo must run, so the project trains i
 `demo` benchmark's training split (steer_jax.eval.demo_task) and ships them under `models/` in the
 Hugging Face layout: the demo then goes through the very loading path real checkpoints use.
 
-The pairs differ the way the paper's do: same tokenizer, same family, the large one several times
-the small one's parameters and so better at the hard levels, where the small one's steps are the
-ones it is unsure of. Both are trained for the same number of steps on the same batches; the gap
-is capacity, not data.
+The pairs are built the way the paper's are: same tokenizer, same family, the large one about 6x
+the small one's parameters and three times as deep (each step of a level-k problem chains k
+lookups). Both are trained for the same number of steps on the same batches, so any gap is
+capacity, not data (the README reports the gap the shipped pairs show).
 
 Training runs the inference forward itself (`transformer.forward` into an empty cache as long as
 the batch), so what is trained is exactly what decodes: the loss covers the assistant's tokens
