@@ -42,7 +42,7 @@ RULES: dict[str, str] = {
 # are listed without the leading 'layers' axis, which stacked parameters add in front.
 TOP_AXES: dict[str, tuple[str, ...]] = {
     "embed": ("vocab", "embed"),
-    "lm_head": ("embed", "vocab"),
+    "lm_head": ("vocab", "embed"),
     "final_norm": ("embed",),
     "v_head.w": ("embed",),
     "v_head.b": (),

@@ -63,7 +63,7 @@ def _configs(tiny_models):
 def test_rules_cover_the_layout_stacked_and_unstacked(tiny_models):
     mesh = distributed.make_mesh(4, 2)  # every sharded dim of the tiny models divides 2
     expected = {  # the partition rules of the design, written out for a 4 x 2 mesh
-        "embed": P("model", None), "lm_head": P(None, "model"),
+        "embed": P("model", None), "lm_head": P("model", None),
         "q": P(None, "model", None), "k": P(None, "model", None), "v": P(None, "model", None),
         "o": P("model", None, None), "q_bias": P("model", None), "k_bias": P("model", None),
         "v_bias": P("model", None), "gate": P(None, "model"), "up": P(None, "model"),

@@ -67,7 +67,7 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> P
         layers.update(post_attn_norm=norm(L, D), post_mlp_norm=norm(L, D))
     params: Params = dict(embed=normal(V, D), final_norm=norm(D), layers=layers)
     if not cfg.tie_embeddings:
-        params["lm_head"] = normal(D, V)
+        params["lm_head"] = normal(V, D)
     if cfg.value_head:
         params["v_head"] = dict(w=normal(D), b=jnp.zeros((), dtype))
     return params
@@ -203,10 +203,12 @@ def unstack_layers(params: Params) -> Params:
 
 def logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
     """Float32 next-token logits [..., V] from final hidden states."""
-    head = params["embed"].T if cfg.tie_embeddings else params["lm_head"]
-    flat = jnp.matmul(hidden.reshape(-1, hidden.shape[-1]), head,
-                      preferred_element_type=jnp.float32)  # 2-D for the reason of `_dense`
-    out = flat.reshape(*hidden.shape[:-1], head.shape[-1])
+    # Both heads are [V, D], contracted over D: XLA's CPU dot reads a [D, V] operand of this
+    # width about 10x slower (4 ms against 40 ms for a 32k x 512 head at batch 16).
+    head = params["embed"] if cfg.tie_embeddings else params["lm_head"]
+    flat = jax.lax.dot_general(hidden.reshape(-1, hidden.shape[-1]), head,  # 2-D: see `_dense`
+                               (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    out = flat.reshape(*hidden.shape[:-1], head.shape[0])
     if cfg.final_logit_softcap:
         out = jnp.tanh(out / cfg.final_logit_softcap) * cfg.final_logit_softcap
     return out

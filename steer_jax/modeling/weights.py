@@ -29,7 +29,7 @@ class Rule:
 COMMON: tuple[Rule, ...] = (
     Rule(r"model\.embed_tokens\.weight", ("embed",), "copy"),
     Rule(r"model\.norm\.weight", ("final_norm",), "copy"),
-    Rule(r"lm_head\.weight", ("lm_head",), "transpose"),
+    Rule(r"lm_head\.weight", ("lm_head",), "copy"),  # [V, D], as the embedding
     Rule(LAYER + r"input_layernorm\.weight", ("layers", "attn_norm"), "copy"),
     Rule(LAYER + r"self_attn\.q_proj\.weight", ("layers", "q"), "in_heads"),
     Rule(LAYER + r"self_attn\.k_proj\.weight", ("layers", "k"), "in_kv_heads"),
