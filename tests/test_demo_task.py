@@ -26,7 +26,9 @@ transformers = pytest.importorskip("transformers")
 QUESTION = re.compile(
     r"Start with (\d)\. Repeat (\d) times: x((?: [-+*] \d)+)\. Keep the last digit\. What is the result\?")
 OPERATION = re.compile(r" ([-+*]) (\d)")
-STEP = re.compile(r"(\d)((?: [-+*] \d)+) = (\d)")
+# A step: the start value, then each operation of the rule with its intermediate result.
+STEP = re.compile(r"(\d)((?: [-+*] \d = \d)+)")
+LINK = re.compile(r" ([-+*]) (\d) = (\d)")
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +63,12 @@ def test_worked_steps_recompute_from_the_question(test_split: list) -> None:
         for step in steps:
             s = STEP.fullmatch(step)
             assert s, repr(step)  # also rules out stray newlines inside a step
-            assert int(s.group(1)) == value and s.group(2) == rule
+            assert int(s.group(1)) == value
+            links = LINK.findall(s.group(2))
+            assert [(op, x) for op, x, _ in links] == operations  # the rule, in order
+            for i, (_, _, result) in enumerate(links):  # each result from the step's start
+                assert int(result) == _last_digit(value, operations[: i + 1])
             value = _last_digit(value, operations)
-            assert int(s.group(3)) == value
         assert answer_line == f"Answer: {value}" and e.reference == str(value)
 
 

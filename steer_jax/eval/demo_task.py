@@ -6,18 +6,20 @@ difficulty behaves as in real reasoning: it differs between problems and persist
 A rule applied again and again, on the last digit, does that:
 
     question  Start with 3. Repeat 3 times: x * 7 + 4. Keep the last digit. What is the result?
-    solution  3 * 7 + 4 = 5\n\n5 * 7 + 4 = 9\n\n9 * 7 + 4 = 7\n\nAnswer: 7
+    solution  3 * 7 = 1 + 4 = 5\n\n5 * 7 = 5 + 4 = 9\n\n9 * 7 = 3 + 4 = 7\n\nAnswer: 7
 
-One application of the rule per step, steps separated by a blank line ("\n\n"), a final
-"Answer: N" line graded by exact integer match. Operations run left to right and only the last
-digit is kept (mod 10 commutes with + - *, so it does not matter when). A problem's level is the
-number of operations in its rule (`LEVELS`): every step of a level-4 problem chains four table
-lookups in one line, every step of a level-1 problem one. Depth is what a small model lacks, so a
-small model unsure of step 1 of a level-4 problem is unsure of step 3 too, which is what makes the
-previous step's confidence a signal for routing the next. Every number is one digit, one token,
-and after step 1 everything a step copies is in the line above it: what is left to learn is the
-arithmetic, and that is where the small and the large model differ. Levels (1..4) and step counts
-(2..6) are drawn independently, so a problem's length says nothing of its difficulty.
+One application of the rule per step, each operation with its own intermediate result, steps
+separated by a blank line ("\n\n"), a final "Answer: N" line graded by exact integer match.
+Operations run left to right and only the last digit is kept. Every number is one digit, one
+token, so each result token is one table lookup; what grows with a problem's level (`LEVELS`: the
+number of operations in its rule) is the bookkeeping: which operand of the rule comes next, with
+the same operators and digits repeated in the rule and in the lines above. That is where depth
+helps and where a small model slips, on the same operand of every line, so a small model unsure
+of step 1 of a level-4 problem is unsure of step 3 too, which is what makes the previous step's
+confidence a signal for routing the next. (An earlier version wrote one result per line, which
+asked for four lookups composed inside one token: even the large model did not learn that.)
+Levels (1..4) and step counts (2..6) are drawn independently, so a problem's length says nothing
+of its difficulty.
 
 Splits: `make_split(split, n, seed)` is a pure function of its arguments. A problem belongs to the
 test split iff a stable hash of its question text falls in one of `_TEST_BUCKETS` of `_BUCKETS`
@@ -100,9 +102,11 @@ def _problem(rng: random.Random, level_id: int, steps: int) -> tuple[str, str, i
                 "What is the result?")
     lines = []
     for _ in range(steps):
-        result = apply_rule(value, rule)
-        lines.append(f"{value}{text} = {result}")
-        value = result
+        line = str(value)
+        for op, operand in rule:
+            value = apply_rule(value, [(op, operand)])
+            line += f" {op} {operand} = {value}"
+        lines.append(line)
     solution = "\n\n".join([*lines, f"{ANSWER_PREFIX} {value}"])
     return question, solution, value
 
