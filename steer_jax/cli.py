@@ -101,7 +101,7 @@ def _train_demo(args: argparse.Namespace) -> int:
 
     opts = TrainOptions(steps=args.steps, batch=args.batch, seed=args.seed)
     for family in FAMILIES if args.family == "all" else [args.family]:
-        record = train_pair(family, args.out, opts)
+        record = train_pair(family, args.out, opts, sizes=args.sizes.split(","))
         for size, m in record["models"].items():
             print(f"{family} {size}: {m['params']:,} parameters, final loss "
                   f"{m['final_loss']:.4f}, {m['seconds']:.0f}s -> {m['path']}")
@@ -170,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     td.add_argument("--steps", type=int, default=TRAIN_STEPS)
     td.add_argument("--batch", type=int, default=TRAIN_BATCH)
     td.add_argument("--seed", type=int, default=0)
+    td.add_argument("--sizes", default="small,large", help="which of each pair to (re)train")
     td.set_defaults(func=_train_demo)
 
     demo = sub.add_parser("demo", help="the demo's methods on its test split, then the report")

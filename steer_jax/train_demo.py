@@ -4,10 +4,12 @@ No checkpoint can be downloaded where the demo must run, so the project trains i
 `demo` benchmark's training split (steer_jax.eval.demo_task) and ships them under `models/` in the
 Hugging Face layout: the demo then goes through the very loading path real checkpoints use.
 
-The pairs are built the way the paper's are: same tokenizer, same family, the large one about 6x
-the small one's parameters and three times as deep (each step of a level-k problem chains k
-lookups). Both are trained for the same number of steps on the same batches, so any gap is
-capacity, not data (the README reports the gap the shipped pairs show).
+The pairs are built the way the paper's are: same tokenizer, same family, same data, the large one
+about 5x the small one's parameters. They differ in depth, one layer against six: a step of a
+level-k problem needs the next operand of the rule, found among repeated operators and digits in
+the lines above, which one attention layer cannot pin down (a 2-layer small model, trained as long
+as the large, reached 100% like it, leaving nothing to route). Both are trained for the same steps
+on the same batches, so the gap is capacity, not data.
 
 Training runs the inference forward itself (`transformer.forward` into an empty cache as long as
 the batch), so what is trained is exactly what decodes: the loss covers the assistant's tokens
@@ -49,10 +51,10 @@ class Shape:
     mlp: int
 
 
-# The large about 6x the small in parameters (the issue asks 4-8x), and three times as deep: each
-# step of a level-k problem chains k lookups in one line, and depth is what chaining needs.
+# The large about 5x the small in parameters (the issue asks 4-8x), the same width, six times as
+# deep: the arithmetic is one lookup per token; which operand comes next is what needs depth.
 SHAPES = {
-    "small": Shape(hidden=64, layers=2, heads=4, kv_heads=2, mlp=192),
+    "small": Shape(hidden=96, layers=1, heads=6, kv_heads=2, mlp=288),
     "large": Shape(hidden=96, layers=6, heads=6, kv_heads=2, mlp=288),
 }
 
@@ -172,12 +174,17 @@ def train(cfg: ModelConfig, tokens: np.ndarray, mask: np.ndarray, opts: TrainOpt
 
 
 def train_pair(family: str, out: str | Path, opts: TrainOptions = TrainOptions(),
-               log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train `family`'s small and large demo models and save them under out/demo-<family>-<size>.
+               log: Callable[[str], None] = print,
+               sizes: Sequence[str] = SIZES) -> dict[str, Any]:
+    """Train `family`'s demo models of `sizes` and save them under out/demo-<family>-<size>.
 
     Returns the record written to out/demo-<family>.json: sizes, parameter counts, final losses,
-    seconds taken, and the options.
+    seconds taken, and the options. Retraining one size keeps the other's entry when it was
+    trained with the same options (the sizes train independently).
     """
+    unknown = sorted(set(sizes) - set(SIZES))
+    if unknown or not sizes:
+        raise ValueError(f"sizes must be among {SIZES}, got {list(sizes)}")
     from steer_jax.eval import demo_task
     from steer_jax.modeling.export import save_hf
 
@@ -190,7 +197,13 @@ def train_pair(family: str, out: str | Path, opts: TrainOptions = TrainOptions()
     counts = {lv: int(np.sum(levels == lv)) for lv in np.unique(levels)}
     weights = np.array([1.0 / counts[lv] for lv in levels])
     record: dict[str, Any] = {"family": family, "options": dataclasses.asdict(opts), "models": {}}
-    for size in ("large", "small"):  # the large first: its loss is the first sign a run is sound
+    record_path = Path(out, f"demo-{family}.json")
+    if record_path.exists():
+        old = json.loads(record_path.read_text())
+        if old.get("options") == record["options"]:
+            record["models"] = {k: v for k, v in old.get("models", {}).items() if k not in sizes}
+    for size in [s for s in ("large", "small") if s in sizes]:  # large first: its loss is the
+        # first sign a run is sound
         cfg = demo_config(family, size, tokenizer)
         losses: list[float] = []
         start = time.perf_counter()
@@ -207,5 +220,5 @@ def train_pair(family: str, out: str | Path, opts: TrainOptions = TrainOptions()
         record["models"][size] = {"path": str(path), "params": model.num_params,
                                   "final_loss": losses[-1], "losses_every_50": losses,
                                   "seconds": round(time.perf_counter() - start, 1)}
-    Path(out, f"demo-{family}.json").write_text(json.dumps(record, indent=2) + "\n")
+    record_path.write_text(json.dumps(record, indent=2) + "\n")
     return record

@@ -130,6 +130,15 @@ def test_train_pair_writes_checkpoints_both_libraries_load(tiny_shapes, tmp_path
             expected = hf(torch.tensor([ids])).logits[0].numpy()
         np.testing.assert_allclose(np.asarray(ours.logits([ids])[0]), expected, rtol=1e-4,
                                    atol=1e-5)
+    # Retraining one size keeps the other's entry; with other options it is dropped, not misfiled.
+    again = train_pair("gemma3", tmp_path, TrainOptions(steps=3, batch=4), log=lambda _: None,
+                       sizes=["small"])
+    assert again["models"]["large"] == record["models"]["large"]
+    other = train_pair("gemma3", tmp_path, TrainOptions(steps=2, batch=4), log=lambda _: None,
+                       sizes=["small"])
+    assert set(other["models"]) == {"small"}
+    with pytest.raises(ValueError, match="medium"):
+        train_pair("gemma3", tmp_path, sizes=["medium"])
 
 
 def test_unknown_demo_model_is_refused() -> None:
