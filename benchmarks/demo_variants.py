@@ -2,6 +2,13 @@
 and the gamma sweep, against the small_only and large_only baselines, all in one process.
 
     python benchmarks/demo_variants.py [--config configs/demo.yaml] [--out runs/demo-variants]
+    python benchmarks/demo_variants.py --measures   # which step confidence to route on
+
+`--measures` runs the small model alone on a held-out split (500 problems of the test bucket drawn
+with seed 1, none of them in the test split) once per confidence measure and prints how well each
+step confidence ranks the small model's right steps above its wrong ones (ROC AUC against
+scikit-learn's `roc_auc_score`; a step is right when it equals the worked solution's line and
+every step before it was right). This is how the demo configs' `confidence` was chosen.
 
 Each variant is one run directory under OUT (summary.json, traces.jsonl); the printed Markdown
 table is what the README's demo section quotes (`steer-jax report OUT/gamma_* ...` draws the
@@ -11,6 +18,9 @@ sweep).
 from __future__ import annotations
 
 import argparse
+import json
+import tempfile
+from pathlib import Path
 
 from steer_jax.demo import run_demo
 from steer_jax.runner import load_config
@@ -26,13 +36,58 @@ VARIANTS = {
 }
 
 
+def held_out_split(path: Path, n: int = 500) -> Path:
+    from steer_jax.eval import demo_task
+
+    test = {e.question for e in demo_task.make_split("test")}
+    dev = [e for e in demo_task.make_split("test", 2 * n, seed=1) if e.question not in test]
+    return demo_task.write_split(path, dev[:n])
+
+
+def step_auroc(run_dir: Path, examples: dict) -> tuple[float, int, int]:
+    """(AUROC of step confidence for "step right", steps, wrong steps) up to each first error."""
+    from sklearn.metrics import roc_auc_score
+
+    right, conf = [], []
+    for line in (run_dir / "traces.jsonl").read_text().splitlines():
+        trace = json.loads(line)
+        lines = examples[trace["id"]].meta["solution"].split("\n\n")
+        for i, step in enumerate(trace["steps"]):
+            ok = i < len(lines) and step["text"].replace("<|im_end|>", "").strip() == lines[i]
+            right.append(ok)
+            conf.append(step["confidence"])
+            if not ok:
+                break
+    return float(roc_auc_score(right, conf)), len(right), right.count(False)
+
+
+def measures(config: dict, out: str) -> None:
+    from steer_jax.eval import demo_task
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = held_out_split(Path(tmp) / "held_out.jsonl")
+        examples = {e.id: e for e in demo_task.read_split(path)}
+        config = {**config, "benchmark": {"name": "demo", "path": str(path), "limit": None}}
+        runs = {m: {"method": "small_only", "steer": {"confidence": m}}
+                for m in ("max_logit", "max_prob", "neg_entropy")}
+        run_demo(config, out, runs=runs, warm_up=False)
+    print("| step confidence | AUROC (right vs wrong steps) | steps | wrong |")
+    print("|---|---|---|---|")
+    for m in runs:
+        auc, n, wrong = step_auroc(Path(out) / m, examples)
+        print(f"| {m} | {auc:.3f} | {n} | {wrong} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--out", default="runs/demo-variants")
     parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--measures", action="store_true", help="compare confidence measures")
     args = parser.parse_args()
     config = load_config(args.config, args.set)
+    if args.measures:
+        return measures(config, args.out + "-measures")
     # Accuracy and FLOPs do not depend on compiles; the wall-clock here includes them (make demo's
     # does not).
     summaries = run_demo(config, args.out, runs=VARIANTS, warm_up=False)
