@@ -5,7 +5,9 @@ engines load that checkpoint, are warmed up, and generate 64 greedy tokens for a
 prompts in this one process on the CPU. Also printed: the fraction of this machine's roofline
 that our decode steps reach, with the bandwidth and matmul rate measured here and now.
 
-    python benchmarks/decode.py [--batch 16] [--new 64] [--repeats 3]
+    python benchmarks/decode.py [--batch 16] [--new 64] [--repeats 3] [--untied]
+
+`--untied` gives the model its own lm_head (as Qwen2.5-7B has) instead of the tied embedding.
 """
 
 from __future__ import annotations
@@ -57,11 +59,12 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--untied", action="store_true", help="a separate lm_head, not tied")
     args = ap.parse_args()
 
     config = tf.Qwen2Config(vocab_size=32768, hidden_size=512, intermediate_size=1536,
                             num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-                            tie_word_embeddings=True, max_position_embeddings=4096,
+                            tie_word_embeddings=not args.untied, max_position_embeddings=4096,
                             eos_token_id=None, bos_token_id=None)
     torch.manual_seed(0)
     hf = tf.Qwen2ForCausalLM(config).eval()
@@ -85,7 +88,8 @@ def main() -> None:
     t_ours = best_of(run_ours, args.repeats)
     t_hf = best_of(run_hf, args.repeats)
     tokens = args.batch * args.new
-    print(f"model: Qwen2-shaped, {n_params / 1e6:.1f}M params, float32; batch {args.batch}, "
+    print(f"model: Qwen2-shaped, {'untied' if args.untied else 'tied'}, {n_params / 1e6:.1f}M "
+          f"params, float32; batch {args.batch}, "
           f"prompt {args.prompt}, {args.new} new tokens, greedy; torch threads "
           f"{torch.get_num_threads()}, jax devices {jax.devices()}")
     print(f"greedy rows identical to transformers: {same}/{args.batch}")
@@ -95,8 +99,10 @@ def main() -> None:
 
     # Roofline of one decode step: all weights read once; 2 N FLOPs per row.
     bw, rate = memory_bandwidth(), matmul_rate()
-    step_bytes = 4 * n_params
-    step_flops = 2 * n_params * args.batch
+    # An untied embedding is only gathered (a row per token), not read whole.
+    read = n_params - (config.vocab_size * config.hidden_size if args.untied else 0)
+    step_bytes = 4 * read
+    step_flops = 2 * read * args.batch
     bound = max(step_bytes / bw, step_flops / rate)
     per_step = t_ours / args.new  # the prefill is included: a conservative figure
     print(f"machine: {bw / 1e9:.1f} GB/s read bandwidth, {rate / 1e9:.1f} GFLOP/s float32 matmul")
