@@ -1,6 +1,6 @@
 """`demo`: a synthetic multi-step arithmetic benchmark and its tokenizer, for the embedded demo.
 
-The demo trains a tiny small/large model pair on a laptop CPU in minutes, so it needs a task that
+The demo trains a tiny small/large model pair on a laptop CPU within an hour, so it needs a task
 tiny models can learn that fast, whose steps are delimited exactly as STEER expects, and whose
 difficulty behaves as in real reasoning: it differs between problems and persists within one.
 A rule applied again and again, on the last digit, does that:
