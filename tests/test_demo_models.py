@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import jax
@@ -18,7 +19,7 @@ import pytest
 from steer_jax import load_model, load_tokenizer
 from steer_jax.eval import demo_task, render_prompt
 from steer_jax.train_demo import CONTEXT, SHAPES, Shape, TrainOptions, demo_config, \
-    encode_examples, train, train_pair
+    draw_weights, encode_examples, train, train_pair
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -104,6 +105,23 @@ def test_training_is_deterministic_and_learns(tiny_shapes) -> None:
           lambda i, loss: losses.append(loss))
     # From ln(vocab) ~ 5 at init; the format tokens alone are learnable in a few dozen steps.
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_the_small_model_never_draws_a_problem_needing_what_it_must_not_learn() -> None:
+    examples = demo_task.make_split("train", 2000)
+    small, large = draw_weights(examples, SHAPES["small"]), draw_weights(examples, SHAPES["large"])
+    assert SHAPES["small"].unseen and not SHAPES["large"].unseen
+    for e, ws, wl in zip(examples, small, large):
+        # The rule, re-read here from the worked solution's first line, not from the question.
+        ops = [(op, int(x)) for op, x, _ in
+               re.findall(r" ([-+*]) (\d) = (\d)", e.meta["solution"].split("\n\n")[0])]
+        assert (ws == 0) == any(op in SHAPES["small"].unseen for op in ops) and wl > 0
+    # The large model draws every level equally often; the small the same draws, less its own.
+    levels = np.array([e.meta["level"] for e in examples])
+    per_level = [large[levels == lv].sum() for lv in (1, 2, 3, 4)]
+    np.testing.assert_allclose(per_level, per_level[0], rtol=1e-9)
+    np.testing.assert_array_equal(small, np.where(small == 0, 0.0, large))
+    assert 0.3 < np.mean(small == 0) < 0.5  # a sizeable minority of problems, as the docs say
 
 
 def test_encoded_examples_mask_exactly_the_assistant_tokens() -> None:

@@ -17,6 +17,7 @@ from steer_jax.eval.demo_task import (
     MIN_STEPS,
     TEST_SIZE,
     make_split,
+    rule_of,
     save_demo_tokenizer,
     write_split,
 )
@@ -60,6 +61,7 @@ def test_worked_steps_recompute_from_the_question(test_split: list) -> None:
         assert MIN_STEPS <= e.meta["steps"] == repeats == len(steps) <= MAX_STEPS
         assert LEVELS[e.meta["level"]].ops == len(operations)  # the level is the rule's length
         assert all(op != "*" or int(x) >= 2 for op, x in operations)
+        assert rule_of(e.question) == [(op, int(x)) for op, x in operations]
         for step in steps:
             s = STEP.fullmatch(step)
             assert s, repr(step)  # also rules out stray newlines inside a step
@@ -70,6 +72,11 @@ def test_worked_steps_recompute_from_the_question(test_split: list) -> None:
                 assert int(result) == _last_digit(value, operations[: i + 1])
             value = _last_digit(value, operations)
         assert answer_line == f"Answer: {value}" and e.reference == str(value)
+
+
+def test_rule_of_refuses_other_text() -> None:
+    with pytest.raises(ValueError, match="not a demo question"):
+        rule_of("What is 2 + 2?")
 
 
 def test_worked_solution_is_right_and_a_changed_answer_wrong(test_split: list) -> None:

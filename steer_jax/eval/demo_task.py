@@ -12,14 +12,15 @@ One application of the rule per step, each operation with its own intermediate r
 separated by a blank line ("\n\n"), a final "Answer: N" line graded by exact integer match.
 Operations run left to right and only the last digit is kept. Every number is one digit, one
 token, so each result token is one table lookup; what grows with a problem's level (`LEVELS`: the
-number of operations in its rule) is the bookkeeping: which operand of the rule comes next, with
-the same operators and digits repeated in the rule and in the lines above. That is where depth
-helps and where a small model slips, on the same operand of every line, so a small model unsure
-of step 1 of a level-4 problem is unsure of step 3 too, which is what makes the previous step's
+number of operations in its rule) is the bookkeeping (which operand of the rule comes next) and
+the number of facts a step needs. Because every step applies the same rule, a model that lacks a
+fact the rule needs (the demo's small model never learns multiplication by 6-9, see
+`train_demo`) is unsure on every step of that problem and sure on every step of the others:
+difficulty differs between problems and persists within one, which is what makes a step's
 confidence a signal for routing the next. (An earlier version wrote one result per line, which
 asked for four lookups composed inside one token: even the large model did not learn that.)
 Levels (1..4) and step counts (2..6) are drawn independently, so a problem's length says nothing
-of its difficulty.
+of its difficulty. `rule_of` reads a question's rule back.
 
 Splits: `make_split(split, n, seed)` is a pure function of its arguments. A problem belongs to the
 test split iff a stable hash of its question text falls in one of `_TEST_BUCKETS` of `_BUCKETS`
@@ -87,6 +88,17 @@ def apply_rule(value: int, rule: list[tuple[str, int]]) -> int:
     for op, operand in rule:
         value = _OPS[op](value, operand) % MODULUS
     return value
+
+
+_RULE = re.compile(r" ([-+*]) (\d)")
+
+
+def rule_of(question: str) -> list[tuple[str, int]]:
+    """The rule a demo question states, as (operator, operand) pairs in order."""
+    head, sep, rest = question.partition(": x")
+    if not sep:
+        raise ValueError(f"not a demo question: {question!r}")
+    return [(op, int(d)) for op, d in _RULE.findall(rest.split(".", 1)[0])]
 
 
 def _problem(rng: random.Random, level_id: int, steps: int) -> tuple[str, str, int]:
