@@ -13,9 +13,10 @@ each large step as soon as it is written, which scores it on the small model's s
 `source="small"`). Each call gathers only the rows routed to the model into a bucket (powers of
 two, then multiples of an eighth of the batch), runs, and scatters them back, and a model that
 must catch up on many tokens reads them first in chunks that hold only the rows still behind, so
-executed work tracks routed work. Per round, the host learns a few scalars (how many rows each
-model serves and the longest catch-up read, to pick a compiled bucket); routing masks,
-confidences and mixtures stay on device.
+executed work tracks routed work; each call attends over the prefix of the cache its rows reach.
+Per round, the host learns a few scalars (how many rows each model serves, the longest catch-up
+read and the furthest position, to pick a compiled program); routing masks, confidences and
+mixtures stay on device.
 
 Between rounds the whole loop is one `RoundState` (trace state, every cache, the mixtures so far):
 `on_round` hears it after each round and `resume_from` continues from one, which is all a caller
@@ -225,8 +226,8 @@ def _pow2(n: int, cap: int) -> int:
 def _width(lag: int) -> int:
     """Positions a call reads per row: exactly 1 for the common case (only the pending token:
     the model wrote the step before), else a power of two from 8. Padding positions are not
-    free here: each is a query against every cache slot, and a write padded from 1 to 16
-    positions took a quarter longer on the demo pair."""
+    free: each is a query against every cache slot (large_only on the demo pair took a fifth
+    longer with every write padded from 1 to 16 positions)."""
     return 1 if lag <= 1 else max(8, _pow2(lag, 1 << 30))
 
 
@@ -254,8 +255,8 @@ def _gather(cache: KVCache, rows: jax.Array, bucket: int, span: int):
 def _scatter(cache: KVCache, idx: jax.Array, sub: KVCache) -> KVCache:
     # Padding rows are real, unrouted rows: they only wrote past their length, which is harmless.
     span = sub.k.shape[3]
-    return KVCache(cache.k.at[:, idx, :, :span].set(sub.k), cache.v.at[:, idx, :, :span].set(sub.v),
-                   cache.length.at[idx].set(sub.length))
+    return KVCache(cache.k.at[:, idx, :, :span].set(sub.k),
+                   cache.v.at[:, idx, :, :span].set(sub.v), cache.length.at[idx].set(sub.length))
 
 
 def _unseen(state: TraceState, idx: jax.Array, seen: jax.Array, width: int) -> jax.Array:
@@ -264,11 +265,11 @@ def _unseen(state: TraceState, idx: jax.Array, seen: jax.Array, width: int) -> j
     return jnp.take_along_axis(state.tokens[idx], pos, axis=1)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "bucket", "span", "width", "opts", "stream", "stops"),
-                   donate_argnames=("cache",))
+@functools.partial(jax.jit, donate_argnames=("cache",), static_argnames=(
+    "cfg", "bucket", "span", "width", "opts", "stream", "stops"))
 def _write(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array, masks: VocabMasks,
-           seed: jax.Array, trace_ids: jax.Array, *, bucket: int, span: int, width: int, opts: StepSpec,
-           stream: int, stops: dec.Stops):
+           seed: jax.Array, trace_ids: jax.Array, *, bucket: int, span: int, width: int,
+           opts: StepSpec, stream: int, stops: dec.Stops):
     """The routed `rows` catch up on what they have not seen and write one step each."""
     idx, active, sub = _gather(cache, rows, bucket, span)
     seen, total = sub.length, state.total[idx]
