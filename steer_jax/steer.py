@@ -565,8 +565,10 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
 
     def write(side: _Side, rows: jax.Array) -> jax.Array:
         nonlocal state
-        catch_up(side, rows, keep=CHUNK // 2)
         count, width, span = bucket_for(side, rows, ahead=opts.max_step_tokens)
+        if width > CHUNK // 2:  # only then is a row further behind than a write reads itself
+            catch_up(side, rows, keep=CHUNK // 2)
+            count, width, span = bucket_for(side, rows, ahead=opts.max_step_tokens)
         if count == 0:
             return jnp.zeros(B, jnp.int32)
         side.cache, state, reason = _write(
