@@ -10,10 +10,11 @@ writes (`small_only`, `large_only`, `query_router`: fixed per query) or who may 
 Both models keep a KV cache for every trace and a `seen` length (their cache length). A model that
 writes first reads what the other model wrote since it last looked; the small model also reads
 each large step as soon as it is written, which scores it on the small model's scale (option
-`source="small"`). Each call gathers only the rows routed to the model into a bucket (powers of
-two, then multiples of an eighth of the batch), runs, and scatters them back, and a model that
-must catch up on many tokens reads them first in chunks that hold only the rows still behind, so
-executed work tracks routed work; each call attends over the prefix of the cache its rows reach.
+`source="small"`). Each call gathers only the rows routed to the model into a bucket (eight sizes
+per power of two), runs, and scatters them back; before a model writes, its rows that are behind
+(the other model wrote their last steps) read what they missed in calls of their own, so the write
+feeds each row one token; executed work tracks routed work, and each call attends over the prefix
+of the cache its rows reach.
 Per round, the host learns a few scalars (how many rows each model serves, the longest catch-up
 read and the furthest position, to pick a compiled program); routing masks, confidences and
 mixtures stay on device.
@@ -225,20 +226,24 @@ def _pow2(n: int, cap: int) -> int:
 
 def _width(lag: int) -> int:
     """Positions a call reads per row: exactly 1 for the common case (only the pending token:
-    the model wrote the step before), else a power of two from 8. Padding positions are not
-    free: each is a query against every cache slot (large_only on the demo pair took a fifth
-    longer with every write padded from 1 to 16 positions)."""
-    return 1 if lag <= 1 else max(8, _pow2(lag, 1 << 30))
+    the model wrote the step before), else a multiple of 8 up to CHUNK, then a power of two.
+    Padding positions are not free: each is a query against every cache slot (large_only on the
+    demo pair took a fifth longer with every write padded from 1 to 16 positions)."""
+    return 1 if lag <= 1 else -(-int(lag) // 8) * 8 if lag <= CHUNK else _pow2(lag, 1 << 30)
 
 
 def _bucket(n: int, cap: int) -> int:
-    """Rows a call compiles for: powers of two up to cap/8, then multiples of cap/8.
+    """Rows a call compiles for: powers of two up to 16, then eight sizes per power of two.
 
-    Above cap/8 the padding is at most an eighth of the batch instead of up to half of the call
-    (300 routed rows of 512 ran as 512), for at most a handful more compiled programs.
+    Padding is then under an eighth of the call's rows (powers of two alone ran 300 routed rows
+    of 512 as 512). Multiples of cap/8 padded a call of 128 routed rows of 500 to 189: the
+    large model's calls, a third of the batch, are where padding costs most. A finer ladder
+    costs compiled programs, but a call's cache span moves every round anyway.
     """
-    step = -(-cap // 8)
-    return _pow2(n, cap) if n <= step else min(cap, -(-int(n) // step) * step)
+    if n <= 16:
+        return _pow2(n, cap)
+    step = 1 << (int(n - 1).bit_length() - 4)
+    return min(cap, -(-int(n) // step) * step)
 
 
 # ---- one model's work on a bucket of rows -------------------------------------------------------
@@ -546,31 +551,34 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
         span = min(slots, -(-(int(end) + max(extra, 0) + ahead + 2) // 64) * 64)
         return int(count), _width(int(widest)), span
 
-    def catch_up(side: _Side, rows: jax.Array, keep: int) -> None:
-        """Rows further behind than `keep` tokens read the rest first, CHUNK tokens a call.
+    def catch_up(side: _Side, rows: jax.Array) -> None:
+        """Rows behind read all but their newest token first, CHUNK tokens a call, on their own.
 
-        One call as wide as the furthest-behind row would pad every other row to its lag (a trace
-        the large model first serves in round 5 has ~150 tokens to read, its batch-mates ~20);
-        in chunks, each call holds only the rows still behind.
+        Typically a handful of a write's rows lag (the other model wrote their last steps; a
+        trace the large model first serves in round 5 has ~150 tokens to read) while the rest
+        only feed their pending token: one call as wide as the furthest-behind row would pad
+        every row to its lag. In chunks, each call holds only the rows still behind.
         """
         nonlocal state
         while True:
-            behind = rows & (state.total - side.cache.length > keep)
+            behind = rows & (state.total - side.cache.length > 1)
             count, widest, span = bucket_for(side, behind)
             if count == 0:
                 return
             side.cache, state = _advance(side.model.params, side.cfg, side.cache, state, behind,
                                          bucket=_bucket(count, B), span=span,
                                          width=min(CHUNK, widest), stream=side.stream)
+            if widest <= CHUNK:  # that call read every row's lag
+                return
 
     def write(side: _Side, rows: jax.Array) -> jax.Array:
         nonlocal state
         count, width, span = bucket_for(side, rows, ahead=opts.max_step_tokens)
-        if width > CHUNK // 2:  # only then is a row further behind than a write reads itself
-            catch_up(side, rows, keep=CHUNK // 2)
-            count, width, span = bucket_for(side, rows, ahead=opts.max_step_tokens)
         if count == 0:
             return jnp.zeros(B, jnp.int32)
+        if width > 1:  # after the catch-up, every row feeds just its pending token
+            catch_up(side, rows)
+            width = 1
         side.cache, state, reason = _write(
             side.model.params, side.cfg, side.cache, state, rows, side.masks, seed, ids,
             bucket=_bucket(count, B), span=span, width=width, opts=spec, stream=side.stream,

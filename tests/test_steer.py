@@ -157,14 +157,23 @@ def test_late_large_steps_after_chunked_catch_up_are_the_large_models_own(pair, 
         assert got[: len(want)] == want
 
 
-def test_row_buckets_pad_by_at_most_an_eighth_above_an_eighth():
+def test_row_buckets_pad_by_less_than_an_eighth_above_16_rows():
     bucket = importlib.import_module("steer_jax.steer")._bucket
-    assert [bucket(n, 512) for n in (1, 3, 33, 64, 65, 300, 449, 512)] == \
-        [1, 4, 64, 64, 128, 320, 512, 512]
+    assert [bucket(n, 512) for n in (1, 3, 16, 17, 33, 64, 65, 128, 129, 300, 449, 512)] == \
+        [1, 4, 16, 18, 36, 64, 72, 128, 144, 320, 480, 512]
     for cap in (8, 500, 4096):
+        sizes = {bucket(n, cap) for n in range(1, cap + 1)}
+        assert len(sizes) <= 5 + 8 * max(0, (cap - 1).bit_length() - 4)  # programs per call kind
         for n in range(1, cap + 1):
             b = bucket(n, cap)
-            assert n <= b <= cap and (b - n < -(-cap // 8) or b < 2 * n)
+            assert n <= b <= cap and (8 * (b - n) < n if n > 16 else b < 2 * n)
+
+
+def test_read_widths_are_one_then_multiples_of_8_then_powers_of_two():
+    steer_mod = importlib.import_module("steer_jax.steer")
+    width, chunk = steer_mod._width, steer_mod.CHUNK
+    assert [width(n) for n in (0, 1, 2, 8, 9, 19, 25, chunk, chunk + 1, 200)] == \
+        [1, 1, 8, 8, 16, 24, 32, chunk, 2 * chunk, 256]
 
 
 # The run layer: config checks before compute, files on disk.
