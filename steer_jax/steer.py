@@ -224,26 +224,31 @@ def _pow2(n: int, cap: int) -> int:
     return min(cap, 1 << max(0, int(n) - 1).bit_length())
 
 
+def _ladder(n: int, floor: int = 1) -> int:
+    """n rounded up to one of eight sizes per power of two (padding under an eighth), in steps of
+    at least `floor`."""
+    step = max(floor, 1 << max(0, int(n - 1).bit_length() - 4))
+    return -(-int(n) // step) * step
+
+
 def _width(lag: int) -> int:
     """Positions a call reads per row: exactly 1 for the common case (only the pending token:
-    the model wrote the step before), else a multiple of 8 up to CHUNK, then a power of two.
-    Padding positions are not free: each is a query against every cache slot (large_only on the
-    demo pair took a fifth longer with every write padded from 1 to 16 positions)."""
-    return 1 if lag <= 1 else -(-int(lag) // 8) * 8 if lag <= CHUNK else _pow2(lag, 1 << 30)
+    the model wrote the step before), else `_ladder` in steps of 8 (a SpecReason judge read of
+    ~270 positions ran as 512 with powers of two). Padding positions are not free: each is a
+    query against every cache slot (large_only on the demo pair took a fifth longer with every
+    write padded from 1 to 16 positions)."""
+    return 1 if lag <= 1 else _ladder(lag, 8)
 
 
 def _bucket(n: int, cap: int) -> int:
-    """Rows a call compiles for: powers of two up to 16, then eight sizes per power of two.
+    """Rows a call compiles for: powers of two up to 16, then `_ladder`.
 
     Padding is then under an eighth of the call's rows (powers of two alone ran 300 routed rows
     of 512 as 512). Multiples of cap/8 padded a call of 128 routed rows of 500 to 189: the
     large model's calls, a third of the batch, are where padding costs most. A finer ladder
     costs compiled programs, but a call's cache span moves every round anyway.
     """
-    if n <= 16:
-        return _pow2(n, cap)
-    step = 1 << (int(n - 1).bit_length() - 4)
-    return min(cap, -(-int(n) // step) * step)
+    return _pow2(n, cap) if n <= 16 else min(cap, _ladder(n))
 
 
 # ---- one model's work on a bucket of rows -------------------------------------------------------
@@ -565,9 +570,11 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
             count, widest, span = bucket_for(side, behind)
             if count == 0:
                 return
+            # Widths 16, 32 or CHUNK: these calls are small, and every width is a program.
             side.cache, state = _advance(side.model.params, side.cfg, side.cache, state, behind,
                                          bucket=_bucket(count, B), span=span,
-                                         width=min(CHUNK, widest), stream=side.stream)
+                                         width=min(CHUNK, _pow2(max(widest, 16), CHUNK)),
+                                         stream=side.stream)
             if widest <= CHUNK:  # that call read every row's lag
                 return
 

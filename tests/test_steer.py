@@ -169,11 +169,12 @@ def test_row_buckets_pad_by_less_than_an_eighth_above_16_rows():
             assert n <= b <= cap and (8 * (b - n) < n if n > 16 else b < 2 * n)
 
 
-def test_read_widths_are_one_then_multiples_of_8_then_powers_of_two():
-    steer_mod = importlib.import_module("steer_jax.steer")
-    width, chunk = steer_mod._width, steer_mod.CHUNK
-    assert [width(n) for n in (0, 1, 2, 8, 9, 19, 25, chunk, chunk + 1, 200)] == \
-        [1, 1, 8, 8, 16, 24, 32, chunk, 2 * chunk, 256]
+def test_read_widths_are_one_or_eight_sizes_per_power_of_two_in_steps_of_8():
+    width = importlib.import_module("steer_jax.steer")._width
+    assert [width(n) for n in (0, 1, 2, 8, 9, 19, 25, 64, 65, 200, 270)] == \
+        [1, 1, 8, 8, 16, 24, 32, 64, 72, 208, 288]
+    for n in range(2, 2000):
+        assert n <= width(n) and width(n) % 8 == 0 and (width(n) - n < 8 or 8 * (width(n) - n) < n)
 
 
 # The run layer: config checks before compute, files on disk.
