@@ -32,9 +32,11 @@ VARIANTS = {
     "source_generator-refine_first": {"steer": {"source": "generator", "refine": "first"}},
     "source_small-refine_all": {"steer": {"source": "small", "refine": "all"}},
     "source_generator-refine_all": {"steer": {"source": "generator", "refine": "all"}},
-    # Up to 0.999: the posterior is sharp when the mixture separates well, so the interesting
-    # part of the curve sits close to 1.
-    **{f"gamma_{g}": {"steer": {"gamma": g}} for g in (0.1, 0.3, 0.5, 0.7, 0.9, 0.99, 0.999)},
+    # 0 and 1 are the curve's ends (small_only; every step from the large model). Up to 0.999:
+    # the posterior is sharp when the mixture separates well, so the interesting part of the
+    # curve sits close to 1.
+    **{f"gamma_{g}": {"steer": {"gamma": g}}
+       for g in (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.99, 0.999, 1.0)},
 }
 
 
