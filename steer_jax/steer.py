@@ -276,17 +276,17 @@ def _unseen(state: TraceState, idx: jax.Array, seen: jax.Array, width: int) -> j
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",), static_argnames=(
-    "cfg", "bucket", "span", "width", "opts", "stream", "stops"))
+    "cfg", "bucket", "span", "opts", "stream", "stops"))
 def _write(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array, masks: VocabMasks,
-           seed: jax.Array, trace_ids: jax.Array, *, bucket: int, span: int, width: int,
-           opts: StepSpec, stream: int, stops: dec.Stops):
-    """The routed `rows` catch up on what they have not seen and write one step each."""
+           seed: jax.Array, trace_ids: jax.Array, *, bucket: int, span: int, opts: StepSpec,
+           stream: int, stops: dec.Stops):
+    """The routed `rows`, each lagging only its pending token (`catch_up` saw to the rest),
+    feed it and write one step each."""
     idx, active, sub = _gather(cache, rows, bucket, span)
     seen, total = sub.length, state.total[idx]
-    # Catch-up: everything from the first unseen token through the newest (pending) one.
-    n_append = jnp.where(active, total - seen, 0)
+    n_append = jnp.where(active, 1, 0)
     budget = opts.max_new_tokens - (total - state.prompt_len[idx])
-    out = dec.decode(params, cfg, sub, _unseen(state, idx, seen, width), n_append, active, seed,
+    out = dec.decode(params, cfg, sub, _unseen(state, idx, seen, 1), n_append, active, seed,
                         trace_ids[idx], masks, jnp.minimum(budget, opts.max_step_tokens), stream,
                         sampler=dec.make_sampler(opts.temperature, opts.top_p),
                         max_tokens=opts.max_step_tokens, stops=stops)
@@ -298,7 +298,7 @@ def _write(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array, mask
                      state.tokens.shape[1])  # out of bounds: dropped
     tokens = state.tokens.at[idx[:, None], slot].set(out.tokens, mode="drop")
     sel = lambda x, new: x.at[idx].set(jnp.where(active, new, x[idx]))  # noqa: E731
-    executed = bucket * (width + jnp.max(n_new) - 1)
+    executed = bucket * jnp.max(n_new)
     state = dataclasses.replace(
         state, tokens=tokens, total=state.total.at[idx].add(n_new),
         step_start=sel(state.step_start, total), conf=sel(state.conf, conf),
@@ -573,7 +573,7 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
             # Widths 16, 32 or CHUNK: these calls are small, and every width is a program.
             side.cache, state = _advance(side.model.params, side.cfg, side.cache, state, behind,
                                          bucket=_bucket(count, B), span=span,
-                                         width=min(CHUNK, _pow2(max(widest, 16), CHUNK)),
+                                         width=_pow2(max(widest, 16), CHUNK),
                                          stream=side.stream)
             if widest <= CHUNK:  # that call read every row's lag
                 return
@@ -583,13 +583,11 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
         count, width, span = bucket_for(side, rows, ahead=opts.max_step_tokens)
         if count == 0:
             return jnp.zeros(B, jnp.int32)
-        if width > 1:  # after the catch-up, every row feeds just its pending token
+        if width > 1:  # a row lags more than its pending token (the catch-up keeps the span)
             catch_up(side, rows)
-            width = 1
         side.cache, state, reason = _write(
             side.model.params, side.cfg, side.cache, state, rows, side.masks, seed, ids,
-            bucket=_bucket(count, B), span=span, width=width, opts=spec, stream=side.stream,
-            stops=side.stops)
+            bucket=_bucket(count, B), span=span, opts=spec, stream=side.stream, stops=side.stops)
         return reason
 
     def read(side: _Side, rows: jax.Array) -> None:
