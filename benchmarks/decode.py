@@ -5,9 +5,10 @@ engines load that checkpoint, are warmed up, and generate 64 greedy tokens for a
 prompts in this one process on the CPU. Also printed: the fraction of this machine's roofline
 that our decode steps reach, with the bandwidth and matmul rate measured here and now.
 
-    python benchmarks/decode.py [--batch 16] [--new 64] [--repeats 3] [--untied]
+    python benchmarks/decode.py [--batch 16] [--new 64] [--repeats 3] [--untied] [--dtype bfloat16]
 
-`--untied` gives the model its own lm_head (as Qwen2.5-7B has) instead of the tied embedding.
+`--untied` gives the model its own lm_head (as Qwen2.5-7B has) instead of the tied embedding;
+`--dtype bfloat16` runs both engines in bfloat16 (the roofline then counts 2 bytes a weight).
 """
 
 from __future__ import annotations
@@ -44,10 +45,10 @@ def memory_bandwidth() -> float:
     return x.nbytes / best_of(lambda: total(x).block_until_ready(), 5)
 
 
-def matmul_rate() -> float:
-    """FLOP/s of a float32 matmul shaped like a decode step's (a batch of rows by weights)."""
-    a = jnp.ones((256, 2048), jnp.float32)
-    b = jnp.ones((2048, 2048), jnp.float32)
+def matmul_rate(dtype: str) -> float:
+    """FLOP/s of a matmul shaped like a decode step's (a batch of rows by weights)."""
+    a = jnp.ones((256, 2048), dtype)
+    b = jnp.ones((2048, 2048), dtype)
     mm = jax.jit(lambda a, b: a @ b)
     mm(a, b).block_until_ready()
     return 2 * 256 * 2048 * 2048 / best_of(lambda: mm(a, b).block_until_ready(), 10)
@@ -60,6 +61,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--untied", action="store_true", help="a separate lm_head, not tied")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = ap.parse_args()
 
     config = tf.Qwen2Config(vocab_size=32768, hidden_size=512, intermediate_size=1536,
@@ -70,7 +72,8 @@ def main() -> None:
     hf = tf.Qwen2ForCausalLM(config).eval()
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
-        ours = load_model(Path(d), dtype="float32")
+        ours = load_model(Path(d), dtype=args.dtype)
+    hf = hf.to(getattr(torch, args.dtype))
     n_params = ours.num_params
     prompts = np.random.RandomState(0).randint(0, config.vocab_size, (args.batch, args.prompt))
 
@@ -89,7 +92,7 @@ def main() -> None:
     t_hf = best_of(run_hf, args.repeats)
     tokens = args.batch * args.new
     print(f"model: Qwen2-shaped, {'untied' if args.untied else 'tied'}, {n_params / 1e6:.1f}M "
-          f"params, float32; batch {args.batch}, "
+          f"params, {args.dtype}; batch {args.batch}, "
           f"prompt {args.prompt}, {args.new} new tokens, greedy; torch threads "
           f"{torch.get_num_threads()}, jax devices {jax.devices()}")
     print(f"greedy rows identical to transformers: {same}/{args.batch}")
@@ -98,14 +101,14 @@ def main() -> None:
     print(f"ratio (steer-jax / transformers throughput): {t_hf / t_ours:.2f}x")
 
     # Roofline of one decode step: all weights read once; 2 N FLOPs per row.
-    bw, rate = memory_bandwidth(), matmul_rate()
+    bw, rate = memory_bandwidth(), matmul_rate(args.dtype)
     # An untied embedding is only gathered (a row per token), not read whole.
     read = n_params - (config.vocab_size * config.hidden_size if args.untied else 0)
-    step_bytes = 4 * read
+    step_bytes = (4 if args.dtype == "float32" else 2) * read
     step_flops = 2 * read * args.batch
     bound = max(step_bytes / bw, step_flops / rate)
     per_step = t_ours / args.new  # the prefill is included: a conservative figure
-    print(f"machine: {bw / 1e9:.1f} GB/s read bandwidth, {rate / 1e9:.1f} GFLOP/s float32 matmul")
+    print(f"machine: {bw / 1e9:.1f} GB/s read bandwidth, {rate / 1e9:.1f} GFLOP/s {args.dtype} matmul")
     print(f"decode step: {per_step * 1e3:.2f} ms; roofline bound {bound * 1e3:.2f} ms "
           f"({'memory' if step_bytes / bw > step_flops / rate else 'compute'}-bound); "
           f"achieved {bound / per_step:.0%} of roofline")
