@@ -51,13 +51,22 @@ def _print_summary(s) -> None:
           f"A/F {s.a_per_f:.4g}, large steps {s.large_step_fraction:.1%}, {s.wall_s:.1f}s")
 
 
+# The exit status of a run stopped by SIGTERM after saving its round: 128 + SIGTERM, what a
+# scheduler sees of a process SIGTERM ended, so its requeue rules apply; `--resume` continues.
+PREEMPTED = 143
+
+
 def _run(args: argparse.Namespace) -> int:
-    from steer_jax.runner import load_config, run
+    from steer_jax.runner import Preempted, load_config, run
 
     config = load_config(args.config, args.set)
-    with _progress_bar() as progress:
-        summary = run(config, args.out, progress=progress, resume=args.resume,
-                      checkpoint_every=args.checkpoint_every)
+    try:
+        with _progress_bar() as progress:
+            summary = run(config, args.out, progress=progress, resume=args.resume,
+                          checkpoint_every=args.checkpoint_every)
+    except Preempted as e:
+        print(f"steer-jax: {e} (--resume)", file=sys.stderr)
+        return PREEMPTED
     if summary is None:
         print("this process's waves are written; process 0 writes the outputs")
         return 0
@@ -67,12 +76,17 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from steer_jax.runner import load_config, sweep
+    from steer_jax.runner import Preempted, load_config, sweep
 
     config = load_config(args.config, args.set)
     gammas = [float(g) for g in args.gammas.split(",")]
-    with _progress_bar() as progress:
-        summaries = sweep(config, gammas, args.out, progress=progress)
+    try:
+        with _progress_bar() as progress:
+            summaries = sweep(config, gammas, args.out, progress=progress, resume=args.resume,
+                              checkpoint_every=args.checkpoint_every)
+    except Preempted as e:
+        print(f"steer-jax: {e} (--resume)", file=sys.stderr)
+        return PREEMPTED
     for s in summaries:
         _print_summary(s)
     print(f"wrote {args.out}/gamma_*/ and {args.out}/sweep.md")
@@ -156,13 +170,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.set_defaults(func=func)
         if name == "sweep":
             p.add_argument("--gammas", default="0.1,0.3,0.5,0.7,0.9")
-        if name == "run":
+        if name in ("run", "sweep"):
             p.add_argument("--resume", action="store_true",
                            help="continue a killed run from the waves it finished and the "
                            "newest round checkpoint of the wave it was in (out/waves/)")
             p.add_argument("--checkpoint-every", type=int, default=None, metavar="K",
-                           help="save the wave in flight every K rounds, so a preempted run "
-                           "loses at most K rounds")
+                           help="save the wave in flight every K rounds, so a run killed "
+                           "outright loses at most K rounds (a SIGTERM saves the round in "
+                           "flight and exits with status 143)")
 
     td = sub.add_parser("train-demo", help="train the demo's small/large pairs (optax, CPU)")
     td.add_argument("--out", default="models", help="folder for the demo-<family>-<size>/ dirs")

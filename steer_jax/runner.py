@@ -7,11 +7,14 @@ the two models, prompts longer than the context.
 A run survives preemption at two grains: every finished wave is kept (out/waves/wave_*.json), and
 with `checkpoint_every` the wave in flight is saved every K rounds
 (out/waves/rounds_<wave>/round_<r>/: with orbax, or by each process itself in a multi-process run);
-`resume` continues from both, to the same traces.
+`resume` continues from both, to the same traces. A SIGTERM (a preempted VM, `scancel`, a pod
+being deleted) is not fatal inside `run`: the round in flight finishes, is saved whatever
+`checkpoint_every` says, and `run` raises `Preempted`; a second SIGTERM ends the process at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -19,6 +22,8 @@ import math
 import os
 import re
 import shutil
+import signal
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -71,6 +76,36 @@ FLOP_UNIT = 1e12  # the paper reports FLOPs per query in units of 1e12
 
 class RunConfigError(ValueError):
     """A run config that cannot run; the message says what to fix."""
+
+
+class Preempted(Exception):
+    """A SIGTERM stopped the run after saving its round in flight; `resume` continues it."""
+
+
+@contextlib.contextmanager
+def _sigterm_finishes_the_round(enabled: bool = True):
+    """Within, the first SIGTERM only sets the yielded event, which the round hook reads.
+
+    A preemption notice leaves seconds to tens of seconds: enough to finish a round and save
+    it, not to recompute the rounds since the last periodic checkpoint. Signals reach only the
+    main thread; elsewhere (a notebook's worker thread) the event is never set.
+    """
+    stop = threading.Event()
+    if not enabled or threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    previous = signal.SIG_DFL if previous is None else previous  # one installed outside Python
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        stop.set()
+        signal.signal(signal.SIGTERM, previous)  # a second SIGTERM is not asked twice
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,9 +362,9 @@ class _RoundCheckpoint:
     """
 
     def __init__(self, waves: Path, wave: int, trace_ids: range, every: int | None,
-                 cfg: dict[str, Any], mesh: Mesh | None):
+                 cfg: dict[str, Any], mesh: Mesh | None, stop: threading.Event | None = None):
         self.dir = (waves / f"rounds_{wave:05d}").absolute()  # orbax requires absolute paths
-        self.every, self.mesh = every, mesh
+        self.every, self.mesh, self.stop = every, mesh, stop
         self.meta = {"format": _ROUND_FORMAT, "wave": wave,
                      "trace_ids": [trace_ids.start, trace_ids.stop],
                      "config": json.loads(json.dumps(cfg))}
@@ -341,8 +376,10 @@ class _RoundCheckpoint:
             state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler()))
 
     def __call__(self, state: RoundState) -> None:
-        """steer's `on_round` hook: save every `every` rounds."""
-        if not self.every or state.round % self.every:
+        """steer's `on_round` hook: save every `every` rounds, and stop after saving once
+        `stop` is set."""
+        stopping = self.stop is not None and self.stop.is_set()
+        if not stopping and (not self.every or state.round % self.every):
             return
         routing = state.routing
         routing = [] if routing is None else [routing] if isinstance(routing, GMMParams) \
@@ -369,9 +406,13 @@ class _RoundCheckpoint:
                                                           meta=ocp.args.JsonSave(meta)))
         # Only this process writes here: anything else is older or a save killed halfway.
         keep = set(self._complete()[:2])
-        for path in self.dir.iterdir():
-            if path not in keep:
-                shutil.rmtree(path)
+        for old in self.dir.iterdir():
+            if old not in keep:
+                shutil.rmtree(old)
+        if stopping:
+            raise Preempted(f"stopped by SIGTERM after round {state.round} of wave "
+                            f"{self.meta['wave'] + 1}, saved in {path}; run again with resume "
+                            "to continue")
 
     @staticmethod
     def _save_on_host(path: Path, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -499,7 +540,7 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
     `progress(done, total, message)` hears of every round of every wave. Every finished wave is
     kept under out/waves/; with `checkpoint_every=K` the wave in flight is also saved every K
     rounds. `resume=True` continues a killed run from both, to the traces an uninterrupted run
-    writes.
+    writes. With `out`, a SIGTERM makes the run save its round in flight and raise `Preempted`.
     """
     from steer_jax.eval import extract_answer, grade, render_prompt
 
@@ -573,39 +614,41 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
     n_proc, me = jax.process_count(), jax.process_index()
     _barrier(n_proc, "steer-jax: waves folder ready")
     waves, wall = [], 0.0
-    for w, lo in enumerate(range(0, len(prompts), size)):
-        saved = done.load(w)
-        if saved is not None:
-            waves.append(saved[0])
-            wall += saved[1]
-            continue
-        if w % n_proc != me:
-            continue
-        start = time.perf_counter()
-        hi = min(lo + size, len(prompts))
-        wave_extra = {k: (v[lo:hi] if k == "route_queries" else v) for k, v in extra.items()}
-        rounds = None
-        if done.dir is not None:
-            rounds = _RoundCheckpoint(done.dir, w, range(lo, hi), checkpoint_every, cfg,
-                                      mesh_of(small.params))
-        resume_from = rounds.latest() if rounds is not None and resume else None
-        report = None
-        if progress:
-            def report(rnd: int, running: int, w: int = w) -> None:
-                progress(w * opts.max_steps + rnd, n_waves * opts.max_steps,
-                         f"{opts.method}: wave {w + 1}/{n_waves}, round {rnd}, "
-                         f"{running} traces running")
-        waves.append(steer(small, large, tokenizer, prompts[lo:hi], opts,
-                           trace_ids=range(lo, hi), progress=report, on_round=rounds,
-                           resume_from=resume_from, **wave_extra))
-        wave_wall = time.perf_counter() - start + (rounds.wall_before if rounds else 0.0)
-        wall += wave_wall
-        done.save(w, waves[-1], wave_wall)
-        if rounds is not None:
-            rounds.clear()
-        if progress:
-            progress((w + 1) * opts.max_steps, n_waves * opts.max_steps,
-                     f"{opts.method}: wave {w + 1}/{n_waves} done")
+    # Without an output folder there is nowhere to save a round: a SIGTERM ends the run as usual.
+    with _sigterm_finishes_the_round(enabled=done.dir is not None) as stop:
+        for w, lo in enumerate(range(0, len(prompts), size)):
+            saved = done.load(w)
+            if saved is not None:
+                waves.append(saved[0])
+                wall += saved[1]
+                continue
+            if w % n_proc != me:
+                continue
+            start = time.perf_counter()
+            hi = min(lo + size, len(prompts))
+            wave_extra = {k: (v[lo:hi] if k == "route_queries" else v) for k, v in extra.items()}
+            rounds = None
+            if done.dir is not None:
+                rounds = _RoundCheckpoint(done.dir, w, range(lo, hi), checkpoint_every, cfg,
+                                          mesh_of(small.params), stop)
+            resume_from = rounds.latest() if rounds is not None and resume else None
+            report = None
+            if progress:
+                def report(rnd: int, running: int, w: int = w) -> None:
+                    progress(w * opts.max_steps + rnd, n_waves * opts.max_steps,
+                             f"{opts.method}: wave {w + 1}/{n_waves}, round {rnd}, "
+                             f"{running} traces running")
+            waves.append(steer(small, large, tokenizer, prompts[lo:hi], opts,
+                               trace_ids=range(lo, hi), progress=report, on_round=rounds,
+                               resume_from=resume_from, **wave_extra))
+            wave_wall = time.perf_counter() - start + (rounds.wall_before if rounds else 0.0)
+            wall += wave_wall
+            done.save(w, waves[-1], wave_wall)
+            if rounds is not None:
+                rounds.clear()
+            if progress:
+                progress((w + 1) * opts.max_steps, n_waves * opts.max_steps,
+                         f"{opts.method}: wave {w + 1}/{n_waves} done")
     if n_proc > 1:
         _barrier(n_proc, "steer-jax: all waves written")
         if me != 0:
@@ -637,8 +680,13 @@ def write_run(out: Path, summary: Summary, result: SteerResult, examples: list, 
 
 
 def sweep(config: dict[str, Any], gammas: Sequence[float], out: str | Path,
-          progress: Callable[[int, int, str], None] | None = None) -> list[Summary]:
-    """STEER at each gamma (models loaded once); one run directory per value and a table."""
+          progress: Callable[[int, int, str], None] | None = None, *, resume: bool = False,
+          checkpoint_every: int | None = None) -> list[Summary]:
+    """STEER at each gamma (models loaded once); one run directory per value and a table.
+
+    `resume` and `checkpoint_every` are `run`'s, for each value: a resumed sweep reads the
+    values it finished back from their waves and continues the one it was in.
+    """
     cfg, _ = validate(config)
     for g in gammas:  # all values checked before any run starts
         validate({**config, "steer": {**config.get("steer", {}), "gamma": g}})
@@ -650,7 +698,8 @@ def sweep(config: dict[str, Any], gammas: Sequence[float], out: str | Path,
     summaries = []
     for g in gammas:
         run_cfg = {**config, "method": "steer", "steer": {**config.get("steer", {}), "gamma": g}}
-        summaries.append(run(run_cfg, out / f"gamma_{g:g}", models=models, progress=progress))
+        summaries.append(run(run_cfg, out / f"gamma_{g:g}", models=models, progress=progress,
+                             resume=resume, checkpoint_every=checkpoint_every))
     if None in summaries:  # not process 0 of a multi-process sweep: it writes the table
         return []
     rows = ["| gamma | accuracy | FLOPs (1e12/query) | A/F | large steps | wall s |",

@@ -3,7 +3,8 @@ writes exactly the traces of a run that was never stopped.
 
 The runs use source="generator" (a mixture per writer), the routing state with the most parts to
 save; tests/test_distributed.py resumes a run on a mesh with the default source. In a
-multi-process run each process saves its own wave's rounds without orbax (the last tests).
+multi-process run each process saves its own wave's rounds without orbax (the last tests). A
+SIGTERM (a preemption notice) saves the round in flight whatever `checkpoint_every` says.
 """
 
 from __future__ import annotations
@@ -133,6 +134,87 @@ def test_resume_without_round_checkpoints_starts_the_wave_over(setup, stopped, t
     shutil.rmtree(out / ROUNDS)
     assert "round 1," in _resume(setup["cfg"], out)[0]
     assert (out / "traces.jsonl").read_text() == setup["whole"]
+
+
+def _sigterm_at(round_: int):
+    """A progress hook that sends this process a SIGTERM as round `round_` is reported."""
+    def progress(done: int, total: int, message: str) -> None:
+        if f"round {round_}," in message:
+            os.kill(os.getpid(), signal.SIGTERM)
+    return progress
+
+
+def test_sigterm_saves_the_round_in_flight_and_resume_continues(setup, tmp_path):
+    """No periodic checkpoints: the SIGTERM arriving after round 2 lets round 3 finish, saves
+    it, and stops; the resumed run writes the traces of one never stopped."""
+    out = tmp_path / "out"
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(runner.Preempted, match="after round 3 of wave 1, saved in .*round_00003"):
+        run(setup["cfg"], out, progress=_sigterm_at(2))
+    assert signal.getsignal(signal.SIGTERM) is before  # the run's handler is gone again
+    assert [p.name for p in (out / ROUNDS).iterdir()] == ["round_00003"]
+    assert not (out / "summary.json").exists()
+    assert "round 4," in _resume(setup["cfg"], out)[0]
+    assert (out / "traces.jsonl").read_text() == setup["whole"]
+    assert (out / "rounds.jsonl").read_text() == setup["rounds"]
+
+
+def test_a_second_sigterm_is_not_caught():
+    caught = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: caught.append("outer"))
+    try:
+        with runner._sigterm_finishes_the_round() as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.wait(5) and caught == []
+            os.kill(os.getpid(), signal.SIGTERM)  # reaches the handler from before the run
+            deadline = time.time() + 5
+            while not caught and time.time() < deadline:
+                time.sleep(0.01)
+            assert caught == ["outer"]
+        with runner._sigterm_finishes_the_round(enabled=False) as stop:  # no output folder
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.time() + 5
+            while len(caught) < 2 and time.time() < deadline:
+                time.sleep(0.01)
+            assert caught == ["outer", "outer"] and not stop.is_set()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_preempted_sweep_resumes_to_the_sweep_never_stopped(setup, tmp_path):
+    gammas = [0.5, 0.9]
+    runner.sweep(setup["cfg"], gammas, tmp_path / "whole")
+    out = tmp_path / "stopped"
+    calls = []
+
+    def progress(done: int, total: int, message: str) -> None:
+        calls.append(message)  # the second gamma's second round: its first wave's round 2
+        if "round 2," in message and sum("round 2," in m for m in calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(runner.Preempted, match="round 3"):
+        runner.sweep(setup["cfg"], gammas, out, progress=progress)
+    assert (out / "gamma_0.5" / "summary.json").is_file()
+    assert not (out / "gamma_0.9" / "summary.json").exists()
+    runner.sweep(setup["cfg"], gammas, out, resume=True)
+    for name in ("gamma_0.5/traces.jsonl", "gamma_0.9/traces.jsonl", "sweep.md"):
+        got, want = (out / name).read_text(), (tmp_path / "whole" / name).read_text()
+        if name == "sweep.md":  # the wall-clock column differs
+            got, want = [[row.split("|")[:-2] for row in t.splitlines()] for t in (got, want)]
+        assert got == want, name
+
+
+@pytest.mark.parametrize("command", ["run", "sweep"])
+def test_the_cli_exits_143_naming_the_saved_round(command, tmp_path, monkeypatch, capsys):
+    from steer_jax import cli
+
+    def preempted(*args, **kwargs):
+        raise runner.Preempted("stopped by SIGTERM after round 3 of wave 1, saved in X")
+
+    monkeypatch.setattr(runner, command, preempted)
+    monkeypatch.setattr(runner, "load_config", lambda path, overrides: {})
+    assert cli.main([command, "cfg.yaml", "--out", str(tmp_path)]) == 143
+    assert "after round 3 of wave 1, saved in X" in capsys.readouterr().err
 
 
 def test_a_round_checkpoint_of_another_config_or_wave_is_refused(setup, stopped):
