@@ -426,7 +426,8 @@ def test_converted_checkpoint_restores_into_the_mesh(tiny_models, tmp_path):
 
 
 def test_two_processes_write_the_traces_of_one(shared_data, tmp_path):
-    """Two processes on loopback, 4 fake CPU devices each, talking through gloo."""
+    """Two processes on loopback, 4 fake CPU devices each, talking through gloo; they read the
+    large model from its converted (orbax) copy, which each restores onto its own device."""
     import os
     import socket
     import subprocess
@@ -434,6 +435,7 @@ def test_two_processes_write_the_traces_of_one(shared_data, tmp_path):
 
     import yaml
 
+    from steer_jax.modeling.convert import convert
     from steer_jax.runner import run
 
     small, large = tiny.steer_pair(tmp_path / "pair")
@@ -442,6 +444,7 @@ def test_two_processes_write_the_traces_of_one(shared_data, tmp_path):
            "steer": {"max_steps": 3, "max_step_tokens": 8, "max_new_tokens": 24},
            "batch": {"size": 2}}
     run(cfg, tmp_path / "one")
+    converted = convert(large, tmp_path / "large-orbax", dtype="float32")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -451,7 +454,8 @@ def test_two_processes_write_the_traces_of_one(shared_data, tmp_path):
     procs = [subprocess.Popen(
         [sys.executable, "-m", "steer_jax.cli", "run", str(tmp_path / "run.yaml"), "--out",
          str(tmp_path / "two"), "--set", f"distributed.coordinator=127.0.0.1:{port}",
-         "--set", "distributed.num_processes=2", "--set", f"distributed.process_id={i}"],
+         "--set", "distributed.num_processes=2", "--set", f"distributed.process_id={i}",
+         "--set", f"large={converted}"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
     outputs = [p.communicate(timeout=400)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs

@@ -51,7 +51,9 @@ def load_converted(path: str | Path, cfg: ModelConfig, dtype: Any,
     """Restore a converted checkpoint's parameters, each into its sharding when given."""
     shapes = param_shapes(cfg, dtype)
     if shardings is None:
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        # This process's own first device: in a multi-process run jax.devices()[0] is process
+        # 0's, which the other processes cannot hold a shard on.
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: device, shapes)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           shapes, shardings)
