@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
@@ -76,25 +76,33 @@ CACHE_AXES: dict[str, tuple[str | None, ...]] = {
 _warned: set[tuple[str, str]] = set()
 
 
-def make_mesh(data: int, model: int) -> Mesh:
-    """A ('data', 'model') mesh over all of `jax.devices()` (every process's, on a pod)."""
-    n = jax.device_count()
+def make_mesh(data: int, model: int, devices: Sequence[Any] | None = None) -> Mesh:
+    """A ('data', 'model') mesh over `devices`, by default all of `jax.devices()`."""
+    devices = jax.devices() if devices is None else list(devices)
+    n = len(devices)
     if data < 1 or model < 1 or data * model != n:
         raise ValueError(f"mesh data={data} x model={model} = {data * model} devices, but there "
                          f"are {n} devices: choose data * model == {n}")
     # Auto axes: the model code carries no sharding annotations; XLA propagates them from the
     # arguments. jax.make_mesh orders devices by the physical topology (ICI rings on TPU).
-    return jax.make_mesh((data, model), AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+    return jax.make_mesh((data, model), AXES, axis_types=(AxisType.Auto, AxisType.Auto),
+                         devices=devices)
 
 
 def mesh_from_config(cfg: dict[str, Any]) -> Mesh:
     """The mesh a run config asks for: `mesh.data`, `mesh.model`; a missing one takes the rest
-    of the devices, and with neither every device is on 'data'."""
+    of the devices, and with neither every device is on 'data'.
+
+    The devices are this process's: on one host all of them; in a multi-process run each
+    process runs whole waves on a mesh of its own devices (the processes split the waves, so
+    no collective crosses hosts), and `mesh.data` x `mesh.model` is one host's device count.
+    """
     section = cfg.get("mesh") or {}
     unknown = set(section) - set(AXES)
     if unknown:
         raise ValueError(f"unknown mesh keys {sorted(unknown)}; use mesh.data and mesh.model")
-    n = jax.device_count()
+    devices = jax.local_devices()
+    n = len(devices)
     data, model = section.get("data"), section.get("model")
     if data is None and model is None:
         data, model = n, 1
@@ -103,7 +111,7 @@ def mesh_from_config(cfg: dict[str, Any]) -> Mesh:
         if not isinstance(given, int) or given < 1 or n % given:
             raise ValueError(f"mesh.{name}={given} does not divide the {n} devices")
         data, model = (n // given, given) if data is None else (given, n // given)
-    return make_mesh(data, model)
+    return make_mesh(data, model, devices)
 
 
 def initialize(cfg: dict[str, Any]) -> None:

@@ -421,14 +421,22 @@ class _RoundCheckpoint:
         Orbax cannot: with several processes it refuses a jax.Array that one process holds whole
         (which is every array here: each process runs its waves on its own devices), and writes
         numpy arrays from process 0 only. So the arrays come to the host into one .npz, their
-        tree and dtypes into the JSON (npz keeps bfloat16 only as raw bytes), both in a
-        temporary sibling that is renamed into place once flushed to disk: a kill at any point
-        leaves either no round_<r> or a whole one.
+        tree, dtypes and mesh layouts into the JSON (npz keeps bfloat16 only as raw bytes), both
+        in a temporary sibling that is renamed into place once flushed to disk: a kill at any
+        point leaves either no round_<r> or a whole one.
         """
         leaves, _ = jax.tree.flatten(arrays)
         host = [np.asarray(x) for x in leaves]
+
+        def layout(x: Any) -> dict[str, Any] | None:
+            sharding = getattr(x, "sharding", None)
+            if not isinstance(sharding, NamedSharding) or sharding.mesh.size == 1:
+                return None
+            return {"mesh": dict(sharding.mesh.shape),
+                    "spec": [list(a) if isinstance(a, tuple) else a for a in sharding.spec]}
+
         meta = {**meta, "layout": jax.tree.map(lambda _: 0, arrays),
-                "dtypes": [x.dtype.name for x in host]}
+                "dtypes": [x.dtype.name for x in host], "shardings": [layout(x) for x in leaves]}
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)  # a save killed halfway
         tmp.mkdir(parents=True)
@@ -492,6 +500,11 @@ class _RoundCheckpoint:
                                  f"{self.meta['wave']} (traces {self.meta['trace_ids']})")
         if host:
             a = self._read_host(path, meta)
+            # Sharded arrays go back to the layout they were saved in, as `_target` does.
+            leaves, tree = jax.tree.flatten(a)
+            placed = [x if at is None else jax.device_put(x, self._sharding(at["mesh"], at["spec"]))
+                      for x, at in zip(leaves, meta.get("shardings") or [None] * len(leaves))]
+            a = jax.tree.unflatten(tree, placed)
         else:
             tree = checkpointer.metadata(path).item_metadata["state"].tree
             target = jax.tree.map(self._target, tree,
@@ -518,14 +531,18 @@ class _RoundCheckpoint:
         sharding = leaf.sharding
         if isinstance(sharding, ocp.metadata.NamedShardingMetadata):
             saved = dict(zip(sharding.axis_names, np.asarray(sharding.shape).tolist()))
-            if self.mesh is None or saved != dict(self.mesh.shape):
-                raise RunConfigError(f"the round checkpoints in {self.dir} were saved on a mesh "
-                                     f"{saved}; this run has "
-                                     f"{dict(self.mesh.shape) if self.mesh else 'one device'}")
-            spec = [tuple(a) if isinstance(a, list) else a for a in sharding.partition_spec]
-            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                        sharding=NamedSharding(self.mesh, PartitionSpec(*spec)))
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=self._sharding(
+                saved, sharding.partition_spec))
         return np.empty(leaf.shape, leaf.dtype)
+
+    def _sharding(self, saved: dict[str, int], spec: Sequence[Any]) -> NamedSharding:
+        """A saved array's layout on this run's mesh, which must have the saved mesh's shape."""
+        if self.mesh is None or saved != dict(self.mesh.shape):
+            raise RunConfigError(f"the round checkpoints in {self.dir} were saved on a mesh "
+                                 f"{saved}; this run has "
+                                 f"{dict(self.mesh.shape) if self.mesh else 'one device'}")
+        return NamedSharding(self.mesh, PartitionSpec(
+            *[tuple(a) if isinstance(a, list) else a for a in spec]))
 
 
 def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple | None = None,
@@ -555,9 +572,6 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
     if cfg["distributed"]:
         from steer_jax.distributed import initialize
 
-        if cfg["mesh"]:
-            raise RunConfigError("mesh and distributed together are not supported yet: with "
-                                 "several processes each one runs whole waves on its own devices")
         if out is None:
             raise RunConfigError("a multi-process run needs an output directory that every "
                                  "process can reach")

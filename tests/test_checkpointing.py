@@ -25,9 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import yaml
+from jax.sharding import PartitionSpec
 
 import tiny
-from steer_jax import runner
+from steer_jax import distributed, runner
 from steer_jax.runner import RunConfigError, run, validate
 
 ROUNDS = Path("waves") / "rounds_00000"  # the only wave: batch.size covers every example
@@ -272,6 +273,38 @@ def test_a_process_saved_round_resumes_and_a_damaged_one_is_passed_over(setup, s
     assert (out / "traces.jsonl").read_text() == setup["whole"]
 
 
+def test_a_process_saved_round_on_a_mesh_resumes_in_its_layout(setup, tmp_path, monkeypatch):
+    """A multi-process run on per-process meshes saves sharded arrays through the host: they
+    go back onto the mesh as they were laid out, and the resumed run computes what an
+    uninterrupted one on that mesh does, bit for bit."""
+    cfg = {**setup["cfg"], "mesh": {"data": 4, "model": 2}}
+    run(cfg, tmp_path / "whole")
+    out = tmp_path / "out"
+    _stop_after(cfg, out, 3)
+    mesh = distributed.make_mesh(4, 2)
+    rounds = runner._RoundCheckpoint(out / "waves", 0, range(0, 4), 1, validate(cfg)[0], mesh)
+    state = rounds._restore(out / ROUNDS / "round_00003")
+    want = distributed.cache_shardings(state.caches[0], mesh).k
+    assert want.spec != PartitionSpec() and state.caches[0].k.sharding.is_equivalent_to(want, 5)
+    shutil.rmtree(out / ROUNDS)
+    with monkeypatch.context() as m:
+        m.setattr(runner.jax, "process_count", lambda: 2)
+        rounds(state)
+    meta = json.loads((out / ROUNDS / "round_00003" / runner._HOST_META).read_text())
+    layouts = [at for at in meta["shardings"] if at is not None]
+    assert layouts and all(at["mesh"] == {"data": 4, "model": 2} for at in layouts)
+    assert any(at["spec"][:3] == [None, "data", "model"] for at in layouts)  # the KV caches
+    back = rounds._restore(out / ROUNDS / "round_00003")
+    for a, b in zip(jax.tree.leaves(state.caches), jax.tree.leaves(back.caches)):
+        assert b.sharding.is_equivalent_to(a.sharding, a.ndim)
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(RunConfigError, match=r"saved on a mesh \{'data': 4, 'model': 2\}"):
+        runner._RoundCheckpoint(out / "waves", 0, range(0, 4), 1, validate(cfg)[0],
+                                None)._restore(out / ROUNDS / "round_00003")
+    assert "round 4," in _resume(cfg, out)[0]
+    assert (out / "traces.jsonl").read_text() == (tmp_path / "whole" / "traces.jsonl").read_text()
+
+
 # One process of a two-process run; it prints its progress so the test can tell where it began.
 _PROCESS = """
 import sys
@@ -305,10 +338,15 @@ def _rounds_saved(out: Path, wave: int) -> list[int]:
 def test_two_processes_killed_inside_their_waves_resume_to_the_traces_of_one(setup, tmp_path):
     """Each process runs one wave (batch.size 2 of 4 examples) and saves its rounds itself; the
     relaunch meets at another port, as a pod restarted after preemption may."""
+    from steer_jax.modeling.convert import convert
+
     cfg = {**setup["cfg"], "batch": {"size": 2}}
     run(cfg, tmp_path / "one")
     path, out = tmp_path / "run.yaml", tmp_path / "two"
-    path.write_text(yaml.safe_dump(cfg))
+    # The processes read the large model's converted (orbax) copy: each restores it onto its
+    # own device (jax.devices()[0] is process 0's).
+    converted = convert(cfg["large"], tmp_path / "large-orbax", dtype="float32")
+    path.write_text(yaml.safe_dump({**cfg, "large": str(converted)}))
     procs = _two_processes(path, out, resume=False)
     deadline = time.time() + 300
     try:

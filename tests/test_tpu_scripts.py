@@ -103,10 +103,10 @@ def test_launch_single_host_v5e():
 
 def test_launch_pod_relies_on_the_tpu_environment_or_a_coordinator():
     [auto] = dry("launch", "--name", "v4", *ZONE, "--config", "c.yaml", "--out", "runs/y",
-                 "--workers", "4", "--mesh-data", "4", "--mesh-model", "4")
+                 "--workers", "4", "--mesh-data", "1", "--mesh-model", "4")
     run = _run_line(auto)
     sets = [run[i + 1] for i, tok in enumerate(run) if tok == "--set"]
-    assert sets == ["mesh.data=4", "mesh.model=4", "distributed.auto=true"]
+    assert sets == ["mesh.data=1", "mesh.model=4", "distributed.auto=true"]
     [explicit] = dry("launch", "--name", "v4", *ZONE, "--config", "c.yaml", "--out", "runs/y",
                      "--workers", "4", "--coordinator", "10.0.0.2:8476")
     remote = flags(explicit)["command"]

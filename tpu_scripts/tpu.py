@@ -172,7 +172,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1,
                    help="hosts in the slice (v5litepod-8: 1, v4-32: 4)")
     p.add_argument("--coordinator", help="HOST:PORT of worker 0 (default: TPU environment)")
-    p.add_argument("--mesh-data", type=int, help="mesh.data (default: all chips)")
+    p.add_argument("--mesh-data", type=int,
+                   help="mesh.data (default: all of a worker's chips); data x model = one "
+                   "worker's chip count: each worker runs its waves on its own chips")
     p.add_argument("--mesh-model", type=int, help="mesh.model (default: 1)")
 
     p = add("collect", collect, "copy a run directory back from worker 0")
