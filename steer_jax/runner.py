@@ -247,18 +247,28 @@ def auto_batch_size(models: Sequence[Any], prompt_len: int, max_new_tokens: int,
                     memory: int | None = None) -> int:
     """How many traces fit at once: every model keeps a KV cache row per trace of the longest
     prompt plus the whole token budget, beside all the weights (90% of memory, for activations
-    and the logits of a step)."""
+    and the logits of a step).
+
+    Per device: on a mesh a device holds its shard of each weight, its 'data' slice of the
+    traces and, where the KV heads divide 'model', its share of their heads; the count is then
+    a multiple of the 'data' size, so the traces split evenly.
+    """
     memory = device_memory() if memory is None else memory
     slots = prompt_len + max_new_tokens
-    weights = sum(x.nbytes for m in models for x in jax.tree.leaves(m.params))
+    mesh = mesh_of(models[0].params)
+    data, model = (1, 1) if mesh is None else (mesh.shape["data"], mesh.shape["model"])
+    # The largest shard of each weight: what the most loaded device holds.
+    weights = sum(max((sh.data.nbytes for sh in getattr(x, "addressable_shards", ())),
+                      default=x.nbytes) for m in models for x in jax.tree.leaves(m.params))
     per_trace = sum(2 * m.config.num_layers * m.config.num_kv_heads * m.config.head_dim * slots
-                    * jnp.dtype(m.dtype).itemsize for m in models)
-    fits = int((0.9 * memory - weights) // per_trace)
+                    * jnp.dtype(m.dtype).itemsize
+                    // (model if m.config.num_kv_heads % model == 0 else 1) for m in models)
+    fits = int((0.9 * memory - weights) // per_trace) * data
     if fits < 1:
-        raise RunConfigError(f"not even one trace fits: weights take {weights / 2**30:.1f} GiB and "
-                             f"a trace's caches {per_trace / 2**30:.2f} GiB of "
-                             f"{memory / 2**30:.1f} GiB; lower steer.max_new_tokens or shard the "
-                             "models over a mesh")
+        raise RunConfigError(f"not even one trace fits: on one device weights take "
+                             f"{weights / 2**30:.1f} GiB and a trace's caches "
+                             f"{per_trace / 2**30:.2f} GiB of {memory / 2**30:.1f} GiB; lower "
+                             "steer.max_new_tokens or shard the models over a (larger) mesh")
     return fits
 
 
@@ -605,7 +615,7 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
             small, large = shard_model(small, mesh), shard_model(large, mesh)
     extra: dict[str, Any] = {}
     if opts.method == "rsd":
-        extra["prm"] = load_model(cfg["rsd"]["prm"], cfg["dtype"], value_head=True)
+        extra["prm"] = load_model(cfg["rsd"]["prm"], cfg["dtype"], value_head=True, mesh=mesh)
         check_tokenizers(tokenizer, load_tokenizer(cfg["rsd"]["prm"]), cfg["small"],
                          cfg["rsd"]["prm"])
     if opts.method == "query_router":

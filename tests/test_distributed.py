@@ -312,6 +312,34 @@ def test_sharded_run_resumes_from_a_round_checkpoint(steer_pair, sharded_steer, 
     assert resumed.traces == whole.traces and resumed.mixtures == whole.mixtures
 
 
+@pytest.mark.parametrize("mesh_shape", [(4, 2), (2, 4)])
+def test_auto_batch_size_counts_what_one_device_holds(steer_pair, mesh_shape):
+    """Measured on placed arrays: the traces it picks fit in one device's memory beside that
+    device's weight shards, and one more per 'data' slice would not. (With 4 over 'model' the
+    tiny models' 2 KV heads do not divide: their caches stay whole per device.)"""
+    from steer_jax.runner import auto_batch_size
+
+    mesh = distributed.make_mesh(*mesh_shape)
+    models = [distributed.shard_model(steer_pair[m], mesh) for m in ("small", "large")]
+    device = mesh.devices.flat[0]
+
+    def on_device(tree) -> int:
+        return sum(sh.data.nbytes for x in jax.tree.leaves(tree) for sh in x.addressable_shards
+                   if sh.device == device)
+
+    def caches(rows: int) -> int:
+        return sum(on_device(distributed.shard_cache(
+            KVCache.init(m.config, rows, 30 + 70, m.dtype), mesh)) for m in models)
+
+    weights = sum(on_device(m.params) for m in models)
+    data = mesh_shape[0]
+    per_slice = caches(2 * data) - caches(data)  # one more trace on every device of 'model'
+    memory = int((weights + 5.5 * per_slice) / 0.9)
+    picked = auto_batch_size(models, 30, 70, memory=memory)
+    assert picked == 5 * data
+    assert weights + caches(picked) <= 0.9 * memory < weights + caches(picked + data)
+
+
 def test_initialize_maps_the_distributed_section(monkeypatch):
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))

@@ -7,6 +7,7 @@ import importlib
 import json
 import math
 import shutil
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -433,6 +434,32 @@ def test_run_on_a_mesh_writes_the_same_traces(pair, shared_data, tmp_path):
         # Sharded matmuls sum in another order: confidences agree to float32 rounding only.
         np.testing.assert_allclose([s["confidence"] for s in a["steps"]],
                                    [s["confidence"] for s in b["steps"]], rtol=1e-5)
+
+
+def test_on_a_mesh_the_prm_is_sharded_like_the_policy_models(pair, shared_data, tmp_path,
+                                                              monkeypatch):
+    from steer_jax import runner
+
+    prm_dir = tmp_path / "prm"
+    tiny.prm(prm_dir)
+    meshes = {}
+
+    class Loaded(Exception):
+        pass
+
+    def load(path, dtype, *, value_head=False, mesh=None, **kw):
+        meshes[Path(path).name] = mesh
+        if value_head:
+            raise Loaded  # the PRM is loaded last: the rest of the run is not this test's
+        return load_model(path, dtype, mesh=mesh, **kw)
+
+    monkeypatch.setattr(runner, "load_model", load)
+    with pytest.raises(Loaded):
+        run(_config(pair, method="rsd", rsd={"prm": str(prm_dir)}, mesh={"data": 4, "model": 2},
+                    benchmark={"name": "musique", "path": str(shared_data / "musique"),
+                               "limit": 2}), tmp_path / "out")
+    assert len(meshes) == 3 and all(m is not None and dict(m.shape) == {"data": 4, "model": 2}
+                                    for m in meshes.values()), meshes
 
 
 def test_auto_batch_size_counts_caches_and_weights(pair):
