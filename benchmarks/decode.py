@@ -108,7 +108,8 @@ def main() -> None:
     step_flops = 2 * read * args.batch
     bound = max(step_bytes / bw, step_flops / rate)
     per_step = t_ours / args.new  # the prefill is included: a conservative figure
-    print(f"machine: {bw / 1e9:.1f} GB/s read bandwidth, {rate / 1e9:.1f} GFLOP/s {args.dtype} matmul")
+    print(f"machine: {bw / 1e9:.1f} GB/s read bandwidth, "
+          f"{rate / 1e9:.1f} GFLOP/s {args.dtype} matmul")
     print(f"decode step: {per_step * 1e3:.2f} ms; roofline bound {bound * 1e3:.2f} ms "
           f"({'memory' if step_bytes / bw > step_flops / rate else 'compute'}-bound); "
           f"achieved {bound / per_step:.0%} of roofline")

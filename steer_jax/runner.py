@@ -123,6 +123,9 @@ class Summary:
     params: dict[str, int]
     gamma: float | None = None
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # Where it ran: platform, processes and each process's mesh. Sharded sums round differently,
+    # so confidences (never tokens or routing, in the tests) differ in the last bits by layout.
+    layout: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
@@ -682,7 +685,10 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
     result = _merge(waves)
     answers = [extract_answer(bench["name"], t.output) for t in result.traces]
     correct = [grade(bench["name"], t.output, ex) for t, ex in zip(result.traces, examples)]
-    summary = summarize(result, correct, opts, bench["name"], wall)
+    summary = dataclasses.replace(
+        summarize(result, correct, opts, bench["name"], wall),
+        layout={"platform": jax.default_backend(), "processes": n_proc,
+                "mesh": None if mesh is None else dict(mesh.shape)})
     if out is not None:
         write_run(Path(out), summary, result, examples, answers, correct)
     return summary

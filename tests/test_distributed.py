@@ -479,7 +479,6 @@ def test_two_processes_write_the_traces_of_one(shared_data, tmp_path):
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -494,6 +493,8 @@ def test_two_processes_write_the_traces_of_one(shared_data, tmp_path):
     one, two = ([json.loads(x) for x in (tmp_path / d / "traces.jsonl").read_text().splitlines()]
                 for d in ("one", "two"))
     assert len(one) == len(two) == 4
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["layout"] == \
+        {"platform": "cpu", "processes": 2, "mesh": {"data": 2, "model": 2}}
     # Sharded matmuls sum in another order: confidences agree to float32 rounding only.
     for a, b in zip(one, two):
         assert (a["output"], [(s["model"], s["tokens"]) for s in a["steps"]]) == \

@@ -218,6 +218,7 @@ def test_run_writes_summary_and_traces(pair, shared_data, tmp_path):
                 "executed_flops_per_query", "a_per_f", "large_step_fraction", "wall_s"):
         assert key in s
     assert s["params"] == {"small": pair["small"].num_params, "large": pair["large"].num_params}
+    assert s["layout"] == {"platform": "cpu", "processes": 1, "mesh": None}
     assert s["n"] == 3 and summary.n == 3
     lines = [json.loads(x) for x in (tmp_path / "traces.jsonl").read_text().splitlines()]
     assert [x["id"] for x in lines] and all(
