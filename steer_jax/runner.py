@@ -275,6 +275,17 @@ def auto_batch_size(models: Sequence[Any], prompt_len: int, max_new_tokens: int,
     return fits
 
 
+def _smallest(n_proc: int, value: int) -> int:
+    """The smallest of every process's `value`, in every process: each host sizes its batch
+    from its own memory (a CPU host's free memory differs from its neighbour's), but the waves
+    must be cut alike everywhere."""
+    if n_proc == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(np.min(multihost_utils.process_allgather(np.int32(value))))
+
+
 def _barrier(n_proc: int, name: str) -> None:
     if n_proc > 1:
         from jax.experimental import multihost_utils
@@ -311,6 +322,9 @@ def _wave_from_json(text: str) -> tuple[SteerResult, float]:
     return SteerResult(traces, mixtures, r["executed_tokens"], r["params"]), d["wall_s"]
 
 
+_BATCH_SIZE = "batch_size"  # out/waves/: the size batch.size null resolved to
+
+
 class _Waves:
     """Finished waves on disk (out/waves/): a killed run loses at most the wave it was in.
 
@@ -331,7 +345,7 @@ class _Waves:
                                      f"checkpoint ({', '.join(changed)})")
         else:
             if self.dir.exists():  # a fresh run: earlier waves are of another run
-                for f in self.dir.glob("wave_*.json"):
+                for f in [*self.dir.glob("wave_*.json"), *self.dir.glob(_BATCH_SIZE)]:
                     f.unlink()
                 for d in self.dir.glob("rounds_*"):
                     shutil.rmtree(d)
@@ -340,6 +354,15 @@ class _Waves:
 
     def _path(self, w: int) -> Path:
         return self.dir / f"wave_{w:05d}.json"
+
+    def batch_size(self) -> int | None:
+        """The batch.size the saved waves were cut with, when it was chosen from memory."""
+        path = None if self.dir is None else self.dir / _BATCH_SIZE
+        return None if path is None or not path.is_file() else int(path.read_text())
+
+    def save_batch_size(self, size: int) -> None:
+        if self.dir is not None and jax.process_index() == 0:
+            _write_atomic(self.dir / _BATCH_SIZE, str(size))
 
     def load(self, w: int) -> tuple[SteerResult, float] | None:
         if self.dir is None or not self._path(w).is_file():
@@ -626,20 +649,24 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
 
         router = load_router(cfg["router"]["path"])
         extra["route_queries"] = route(router, prompt_features(small, prompts)).tolist()
-    size = cfg["batch"]["size"]
-    if size is None:
-        verifiers = [extra["prm"]] if "prm" in extra else []
-        size = auto_batch_size([small, large, *verifiers], max(map(len, prompts)),
-                               opts.max_new_tokens)
-        if progress:
-            progress(0, 1, f"batch.size {size}: what fits in device memory")
-    size = min(size, len(prompts))
-    n_waves = -(-len(prompts) // size)
     done = _Waves(out, cfg, resume)
     # Several processes split the waves (w % count); whole waves keep each wave's mixture groups,
     # and so every trace, what one process would compute. They meet through out/waves/.
     n_proc, me = jax.process_count(), jax.process_index()
     _barrier(n_proc, "steer-jax: waves folder ready")
+    size = cfg["batch"]["size"]
+    if size is None:
+        # A resumed run cuts its waves as the saved ones were cut, whatever memory says now.
+        size = done.batch_size() if resume else None
+        if size is None:
+            verifiers = [extra["prm"]] if "prm" in extra else []
+            size = _smallest(n_proc, auto_batch_size([small, large, *verifiers],
+                                                     max(map(len, prompts)), opts.max_new_tokens))
+            done.save_batch_size(size)
+            if progress:
+                progress(0, 1, f"batch.size {size}: what fits in device memory")
+    size = min(size, len(prompts))
+    n_waves = -(-len(prompts) // size)
     waves, wall = [], 0.0
     # Without an output folder there is nowhere to save a round: a SIGTERM ends the run as usual.
     with _sigterm_finishes_the_round(enabled=done.dir is not None) as stop:

@@ -137,6 +137,29 @@ def test_resume_without_round_checkpoints_starts_the_wave_over(setup, stopped, t
     assert (out / "traces.jsonl").read_text() == setup["whole"]
 
 
+def test_a_resumed_run_cuts_its_waves_as_the_saved_ones(setup, tmp_path, monkeypatch):
+    """batch.size null sizes the waves from memory, which may differ at the resume (another
+    host, other free memory): the resumed run keeps the saved waves' size."""
+    cfg = {**setup["cfg"], "batch": {"size": None}}
+    run({**cfg, "batch": {"size": 2}}, tmp_path / "whole")
+
+    def after_wave_1(done: int, total: int, message: str) -> None:
+        if "wave 1/2 done" in message:
+            raise _Preempted
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(runner, "auto_batch_size", lambda *a, **k: 2)
+    with pytest.raises(_Preempted):
+        run(cfg, out, progress=after_wave_1)
+    monkeypatch.setattr(runner, "auto_batch_size", lambda *a, **k: 3)  # more memory free now
+    messages = _resume(cfg, out)
+    assert not any("what fits in device memory" in m for m in messages)
+    assert (out / "traces.jsonl").read_text() == (tmp_path / "whole" / "traces.jsonl").read_text()
+    assert (out / "waves" / "batch_size").read_text() == "2"
+    run(cfg, out)  # not a resume: sized anew
+    assert (out / "waves" / "batch_size").read_text() == "3"
+
+
 def _sigterm_at(round_: int):
     """A progress hook that sends this process a SIGTERM as round `round_` is reported."""
     def progress(done: int, total: int, message: str) -> None:
@@ -303,6 +326,29 @@ def test_a_process_saved_round_on_a_mesh_resumes_in_its_layout(setup, tmp_path, 
                                 None)._restore(out / ROUNDS / "round_00003")
     assert "round 4," in _resume(cfg, out)[0]
     assert (out / "traces.jsonl").read_text() == (tmp_path / "whole" / "traces.jsonl").read_text()
+
+
+def test_processes_agree_on_the_smallest_batch_size(tmp_path):
+    """Each host sizes its batch from its own memory; all must cut the waves alike."""
+    script = """
+import sys
+import jax
+from steer_jax import distributed, runner
+port, pid = sys.argv[1:]
+distributed.initialize({"distributed": {"coordinator": f"127.0.0.1:{port}",
+                                        "num_processes": 2, "process_id": int(pid)}})
+print("agreed", runner._smallest(2, [7, 5][int(pid)]), flush=True)
+"""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(port), str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in (0, 1)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert all("agreed 5" in o.splitlines()[-1] for o in outputs), outputs
 
 
 # One process of a two-process run; it prints its progress so the test can tell where it began.
