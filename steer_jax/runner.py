@@ -37,7 +37,7 @@ import yaml
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from steer_jax.decoding.generate import check_prompts
-from steer_jax.distributed import mesh_of
+from steer_jax.distributed import cache_shardings, mesh_of
 from steer_jax.modeling.loading import load_model, load_tokenizer, read_config
 from steer_jax.modeling.transformer import KVCache
 from steer_jax.routing.gmm import GMMParams
@@ -252,20 +252,30 @@ def auto_batch_size(models: Sequence[Any], prompt_len: int, max_new_tokens: int,
     prompt plus the whole token budget, beside all the weights (90% of memory, for activations
     and the logits of a step).
 
-    Per device: on a mesh a device holds its shard of each weight, its 'data' slice of the
-    traces and, where the KV heads divide 'model', its share of their heads; the count is then
-    a multiple of the 'data' size, so the traces split evenly.
+    Per device: on a mesh a device holds its shard of each weight and of each cache, as the
+    partition rules lay them out (`distributed.cache_shardings`); one trace more per 'data' slice
+    is the unit, so the count is a multiple of the 'data' size and the traces split evenly.
     """
     memory = device_memory() if memory is None else memory
     slots = prompt_len + max_new_tokens
     mesh = mesh_of(models[0].params)
-    data, model = (1, 1) if mesh is None else (mesh.shape["data"], mesh.shape["model"])
+    data = 1 if mesh is None else mesh.shape["data"]
     # The largest shard of each weight: what the most loaded device holds.
     weights = sum(max((sh.data.nbytes for sh in getattr(x, "addressable_shards", ())),
                       default=x.nbytes) for m in models for x in jax.tree.leaves(m.params))
-    per_trace = sum(2 * m.config.num_layers * m.config.num_kv_heads * m.config.head_dim * slots
-                    * jnp.dtype(m.dtype).itemsize
-                    // (model if m.config.num_kv_heads % model == 0 else 1) for m in models)
+
+    def cache_bytes(m: Any) -> int:
+        """One device's bytes of a cache of one trace per 'data' slice."""
+        cache = jax.eval_shape(lambda: KVCache.init(m.config, data, slots, m.dtype))
+        placed = None if mesh is None else cache_shardings(cache, mesh)
+        total = 0
+        for f in ("k", "v"):
+            x = getattr(cache, f)
+            shape = x.shape if placed is None else getattr(placed, f).shard_shape(x.shape)
+            total += math.prod(shape) * x.dtype.itemsize
+        return total
+
+    per_trace = sum(cache_bytes(m) for m in models)
     fits = int((0.9 * memory - weights) // per_trace) * data
     if fits < 1:
         raise RunConfigError(f"not even one trace fits: on one device weights take "
