@@ -383,7 +383,8 @@ def _verify(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array,
     else:
         head = params["v_head"]
         score = jax.nn.sigmoid(jnp.einsum("bd,d->b", last.astype(jnp.float32),
-                                          head["w"].astype(jnp.float32)) + head["b"])
+                                          head["w"].astype(jnp.float32),
+                                          precision=jax.lax.Precision.HIGHEST) + head["b"])
         keep = total
     sub = dataclasses.replace(sub, length=jnp.where(active, keep, seen))
     rejected = jnp.zeros_like(rows).at[idx].set(active & (score < threshold))

@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from safetensors.numpy import load_file, save_file
 
 from steer_jax import CheckpointError, ModelConfig, load_model
 from steer_jax.modeling import loading, num_params, read_config
+from steer_jax.modeling.transformer import _full_logits
 
 IDS = np.random.RandomState(0).randint(3, 120, size=(3, 24))  # 6x the Gemma window of 4
 
@@ -35,6 +38,34 @@ def test_logits_match_transformers(tiny_models, name):
         p.numel() for n, p in ref_model.named_parameters()
         if "vision_tower" not in n and "multi_modal_projector" not in n)
     assert rel_err(model.logits(IDS), hf_logits(ref_model, IDS)) < 1e-5
+
+
+def _dot_precisions(jaxpr) -> list:
+    """Each dot_general's precision in a jaxpr, nested calls (jit, scan) included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(eqn.params["precision"])
+        for v in eqn.params.values():
+            inner = getattr(v, "jaxpr", v)
+            if hasattr(inner, "eqns"):
+                found += _dot_precisions(inner)
+    return found
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_float32_models_ask_for_float32_dots(tiny_models, dtype):
+    """On a GPU, XLA's DEFAULT precision ran float32 dots in TF32 (5e-4 from transformers on an
+    H200, failing the test above) and on a TPU it runs bfloat16 passes; the CPU computes float32
+    either way, so what this checks here is the request in the program."""
+    model = load_model(tiny_models["gemma3_text"][0], dtype=dtype)
+    jaxpr = jax.make_jaxpr(lambda p, ids: _full_logits(p, ids, model.config))(
+        model.params, jnp.asarray(IDS, jnp.int32))
+    precisions = _dot_precisions(jaxpr.jaxpr)
+    assert len(precisions) >= 9  # 7 in a layer (attention's 2, q k v o, MLP's 3), the head's
+    highest = jax.lax.Precision.HIGHEST
+    asked = [p in (highest, (highest, highest)) for p in precisions]
+    assert (all(asked) if dtype == "float32" else not any(asked)), precisions
 
 
 @pytest.mark.parametrize("name", ["qwen2_untied_gqa", "gemma3_text"])
