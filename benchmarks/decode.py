@@ -2,13 +2,16 @@
 
 A random Qwen2-shaped model of about 40M parameters is built by transformers and saved; both
 engines load that checkpoint, are warmed up, and generate 64 greedy tokens for a batch of 16
-prompts in this one process on the CPU. Also printed: the fraction of this machine's roofline
-that our decode steps reach, with the bandwidth and matmul rate measured here and now.
+prompts in this one process, on JAX's default device (torch runs on CUDA when JAX runs on a GPU,
+else on the CPU). Also printed: the fraction of this machine's roofline that our decode steps
+reach, with the bandwidth and matmul rate measured here and now.
 
     python benchmarks/decode.py [--batch 16] [--new 64] [--repeats 3] [--untied] [--dtype bfloat16]
+                                [--shape Qwen2.5-1.5B-Instruct]
 
 `--untied` gives the model its own lm_head (as Qwen2.5-7B has) instead of the tied embedding;
-`--dtype bfloat16` runs both engines in bfloat16 (the roofline then counts 2 bytes a weight).
+`--dtype bfloat16` runs both engines in bfloat16 (the roofline then counts 2 bytes a weight);
+`--shape` takes a known checkpoint's shapes (random weights) instead of the 40M model.
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ import torch
 import transformers as tf
 
 from steer_jax import generate, load_model
+from steer_jax.modeling import qwen2
+
+ON_GPU = jax.default_backend() == "gpu"
 
 
 def best_of(fn, repeats: int) -> float:
@@ -37,21 +43,24 @@ def best_of(fn, repeats: int) -> float:
 
 
 def memory_bandwidth() -> float:
-    """Bytes per second XLA reads from memory (a sum over 256 MiB): what a decode step's weight
-    reads are bound by."""
-    x = jnp.ones((64 * 2**20,), jnp.float32)
+    """Bytes per second XLA reads from memory (a sum over 256 MiB, 2 GiB on a GPU: well past its
+    cache): what a decode step's weight reads are bound by."""
+    x = jnp.ones(((512 if ON_GPU else 64) * 2**20,), jnp.float32)
     total = jax.jit(jnp.sum)
     total(x).block_until_ready()
     return x.nbytes / best_of(lambda: total(x).block_until_ready(), 5)
 
 
 def matmul_rate(dtype: str) -> float:
-    """FLOP/s of a matmul shaped like a decode step's (a batch of rows by weights)."""
-    a = jnp.ones((256, 2048), dtype)
-    b = jnp.ones((2048, 2048), dtype)
-    mm = jax.jit(lambda a, b: a @ b)
+    """FLOP/s of a large matmul (random operands: zeros run faster on some chips)."""
+    m, n = (8192, 8192) if ON_GPU else (256, 2048)
+    a = jax.random.normal(jax.random.key(0), (m, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    # float32 as the models compute it (see transformer._precision), not a GPU's TF32.
+    precision = jax.lax.Precision.HIGHEST if dtype == "float32" else None
+    mm = jax.jit(lambda a, b: jnp.matmul(a, b, precision=precision))
     mm(a, b).block_until_ready()
-    return 2 * 256 * 2048 * 2048 / best_of(lambda: mm(a, b).block_until_ready(), 10)
+    return 2 * m * n * n / best_of(lambda: mm(a, b).block_until_ready(), 10)
 
 
 def main() -> None:
@@ -62,18 +71,27 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--untied", action="store_true", help="a separate lm_head, not tied")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    ap.add_argument("--shape", choices=sorted(qwen2._KNOWN), default=None,
+                    help="a known checkpoint's shapes, random weights (default: the 40M model)")
     args = ap.parse_args()
 
-    config = tf.Qwen2Config(vocab_size=32768, hidden_size=512, intermediate_size=1536,
-                            num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
-                            tie_word_embeddings=not args.untied, max_position_embeddings=4096,
-                            eos_token_id=None, bos_token_id=None)
+    if args.shape:
+        shape = dict(qwen2._KNOWN[args.shape])
+        args.untied = args.untied or not shape["tie_word_embeddings"]
+        shape["tie_word_embeddings"] = not args.untied
+    else:
+        shape = dict(vocab_size=32768, hidden_size=512, intermediate_size=1536,
+                     num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2,
+                     tie_word_embeddings=not args.untied, max_position_embeddings=4096)
+    # No EOS: every row generates exactly --new tokens in both engines.
+    config = tf.Qwen2Config(**{**shape, "eos_token_id": None, "bos_token_id": None})
+    device = torch.device("cuda" if ON_GPU else "cpu")
     torch.manual_seed(0)
-    hf = tf.Qwen2ForCausalLM(config).eval()
+    with device:  # a billion-parameter init is minutes on the CPU, seconds on a GPU
+        hf = tf.Qwen2ForCausalLM(config).to(getattr(torch, args.dtype)).eval()
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         ours = load_model(Path(d), dtype=args.dtype)
-    hf = hf.to(getattr(torch, args.dtype))
     n_params = ours.num_params
     prompts = np.random.RandomState(0).randint(0, config.vocab_size, (args.batch, args.prompt))
 
@@ -81,20 +99,21 @@ def main() -> None:
         return generate(ours, prompts.tolist(), args.new)
 
     def run_hf():
+        ids = torch.tensor(prompts, device=device)
         with torch.no_grad():
-            return hf.generate(torch.tensor(prompts), attention_mask=torch.ones_like(
-                torch.tensor(prompts)), max_new_tokens=args.new, min_new_tokens=args.new,
-                do_sample=False, pad_token_id=0)
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new,
+                              min_new_tokens=args.new, do_sample=False, pad_token_id=0)
+        return out.cpu()  # waits for the GPU: the time counts the whole generation
 
     got, ref = run_ours(), run_hf()  # warm-up (and compile)
     same = sum(t == r for t, r in zip(got.tokens, ref[:, args.prompt:].tolist()))
     t_ours = best_of(run_ours, args.repeats)
     t_hf = best_of(run_hf, args.repeats)
     tokens = args.batch * args.new
-    print(f"model: Qwen2-shaped, {'untied' if args.untied else 'tied'}, {n_params / 1e6:.1f}M "
-          f"params, {args.dtype}; batch {args.batch}, "
+    print(f"model: {args.shape or 'Qwen2'}-shaped, {'untied' if args.untied else 'tied'}, "
+          f"{n_params / 1e6:.1f}M params, {args.dtype}; batch {args.batch}, "
           f"prompt {args.prompt}, {args.new} new tokens, greedy; torch threads "
-          f"{torch.get_num_threads()}, jax devices {jax.devices()}")
+          f"{torch.get_num_threads()}, torch device {device}, jax devices {jax.devices()}")
     print(f"greedy rows identical to transformers: {same}/{args.batch}")
     print(f"steer-jax:    {t_ours:.3f} s  {tokens / t_ours:8.1f} tok/s")
     print(f"transformers: {t_hf:.3f} s  {tokens / t_hf:8.1f} tok/s")

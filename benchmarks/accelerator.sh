@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# What only an accelerator can measure, in one call (a lent GPU's time is short): decode
+# throughput against transformers at the issue's 40M shape and at Qwen2.5-1.5B's, the mixture fit
+# against scikit-learn, and the HF-equivalence tests run on the accelerator instead of the CPU.
+# Uses the machine's own jax/torch/transformers (its Python, not this repo's venv); wheels for
+# anything missing may sit in .whl/. Logs go to $OUT (or a temporary folder).
+#
+#     bash benchmarks/accelerator.sh [STEP ...]     (default: every step)
+set -u
+ONLY=" $* "
+OUT=${OUT:-$(mktemp -d)}
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+# torch shares the GPU with JAX in the decode benchmark: JAX must not take 75% of it up front.
+export XLA_PYTHON_CLIENT_PREALLOCATE=false TOKENIZERS_PARALLELISM=false
+
+step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log, print the tail
+    local name=$1 limit=$2; shift 2
+    [ "$ONLY" = "  " ] || [[ "$ONLY" == *" $name "* ]] || return 0
+    echo "=== $name ($(date -u +%T))"
+    timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
+    echo "rc=$?"
+    grep -v "Writing model shards\|Loading weights\|it/s\]" "$OUT/$name.log" | tail -n 14
+}
+
+date -u
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv
+python3 -c "import jax, torch, transformers; print('jax', jax.__version__, jax.devices(), \
+'| torch', torch.__version__, '| transformers', transformers.__version__)"
+
+step decode_40m_f32 110 python3 benchmarks/decode.py
+step decode_40m_bf16 80 python3 benchmarks/decode.py --dtype bfloat16
+step decode_1.5b_bf16 180 python3 benchmarks/decode.py --dtype bfloat16 \
+    --shape Qwen2.5-1.5B-Instruct --batch 64 --new 128
+step decode_1.5b_f32 150 python3 benchmarks/decode.py \
+    --shape Qwen2.5-1.5B-Instruct --batch 64 --new 128
+step gmm 60 python3 benchmarks/gmm.py --repeats 10
+# The tests pin JAX to the CPU unless JAX_PLATFORMS says otherwise.
+step tests_gpu 150 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider \
+    tests/test_modeling.py tests/test_decoding.py tests/test_gmm.py
