@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     ap.add_argument("--shape", choices=sorted(qwen2._KNOWN), default=None,
                     help="a known checkpoint's shapes, random weights (default: the 40M model)")
+    ap.add_argument("--scan-layers", choices=("auto", "yes", "no"), default="auto",
+                    help="layers stacked under lax.scan or unrolled (auto: unrolled on a CPU)")
     args = ap.parse_args()
 
     if args.shape:
@@ -91,7 +93,8 @@ def main() -> None:
         hf = tf.Qwen2ForCausalLM(config).to(getattr(torch, args.dtype)).eval()
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
-        ours = load_model(Path(d), dtype=args.dtype)
+        ours = load_model(Path(d), dtype=args.dtype,
+                          scan_layers={"auto": None, "yes": True, "no": False}[args.scan_layers])
     n_params = ours.num_params
     prompts = np.random.RandomState(0).randint(0, config.vocab_size, (args.batch, args.prompt))
 
@@ -111,7 +114,7 @@ def main() -> None:
     t_hf = best_of(run_hf, args.repeats)
     tokens = args.batch * args.new
     print(f"model: {args.shape or 'Qwen2'}-shaped, {'untied' if args.untied else 'tied'}, "
-          f"{n_params / 1e6:.1f}M params, {args.dtype}; batch {args.batch}, "
+          f"{n_params / 1e6:.1f}M params, {args.dtype}, scan layers {args.scan_layers}; batch {args.batch}, "
           f"prompt {args.prompt}, {args.new} new tokens, greedy; torch threads "
           f"{torch.get_num_threads()}, torch device {device}, jax devices {jax.devices()}")
     print(f"greedy rows identical to transformers: {same}/{args.batch}")

@@ -214,8 +214,10 @@ def load_model(path: str | Path, dtype: str = "bfloat16", *, value_head: bool = 
 
     `value_head`: the checkpoint is a process reward model whose `v_head.summary.*` tensors are
     read too (a Qwen2 PRM, as RSD uses); without it such tensors are unexpected.
-    `scan_layers`: keep layers stacked for `lax.scan` (fast compiles; the default on
-    accelerators) or unstack them for an unrolled forward (faster on the CPU, its default).
+    `scan_layers`: keep layers stacked for `lax.scan` (fast compiles; the default on TPUs) or
+    unstack them for an unrolled forward (the default elsewhere: a scanned layer copies its
+    weights out of the stack every step, which made decoding 1.8x slower on an H200 and ~1.1x on
+    the CPU, benchmarks/RESULTS.md; on a TPU this is not measured yet).
     `mesh`: a ('data', 'model') mesh; each device's shard is then read straight from the files.
     `path` may also be a directory written by `steer-jax convert` (weights in orbax).
     """
@@ -235,7 +237,7 @@ def load_model(path: str | Path, dtype: str = "bfloat16", *, value_head: bool = 
         params = convert.load_converted(path, cfg, _DTYPES[dtype], shardings)
     else:
         params = load_params(path, cfg, dtype, shardings)
-    if not (jax.default_backend() != "cpu" if scan_layers is None else scan_layers):
+    if not (jax.default_backend() == "tpu" if scan_layers is None else scan_layers):
         params = unstack_layers(params)
     return Model(cfg, params, str(path))
 
