@@ -7,7 +7,7 @@ else on the CPU). Also printed: the fraction of this machine's roofline that our
 reach, with the bandwidth and matmul rate measured here and now.
 
     python benchmarks/decode.py [--batch 16] [--new 64] [--repeats 3] [--untied] [--dtype bfloat16]
-                                [--shape Qwen2.5-1.5B-Instruct]
+                                [--shape Qwen2.5-1.5B-Instruct] [--scan-layers auto|yes|no]
 
 `--untied` gives the model its own lm_head (as Qwen2.5-7B has) instead of the tied embedding;
 `--dtype bfloat16` runs both engines in bfloat16 (the roofline then counts 2 bytes a weight);
@@ -74,7 +74,7 @@ def main() -> None:
     ap.add_argument("--shape", choices=sorted(qwen2._KNOWN), default=None,
                     help="a known checkpoint's shapes, random weights (default: the 40M model)")
     ap.add_argument("--scan-layers", choices=("auto", "yes", "no"), default="auto",
-                    help="layers stacked under lax.scan or unrolled (auto: unrolled on a CPU)")
+                    help="layers stacked under lax.scan or unrolled (auto: scanned on TPUs only)")
     args = ap.parse_args()
 
     if args.shape:
@@ -114,8 +114,8 @@ def main() -> None:
     t_hf = best_of(run_hf, args.repeats)
     tokens = args.batch * args.new
     print(f"model: {args.shape or 'Qwen2'}-shaped, {'untied' if args.untied else 'tied'}, "
-          f"{n_params / 1e6:.1f}M params, {args.dtype}, scan layers {args.scan_layers}; batch {args.batch}, "
-          f"prompt {args.prompt}, {args.new} new tokens, greedy; torch threads "
+          f"{n_params / 1e6:.1f}M params, {args.dtype}, scan layers {args.scan_layers}; "
+          f"batch {args.batch}, prompt {args.prompt}, {args.new} new tokens, greedy; torch threads "
           f"{torch.get_num_threads()}, torch device {device}, jax devices {jax.devices()}")
     print(f"greedy rows identical to transformers: {same}/{args.batch}")
     print(f"steer-jax:    {t_ours:.3f} s  {tokens / t_ours:8.1f} tok/s")
