@@ -5,7 +5,10 @@
 # Uses the machine's own jax/torch/transformers (its Python, not this repo's venv); wheels for
 # anything missing may sit in .whl/. Logs go to $OUT (or a temporary folder).
 #
-#     bash benchmarks/accelerator.sh [STEP ...]     (default: every step)
+#     bash benchmarks/accelerator.sh [STEP ...]     (default: every step but demo)
+#
+# `demo` (only when named) runs the embedded STEER demo end to end on the accelerator, the whole
+# routing loop on device; a session with device time to spare should run it once.
 set -u
 ONLY=" $* "
 OUT=${OUT:-$(mktemp -d)}
@@ -19,7 +22,8 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false TOKENIZERS_PARALLELISM=false
 
 step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log, print the tail
     local name=$1 limit=$2; shift 2
-    [ "$ONLY" = "  " ] || [[ "$ONLY" == *" $name "* ]] || return 0
+    if [ "$ONLY" = "  " ]; then [ "$name" != demo ] || return 0
+    else [[ "$ONLY" == *" $name "* ]] || return 0; fi
     echo "=== $name ($(date -u +%T))"
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
     echo "rc=$?"
@@ -41,3 +45,4 @@ step gmm 60 python3 benchmarks/gmm.py --repeats 10
 # The tests pin JAX to the CPU unless JAX_PLATFORMS says otherwise.
 step tests_gpu 150 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider \
     tests/test_modeling.py tests/test_decoding.py tests/test_gmm.py
+step demo 300 python3 -m steer_jax.cli demo --config configs/demo.yaml --out /tmp/steer-demo
