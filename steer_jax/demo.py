@@ -49,8 +49,8 @@ def run_demo(config: dict[str, Any], out: str | Path = "runs/demo", *,
              runs: dict[str, dict[str, Any]] | None = None, warm_up: bool = True,
              progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
     """Every run of `runs` (default RUNS) on `config`'s pair; returns {name: Summary}."""
-    from steer_jax.modeling.loading import load_model, load_tokenizer
-    from steer_jax.runner import check_tokenizers, run, validate
+    from steer_jax.modeling.loading import load_tokenizer
+    from steer_jax.runner import check_tokenizers, load_models, run, validate
 
     runs = RUNS if runs is None else runs
     for change in runs.values():  # every variant is checked before the first one runs
@@ -59,8 +59,7 @@ def run_demo(config: dict[str, Any], out: str | Path = "runs/demo", *,
     cfg, _ = validate(config)
     tokenizer = load_tokenizer(cfg["small"])
     check_tokenizers(tokenizer, load_tokenizer(cfg["large"]), cfg["small"], cfg["large"])
-    models = (load_model(cfg["small"], cfg["dtype"]), load_model(cfg["large"], cfg["dtype"]),
-              tokenizer)
+    models = (*load_models(cfg), tokenizer)
     if warm_up:
         # Each run once unrecorded first: the timed run then finds every program it needs (each
         # bucket size routing asks for) compiled. A smaller warm-up would compile other buckets.

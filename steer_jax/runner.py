@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 
 # The config schema: section -> allowed keys (None: a scalar top-level key).
 SCHEMA: dict[str, tuple[str, ...] | None] = {
-    "small": None, "large": None, "method": None, "dtype": None,
+    "small": None, "large": None, "method": None, "dtype": None, "scan_layers": None,
     "benchmark": ("name", "path", "offset", "limit"),
     "sampling": ("temperature", "top_p", "seed"),
     "steer": ("gamma", "max_steps", "max_step_tokens", "max_new_tokens", "delimiter",
@@ -62,7 +62,7 @@ SCHEMA: dict[str, tuple[str, ...] | None] = {
     "distributed": ("coordinator", "num_processes", "process_id", "auto"),
 }
 DEFAULTS: dict[str, Any] = {
-    "method": "steer", "dtype": "bfloat16",
+    "method": "steer", "dtype": "bfloat16", "scan_layers": None,
     "benchmark": {"path": None, "offset": 0, "limit": None},
     "sampling": {"temperature": 0.7, "top_p": 1.0, "seed": 0},
     "steer": {}, "batch": {"size": None},
@@ -172,6 +172,9 @@ def validate(config: dict[str, Any]) -> tuple[dict[str, Any], SteerOptions]:
             raise RunConfigError(f"config key {key!r} (a local checkpoint directory) is missing")
     if not cfg["benchmark"].get("name"):
         raise RunConfigError("config key 'benchmark.name' is missing")
+    if not (cfg["scan_layers"] is None or isinstance(cfg["scan_layers"], bool)):
+        raise RunConfigError("scan_layers must be true, false or null (null: unrolled except on "
+                             f"TPUs), got {cfg['scan_layers']!r}")
     size = cfg["batch"]["size"]
     if size is not None and (not isinstance(size, int) or size < 1):
         raise RunConfigError(f"batch.size must be a positive integer or null, got {size!r}")
@@ -187,6 +190,12 @@ def validate(config: dict[str, Any]) -> tuple[dict[str, Any], SteerOptions]:
         raise RunConfigError("method 'query_router' needs router.path (made by "
                              "`steer-jax train-router`)")
     return cfg, opts
+
+
+def load_models(cfg: dict[str, Any], mesh: Any = None) -> tuple[Any, Any]:
+    """A validated config's small and large models, as its `dtype` and `scan_layers` say."""
+    return tuple(load_model(cfg[k], cfg["dtype"], scan_layers=cfg["scan_layers"], mesh=mesh)
+                 for k in ("small", "large"))
 
 
 def examples_of(spec: dict[str, Any]) -> list:
@@ -643,15 +652,15 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
 
         mesh = mesh_from_config(cfg)
     if models is None:  # read shard by shard when there is a mesh
-        small = load_model(cfg["small"], cfg["dtype"], mesh=mesh)
-        large = load_model(cfg["large"], cfg["dtype"], mesh=mesh)
+        small, large = load_models(cfg, mesh)
     else:
         small, large = models[0], models[1]
         if mesh is not None:
             small, large = shard_model(small, mesh), shard_model(large, mesh)
     extra: dict[str, Any] = {}
     if opts.method == "rsd":
-        extra["prm"] = load_model(cfg["rsd"]["prm"], cfg["dtype"], value_head=True, mesh=mesh)
+        extra["prm"] = load_model(cfg["rsd"]["prm"], cfg["dtype"], value_head=True,
+                                  scan_layers=cfg["scan_layers"], mesh=mesh)
         check_tokenizers(tokenizer, load_tokenizer(cfg["rsd"]["prm"]), cfg["small"],
                          cfg["rsd"]["prm"])
     if opts.method == "query_router":
@@ -759,8 +768,7 @@ def sweep(config: dict[str, Any], gammas: Sequence[float], out: str | Path,
         validate({**config, "steer": {**config.get("steer", {}), "gamma": g}})
     tokenizer, tok_large = load_tokenizer(cfg["small"]), load_tokenizer(cfg["large"])
     check_tokenizers(tokenizer, tok_large, cfg["small"], cfg["large"])
-    models = (load_model(cfg["small"], cfg["dtype"]), load_model(cfg["large"], cfg["dtype"]),
-              tokenizer)
+    models = (*load_models(cfg), tokenizer)
     out = Path(out)
     summaries = []
     for g in gammas:
@@ -791,8 +799,7 @@ def train_router_from_config(config: dict[str, Any], out: str | Path,
                              "limit}")
     tokenizer = load_tokenizer(cfg["small"])
     check_tokenizers(tokenizer, load_tokenizer(cfg["large"]), cfg["small"], cfg["large"])
-    models = (load_model(cfg["small"], cfg["dtype"]), load_model(cfg["large"], cfg["dtype"]),
-              tokenizer)
+    models = (*load_models(cfg), tokenizer)
     correct = {}
     for method in ("small_only", "large_only"):
         run_cfg = {**config, "method": method, "benchmark": train}

@@ -17,7 +17,8 @@ import torch
 
 import tiny
 from steer_jax import generate, load_model, load_tokenizer, steer
-from steer_jax.runner import RunConfigError, load_config, run, summarize, validate
+from steer_jax.runner import (RunConfigError, load_config, load_models, run, summarize,
+                               validate)
 from steer_jax.steer import SteerOptions
 
 QUESTIONS = ["What is 2+2?", "Add 17 and 5.", "Is 9 prime?", "Name a color.", "Sum 1..4",
@@ -236,6 +237,19 @@ def test_unknown_keys_are_named(pair):
 def test_gamma_out_of_range(pair):
     with pytest.raises(RunConfigError, match=r"gamma must be in \[0, 1\]"):
         validate(_config(pair, steer={"gamma": 1.5}))
+
+
+def test_scan_layers_picks_the_layer_layout(pair):
+    """`scan_layers` reaches every model a run loads (TPU users choose; the default is measured
+    only on CPUs and one GPU); anything but true, false or null is refused before any load."""
+    for value, stacked in ((True, True), (False, False)):
+        cfg, _ = validate(_config(pair, scan_layers=value))
+        assert [isinstance(m.params["layers"], dict) for m in load_models(cfg)] == [stacked] * 2
+    cfg, _ = validate(_config(pair))
+    assert cfg["scan_layers"] is None
+    for bad in (1, "yes"):
+        with pytest.raises(RunConfigError, match="scan_layers must be true, false or null"):
+            validate(_config(pair, scan_layers=bad))
 
 
 def test_unreadable_yaml(tmp_path):
