@@ -342,11 +342,13 @@ print("agreed", runner._smallest(2, [7, 5][int(pid)]), flush=True)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    # One device a process, as a CPU host has: with the session's 8 fake devices each process
+    # ran 8 gloo communicators on 2 cores, and once in CI they hung past the timeout.
+    env = tiny.cpu_process_env(devices=1)
     procs = [subprocess.Popen([sys.executable, "-c", script, str(port), str(i)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in (0, 1)]
-    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    outputs = tiny.outputs(procs, timeout=120)
     assert [p.returncode for p in procs] == [0, 0], outputs
     # Gloo logs its connections on the same stream, in no fixed order with the print.
     assert [[x for x in o.splitlines() if x.startswith("agreed")] for o in outputs] == \
@@ -369,8 +371,7 @@ def _two_processes(path: Path, out: Path, resume: bool) -> list[subprocess.Popen
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = tiny.cpu_process_env(devices=4)
     return [subprocess.Popen([sys.executable, "-c", _PROCESS, str(path), str(out), str(port),
                               str(i), str(int(resume))],
                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -410,7 +411,7 @@ def test_two_processes_killed_inside_their_waves_resume_to_the_traces_of_one(set
     assert not list((out / "waves").glob("wave_*.json"))
     saved = [_rounds_saved(out, w)[-1] for w in (0, 1)]
     procs = _two_processes(path, out, resume=True)
-    outputs = [p.communicate(timeout=400)[0] for p in procs]
+    outputs = tiny.outputs(procs, timeout=400)
     assert [p.returncode for p in procs] == [0, 0], outputs
     for w, (output, r) in enumerate(zip(outputs, saved)):
         first = next((line for line in output.splitlines()

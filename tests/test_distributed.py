@@ -459,7 +459,6 @@ def test_two_processes_write_the_traces_of_one(shared_data, tmp_path):
     copy into it. (Without a mesh, tests/test_checkpointing.py's two processes write the
     one-process traces exactly.)"""
     import json
-    import os
     import socket
     import subprocess
     import sys
@@ -477,8 +476,7 @@ def test_two_processes_write_the_traces_of_one(shared_data, tmp_path):
     run(cfg, tmp_path / "one")
     converted = convert(large, tmp_path / "large-orbax", dtype="float32")
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    env = tiny.cpu_process_env(devices=4)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -488,7 +486,7 @@ def test_two_processes_write_the_traces_of_one(shared_data, tmp_path):
          "--set", "distributed.num_processes=2", "--set", f"distributed.process_id={i}",
          "--set", f"large={converted}", "--set", "mesh.data=2", "--set", "mesh.model=2"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in (0, 1)]
-    outputs = [p.communicate(timeout=400)[0] for p in procs]
+    outputs = tiny.outputs(procs, timeout=400)
     assert [p.returncode for p in procs] == [0, 0], outputs
     one, two = ([json.loads(x) for x in (tmp_path / d / "traces.jsonl").read_text().splitlines()]
                 for d in ("one", "two"))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
 from pathlib import Path
 
 import torch
@@ -146,3 +149,27 @@ def prm(path: Path, seed: int = 13) -> tuple[tf.Qwen2ForCausalLM, torch.Tensor, 
     save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     chat_tokenizer().save_pretrained(path)
     return model, w[0], b
+
+
+def cpu_process_env(devices: int) -> dict[str, str]:
+    """The environment of a JAX subprocess on `devices` fake CPU devices, with this process's
+    other XLA flags: a test that compares a subprocess's floats with its own needs both compiled
+    alike (see conftest.py)."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                   os.environ.get("XLA_FLAGS", ""))
+    return {**os.environ, "JAX_PLATFORMS": "cpu",
+            "XLA_FLAGS": f"{flags} --xla_force_host_platform_device_count={devices}".strip()}
+
+
+def outputs(procs: list[subprocess.Popen], timeout: float) -> list[str]:
+    """Each process's output once all have ended. On a timeout every process is killed (a hung
+    one would otherwise spin on through the files after it) and the error shows what each had
+    printed, not only the first one's."""
+    try:
+        return [p.communicate(timeout=timeout)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        printed = [p.communicate()[0] for p in procs]
+        raise AssertionError(f"processes still running after {timeout} s; they printed "
+                             f"{printed}") from None
