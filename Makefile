@@ -29,11 +29,12 @@ train-demo: $(STAMP)
 
 # One pytest process per test file: a single process over the whole suite accumulates thousands of
 # compiled XLA programs and once segfaulted inside the CPU compiler near the end; fresh processes
-# keep each one small. Every file runs even after a failure; the exit status reports any.
+# keep each one small. Every file runs even after a failure; the exit status reports any. All of
+# them share one fresh compilation cache (tests/conftest.py says why), removed at the end.
 test: $(STAMP)
-	@fail=0; for f in tests/test_*.py; do \
-		JAX_PLATFORMS=cpu $(PY) -m pytest -q $$f || fail=1; \
-	done; exit $$fail
+	@fail=0; cache=$$(mktemp -d); for f in tests/test_*.py; do \
+		JAX_PLATFORMS=cpu JAX_COMPILATION_CACHE_DIR=$$cache $(PY) -m pytest -q $$f || fail=1; \
+	done; rm -rf $$cache; exit $$fail
 
 bench: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) benchmarks/decode.py

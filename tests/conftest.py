@@ -1,21 +1,50 @@
 """Session-wide test setup.
 
-Eight fake CPU devices are configured before JAX is imported so that mesh and sharding tests run in
-this process; single-device code is unaffected (it runs on device 0).
+Eight fake CPU devices are configured before JAX starts its backend so that mesh and sharding tests
+run in this process; single-device code is unaffected (it runs on device 0).
+
+Compiling is most of the suite's time (hundreds of small programs, each run a few times), so:
+- XLA compiles its CPU code with LLVM's optimizations off (`make test` 30% faster). XLA's own HLO
+  passes still run; only the machine code is slower, but its floats can differ from an optimized
+  build's in the last bits (seen: a subprocess compiled with them wrote other confidences), so
+  every process of one test, subprocesses included, uses the same flags (`tiny.cpu_process_env`). The engine's own exactness tests (HF
+  equality, batch invariance, cached against full forward) keep LLVM's optimizations: a file
+  named in OPTIMIZED, run alone as `make test` runs it, compiles as users' runs do.
+- compiled programs are shared through JAX's persistent cache (`make test` gives all its processes
+  one fresh folder; a bare pytest session gets its own), so a subprocess or a later test file that
+  builds the same program loads it instead of compiling it again. Its keys hash XLA_FLAGS, so
+  optimized and unoptimized programs never mix.
 """
 
+import atexit
 import os
-
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (
-        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    ).strip()
-
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+OPTIMIZED = {"test_decoding.py", "test_modeling.py"}
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="steer-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Before any test module imports JAX (collection comes after this hook).
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        flags += " --xla_force_host_platform_device_count=8"
+    files = {Path(str(a).split("::")[0]).name for a in config.args}
+    if not (files and files <= OPTIMIZED) and "xla_backend_optimization_level" not in flags:
+        flags += " --xla_backend_optimization_level=0"
+    os.environ["XLA_FLAGS"] = flags.strip()
+
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny.py, shared builders
