@@ -7,9 +7,10 @@ Compiling is most of the suite's time (hundreds of small programs, each run a fe
 - XLA compiles its CPU code with LLVM's optimizations off (`make test` 30% faster). XLA's own HLO
   passes still run; only the machine code is slower, but its floats can differ from an optimized
   build's in the last bits (seen: a subprocess compiled with them wrote other confidences), so
-  every process of one test, subprocesses included, uses the same flags (`tiny.cpu_process_env`). The engine's own exactness tests (HF
-  equality, batch invariance, cached against full forward) keep LLVM's optimizations: a file
-  named in OPTIMIZED, run alone as `make test` runs it, compiles as users' runs do.
+  every process of one test, subprocesses included, uses the same flags
+  (`tiny.cpu_process_env`). The engine's own exactness tests (HF equality, batch invariance,
+  cached against full forward) keep LLVM's optimizations: a file named in OPTIMIZED, run alone
+  as `make test` runs it, compiles as users' runs do.
 - compiled programs are shared through JAX's persistent cache (`make test` gives all its processes
   one fresh folder; a bare pytest session gets its own), so a subprocess or a later test file that
   builds the same program loads it instead of compiling it again. Its keys hash XLA_FLAGS, so

@@ -1,4 +1,5 @@
-"""Tiny random HF checkpoints that transformers builds and saves: the independent reference."""
+"""Tiny random HF checkpoints that transformers builds and saves: the independent reference.
+Also the environment and the outputs of the tests' JAX subprocesses."""
 
 from __future__ import annotations
 
