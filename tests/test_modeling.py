@@ -14,6 +14,7 @@ import torch
 import transformers as tf
 from safetensors.numpy import load_file, save_file
 
+import tiny
 from steer_jax import CheckpointError, ModelConfig, load_model
 from steer_jax.modeling import loading, num_params, read_config
 from steer_jax.modeling.transformer import _full_logits
@@ -40,19 +41,6 @@ def test_logits_match_transformers(tiny_models, name):
     assert rel_err(model.logits(IDS), hf_logits(ref_model, IDS)) < 1e-5
 
 
-def _dot_precisions(jaxpr) -> list:
-    """Each dot_general's precision in a jaxpr, nested calls (jit, scan) included."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            found.append(eqn.params["precision"])
-        for v in eqn.params.values():
-            inner = getattr(v, "jaxpr", v)
-            if hasattr(inner, "eqns"):
-                found += _dot_precisions(inner)
-    return found
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_float32_models_ask_for_float32_dots(tiny_models, dtype):
     """On a GPU, XLA's DEFAULT precision ran float32 dots in TF32 (5e-4 from transformers on an
@@ -61,10 +49,9 @@ def test_float32_models_ask_for_float32_dots(tiny_models, dtype):
     model = load_model(tiny_models["gemma3_text"][0], dtype=dtype)
     jaxpr = jax.make_jaxpr(lambda p, ids: _full_logits(p, ids, model.config))(
         model.params, jnp.asarray(IDS, jnp.int32))
-    precisions = _dot_precisions(jaxpr.jaxpr)
+    precisions = tiny.dot_precisions(jaxpr.jaxpr)
     assert len(precisions) >= 9  # 7 in a layer (attention's 2, q k v o, MLP's 3), the head's
-    highest = jax.lax.Precision.HIGHEST
-    asked = [p in (highest, (highest, highest)) for p in precisions]
+    asked = [tiny.is_highest(p) for p in precisions]
     assert (all(asked) if dtype == "float32" else not any(asked)), precisions
 
 

@@ -1,13 +1,18 @@
 """Query router baseline: prompt features against HF transformers, training, orbax round trip."""
 
 import dataclasses
+import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 import torch
 
+import tiny
 from steer_jax import load_model
+from steer_jax.baselines import query_router
 from steer_jax.baselines.query_router import (Router, RouterConfig, labels_from_runs, load_router,
                                               predict, prompt_features, route, save_router,
                                               train_router)
@@ -84,6 +89,20 @@ def test_router_learns_a_separable_problem():
     assert accuracy >= 0.95, accuracy
     recall = np.mean(route(router, x[test])[y[test]])
     assert recall >= 0.9, recall
+
+
+def test_training_and_prediction_ask_for_float32_dots():
+    """DEFAULT precision is TF32 on a GPU and bfloat16 passes on a TPU; the CPU computes float32
+    either way, so what this checks is the request in both programs (gradients included)."""
+    x, y = jnp.ones((8, 4)), jnp.zeros((8,))
+    fit = functools.partial(query_router._fit, hidden=SMALL.hidden, epochs=1, batch_size=4)
+    trained = jax.make_jaxpr(fit)(x, y, jnp.ones((8,)), jax.random.key(0), 1e-3, 0.0)
+    params = query_router._init_params(jax.random.key(0), 4, SMALL.hidden)
+    probs = jax.make_jaxpr(query_router._probs)(params, jnp.zeros(4), jnp.ones(4), x)
+    # Training: 2 forward, 3 backward (each weight's gradient and the hidden layer's).
+    for jaxpr, at_least in ((trained, 5), (probs, 2)):
+        precisions = tiny.dot_precisions(jaxpr.jaxpr)
+        assert len(precisions) >= at_least and all(map(tiny.is_highest, precisions)), precisions
 
 
 def test_training_is_deterministic_in_the_seed():

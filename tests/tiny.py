@@ -174,3 +174,24 @@ def outputs(procs: list[subprocess.Popen], timeout: float) -> list[str]:
         printed = [p.communicate()[0] for p in procs]
         raise AssertionError(f"processes still running after {timeout} s; they printed "
                              f"{printed}") from None
+
+
+def dot_precisions(jaxpr) -> list:
+    """Each dot_general's precision in a jaxpr, nested calls (jit, scan) included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(eqn.params["precision"])
+        for v in eqn.params.values():
+            inner = getattr(v, "jaxpr", v)
+            if hasattr(inner, "eqns"):
+                found += dot_precisions(inner)
+    return found
+
+
+def is_highest(precision) -> bool:
+    """Whether a dot_general's precision asks for full float32 (one value or one per operand)."""
+    import jax
+
+    highest = jax.lax.Precision.HIGHEST
+    return precision in (highest, (highest, highest))

@@ -166,8 +166,11 @@ def _init_params(key: jax.Array, num_features: int, hidden: int) -> dict[str, ja
 
 
 def _logits(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
-    h = jax.nn.gelu(x @ params["w1"] + params["b1"])
-    return (h @ params["w2"] + params["b2"])[:, 0]
+    # Float32 on every backend, as the models' float32 dots (transformer._precision): DEFAULT
+    # would be TF32 on a GPU and bfloat16 passes on a TPU. The MLP is tiny; the cost is nil.
+    dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
+    h = jax.nn.gelu(dot(x, params["w1"]) + params["b1"])
+    return (dot(h, params["w2"]) + params["b2"])[:, 0]
 
 
 def _optimizer(lr: jax.Array, weight_decay: jax.Array) -> optax.GradientTransformation:
