@@ -8,6 +8,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import jax
 import torch
 import transformers as tf
 
@@ -191,7 +192,5 @@ def dot_precisions(jaxpr) -> list:
 
 def is_highest(precision) -> bool:
     """Whether a dot_general's precision asks for full float32 (one value or one per operand)."""
-    import jax
-
     highest = jax.lax.Precision.HIGHEST
     return precision in (highest, (highest, highest))
