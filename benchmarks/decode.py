@@ -8,15 +8,18 @@ reach, with the bandwidth and matmul rate measured here and now.
 
     python benchmarks/decode.py [--batch 16] [--new 64] [--repeats 3] [--untied] [--dtype bfloat16]
                                 [--shape Qwen2.5-1.5B-Instruct] [--scan-layers auto|yes|no]
+                                [--profile]
 
 `--untied` gives the model its own lm_head (as Qwen2.5-7B has) instead of the tied embedding;
 `--dtype bfloat16` runs both engines in bfloat16 (the roofline then counts 2 bytes a weight);
-`--shape` takes a known checkpoint's shapes (random weights) instead of the 40M model.
+`--shape` takes a known checkpoint's shapes (random weights) instead of the 40M model;
+`--profile` then traces one generation and lists a decode step's ops by the line that emitted them.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -26,11 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 import transformers as tf
+from op_profile import dump_flags, profile
 
 from steer_jax import generate, load_model
 from steer_jax.modeling import qwen2
 
-ON_GPU = jax.default_backend() == "gpu"
+
+def on_gpu() -> bool:  # not at import: --profile sets XLA_FLAGS before the backend starts
+    return jax.default_backend() == "gpu"
 
 
 def best_of(fn, repeats: int) -> float:
@@ -45,7 +51,7 @@ def best_of(fn, repeats: int) -> float:
 def memory_bandwidth() -> float:
     """Bytes per second XLA reads from memory (a sum over 256 MiB, 2 GiB on a GPU: well past its
     cache): what a decode step's weight reads are bound by."""
-    x = jnp.ones(((512 if ON_GPU else 64) * 2**20,), jnp.float32)
+    x = jnp.ones(((512 if on_gpu() else 64) * 2**20,), jnp.float32)
     total = jax.jit(jnp.sum)
     total(x).block_until_ready()
     return x.nbytes / best_of(lambda: total(x).block_until_ready(), 5)
@@ -53,7 +59,7 @@ def memory_bandwidth() -> float:
 
 def matmul_rate(dtype: str) -> float:
     """FLOP/s of a large matmul (random operands: zeros run faster on some chips)."""
-    m, n = (8192, 8192) if ON_GPU else (256, 2048)
+    m, n = (8192, 8192) if on_gpu() else (256, 2048)
     a = jax.random.normal(jax.random.key(0), (m, n), dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), dtype)
     # float32 as the models compute it (see transformer._precision), not a GPU's TF32.
@@ -75,7 +81,14 @@ def main() -> None:
                     help="a known checkpoint's shapes, random weights (default: the 40M model)")
     ap.add_argument("--scan-layers", choices=("auto", "yes", "no"), default="auto",
                     help="layers stacked under lax.scan or unrolled (auto: scanned on TPUs only)")
+    ap.add_argument("--profile", action="store_true",
+                    help="then show where a decode step's time goes, op by op (CPU backend)")
     args = ap.parse_args()
+    if args.profile:  # XLA must write the decode program's HLO, so compile it afresh
+        dump = tempfile.TemporaryDirectory()
+        os.environ["XLA_FLAGS"] = " ".join(
+            [os.environ.get("XLA_FLAGS", ""), dump_flags(dump.name, "jit_decode")])
+        jax.config.update("jax_enable_compilation_cache", False)
 
     if args.shape:
         shape = dict(qwen2._KNOWN[args.shape])
@@ -87,7 +100,7 @@ def main() -> None:
                      tie_word_embeddings=not args.untied, max_position_embeddings=4096)
     # No EOS: every row generates exactly --new tokens in both engines.
     config = tf.Qwen2Config(**{**shape, "eos_token_id": None, "bos_token_id": None})
-    device = torch.device("cuda" if ON_GPU else "cpu")
+    device = torch.device("cuda" if on_gpu() else "cpu")
     torch.manual_seed(0)
     with device:  # a billion-parameter init is minutes on the CPU, seconds on a GPU
         hf = tf.Qwen2ForCausalLM(config).to(getattr(torch, args.dtype)).eval()
@@ -139,6 +152,8 @@ def main() -> None:
           f"decode step: {per_step * 1e3:.2f} ms; roofline bound {bound * 1e3:.2f} ms "
           f"({'memory' if step_bytes / bw > step_flops / rate else 'compute'}-bound); "
           f"achieved {bound / per_step:.0%} of roofline")
+    if args.profile:
+        print("\n".join(profile(run_ours, dump.name, "jit_decode")))
 
 
 if __name__ == "__main__":
