@@ -47,7 +47,7 @@ def _progress_bar():
 
 def _print_summary(s) -> None:
     print(f"{s.method} on {s.benchmark}" + (f" (gamma {s.gamma:g})" if s.gamma is not None else "")
-          + f": accuracy {s.accuracy:.3f}, {s.flops_per_query:.4g}e12 FLOPs/query, "
+          + f": accuracy {s.accuracy:.3f}, {s.flops_per_query * 1e12:.4g} FLOPs/query, "
           f"A/F {s.a_per_f:.4g}, large steps {s.large_step_fraction:.1%}, {s.wall_s:.1f}s")
 
 

@@ -436,6 +436,19 @@ def test_cli_reports_bad_config(tmp_path, capsys):
     assert exit_.value.code == 2 and "gamma must be in [0, 1]" in capsys.readouterr().err
 
 
+def test_cli_summary_line_prints_flops_per_query_as_a_plain_number(capsys):
+    from types import SimpleNamespace
+
+    from steer_jax.cli import _print_summary
+
+    # Summaries hold FLOPs in units of 1e12 (the paper's tables); the printed line does not.
+    _print_summary(SimpleNamespace(method="steer", benchmark="demo", gamma=0.5, accuracy=0.992,
+                                   flops_per_query=3.512e-05, a_per_f=2.825e6,
+                                   large_step_fraction=0.329, wall_s=2.2))
+    assert capsys.readouterr().out == ("steer on demo (gamma 0.5): accuracy 0.992, 3.512e+07 "
+                                       "FLOPs/query, A/F 2.825e+06, large steps 32.9%, 2.2s\n")
+
+
 def test_run_on_a_mesh_writes_the_same_traces(pair, shared_data, tmp_path):
     bench = {"name": "musique", "path": str(shared_data / "musique"), "limit": 2}
     run(_config(pair, benchmark=bench), tmp_path / "one")
