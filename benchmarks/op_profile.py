@@ -1,11 +1,11 @@
 """Where a compiled loop's time goes: XLA's ops per iteration, named by the line that emitted them.
 
-`dump_flags(folder)` must reach XLA_FLAGS before the program compiles; `profile` then traces one
-call with jax.profiler and joins each executed op (trace events carry `hlo_module` / `hlo_op`) to
-the line of our code that emitted it, through the compiled HLO's metadata. Only the ops that ran
+`dump_flags` must reach XLA_FLAGS before JAX starts its backend; `profile` then traces one call
+with jax.profiler and joins each executed op (trace events carry `hlo_module` / `hlo_op`) to the
+line of our code that emitted it, through the compiled HLO's metadata. Only the ops that ran
 inside the module's loop are counted, divided by its iterations: a decode step, without the
-prefill. Measured on XLA's CPU
-backend; a GPU trace names device kernels differently and is not handled here.
+prefill. Written for XLA's CPU backend; a GPU trace names device kernels differently and is not
+handled here.
 """
 
 from __future__ import annotations
@@ -59,11 +59,14 @@ def _source_lines(hlo: str) -> dict[str, str]:
 def profile(fn: Callable[[], object], dump_dir: str, module: str, rows: int = 24) -> list[str]:
     """Trace one call of `fn` (already compiled, with `dump_flags` set): the report's lines, the
     `rows` costliest emitting lines of code first."""
-    hlo_files = glob.glob(f"{dump_dir}/*{module}*after_optimizations.txt")
-    if not hlo_files:
-        raise RuntimeError(f"no optimized HLO of {module} in {dump_dir}: set XLA_FLAGS with "
-                           "dump_flags() before the first compile (and no compilation cache hit)")
-    names = _source_lines(Path(max(hlo_files, key=lambda f: Path(f).stat().st_size)).read_text())
+    hlo_files = glob.glob(f"{dump_dir}/*.{module}.*after_optimizations.txt")
+    if len(hlo_files) != 1:
+        # Op names (`fusion.12`) mean different things in two programs of the same name.
+        raise RuntimeError(f"{len(hlo_files)} optimized programs named {module} in {dump_dir}; "
+                           "profile() needs exactly the one it traces: set XLA_FLAGS with "
+                           "dump_flags() before JAX starts, bypass the compilation cache, and "
+                           "profile before compiling another program of that name")
+    names = _source_lines(Path(hlo_files[0]).read_text())
     with tempfile.TemporaryDirectory() as trace_dir:
         with jax.profiler.trace(trace_dir):
             fn()

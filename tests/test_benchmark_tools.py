@@ -14,7 +14,8 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 # A loop whose costs are known in advance: a [256, 512] x [512, 512] matmul an iteration (~134
 # MFLOP) beside an elementwise op on 256 numbers, 7 iterations from a runtime count (XLA would
-# unroll a constant one), then a matmul outside the loop that must not be counted.
+# unroll a constant one), then a matmul outside the loop that must not be counted; then a second
+# program of the same name, after which profile() must refuse.
 SCRIPT = """
 import os, sys, tempfile
 sys.path.insert(0, {benchmarks!r})
@@ -35,6 +36,11 @@ def loop(x, w, n):
 x, w = jnp.ones((256, 512)) / 512, jnp.ones((512, 512))
 loop(x, w, 7)[0].block_until_ready()
 print("\\n".join(profile(lambda: loop(x, w, 7)[0].block_until_ready(), folder, "jit_loop")))
+loop(x[:8], w, 7)  # a second program named jit_loop: its op names would be ambiguous
+try:
+    profile(lambda: loop(x, w, 7)[0].block_until_ready(), folder, "jit_loop")
+except RuntimeError as e:
+    print("REFUSED", e)
 """
 
 
@@ -49,12 +55,14 @@ def test_profile_counts_the_loop_body_per_iteration_and_names_its_source_lines(t
     matmul = next(i for i, line in enumerate(lines, 1) if "THE MATMUL" in line)
     total = next(i for i, line in enumerate(lines, 1) if "THE SUM" in line)
     after = next(i for i, line in enumerate(lines, 1) if "AFTER THE LOOP" in line)
-    report = out[out.index("jit_loop:"):].splitlines()
+    # Once a second program of that name is compiled, op names are ambiguous: profile refuses.
+    assert "REFUSED 2 optimized programs named jit_loop" in out, out
+    report = out[out.index("jit_loop:"):out.index("REFUSED")].splitlines()
     assert report[0].startswith("jit_loop: 7 loop iterations"), out
     rows = [re.match(r"\s+([\d.]+)\s+[\d.]+%\s+(\d+)\s+(.*)", r) for r in report[2:]]
     assert all(rows), report
-    # The costliest line is the loop's matmul, once an iteration; the matmul after the loop
-    # (its [256, 512] output from w.T) is not counted.
+    # The costliest line is the loop's matmul, once an iteration; the matmul after the loop (same
+    # shape, its own line) is not counted.
     ms, per_iter, where = rows[0].groups()
     assert where == f"loop_script.py:{matmul} loop.<locals>.body (dot_general f32[256,512])", report
     assert per_iter == "1" and float(ms) > 0
