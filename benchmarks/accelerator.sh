@@ -8,7 +8,9 @@
 #     bash benchmarks/accelerator.sh [STEP ...]     (default: every step but demo)
 #
 # `demo` (only when named) runs the embedded STEER demo end to end on the accelerator, the whole
-# routing loop on device; a session with device time to spare should run it once.
+# routing loop on device; a session with device time to spare should run it once. `profile` (only
+# when named) lists a 1.5B bfloat16 decode step op by op (decode.py --profile); its trace reading
+# was written against XLA's CPU traces and has not yet run on a GPU.
 set -u
 ONLY=" $* "
 OUT=${OUT:-$(mktemp -d)}
@@ -22,12 +24,14 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false TOKENIZERS_PARALLELISM=false
 
 step() {  # step NAME SECONDS CMD...: run with a time limit, log to $OUT/NAME.log, print the tail
     local name=$1 limit=$2; shift 2
-    if [ "$ONLY" = "  " ]; then [ "$name" != demo ] || return 0
+    if [ "$ONLY" = "  " ]; then case $name in demo|profile) return 0 ;; esac
     else [[ "$ONLY" == *" $name "* ]] || return 0; fi
     echo "=== $name ($(date -u +%T))"
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
     echo "rc=$?"
-    grep -v "Writing model shards\|Loading weights\|it/s\]" "$OUT/$name.log" | tail -n 14
+    # A profile's table comes last and runs to ~30 lines; other steps end with their figures.
+    grep -v "Writing model shards\|Loading weights\|it/s\]" "$OUT/$name.log" \
+        | tail -n "$([ "$name" = profile ] && echo 32 || echo 14)"
 }
 
 date -u
@@ -46,3 +50,5 @@ step gmm 60 python3 benchmarks/gmm.py --repeats 10
 step tests_gpu 150 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider \
     tests/test_modeling.py tests/test_decoding.py tests/test_gmm.py
 step demo 300 python3 -m steer_jax.cli demo --config configs/demo.yaml --out /tmp/steer-demo
+step profile 240 python3 benchmarks/decode.py --dtype bfloat16 --shape Qwen2.5-1.5B-Instruct \
+    --batch 64 --new 128 --repeats 1 --profile
