@@ -38,6 +38,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) benchmarks/decode.py
+	JAX_PLATFORMS=cpu $(PY) benchmarks/matmul16.py
 	JAX_PLATFORMS=cpu $(PY) benchmarks/gmm.py
 
 clean:
