@@ -12,24 +12,14 @@ plain read (a sum) of each weight in turn, the rate at which this chain could at
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from decode import best_of
 
 SHAPES = [(512, 1536), (1536, 512), (512, 512)]  # the 40.9M decode model's gate/up, down, q/o
-
-
-def best_of(fn, repeats: int = 20) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def chained(product):
@@ -73,14 +63,16 @@ def main() -> None:
             return y
 
         with torch.no_grad():
-            t_torch = best_of(run_torch)
+            run_torch()  # warm-up
+            t_torch = best_of(run_torch, 20)
         print(f"[{args.rows}, {k}] x [{k}, {n}], {count} weights ({gb * 1e3:.0f} MB):")
         print(f"  {'torch x @ w (peer)':24s} {t_torch / count * 1e3:6.3f} ms a matmul "
               f"{gb / t_torch:5.1f} GB/s")
         for name, (fn, transposed) in FORMS.items():
             weights = [jnp.asarray(np.ascontiguousarray(w.T) if transposed else w) for w in ws]
             xj = jnp.asarray(x)
-            t = best_of(lambda: fn(xj, weights).block_until_ready())
+            fn(xj, weights).block_until_ready()  # compile
+            t = best_of(lambda: fn(xj, weights).block_until_ready(), 20)
             print(f"  {name:24s} {t / count * 1e3:6.3f} ms a matmul {gb / t:5.1f} GB/s  "
                   f"{t_torch / t:.2f}x torch")
 
