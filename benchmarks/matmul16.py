@@ -3,8 +3,9 @@
 Each form multiplies through a chain of distinct weights (64 MB or more, past the CPU's L2 caches),
 each product feeding the next (as a layer feeds the next: no two run at once), so the weights come
 from memory as in a decode step. Forms: the models' `jnp.matmul` (XLA CPU's dot), the same product
-as a multiply-and-reduce loop fusion over weights stored [out, in], and torch's `x @ w`; also a
-plain read (a sum) of each weight in turn, the rate at which this chain could at best go.
+as a multiply-and-reduce loop fusion over weights stored [out, in], and torch's `x @ w` (the peer)
+and `F.linear` (transformers' layout); also a plain read (a sum) of each weight in turn, the rate at
+which this chain could at best go.
 
     python benchmarks/matmul16.py [--rows 16] [--mb 64]
 """
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+import torch.nn.functional as F
 from decode import best_of
 
 SHAPES = [(512, 1536), (1536, 512), (512, 512)]  # the 40.9M decode model's gate/up, down, q/o
@@ -55,19 +57,24 @@ def main() -> None:
         x = rs.randn(args.rows, k).astype(np.float32)
         gb = count * k * n * 4 / 1e9
         xt, wts = torch.from_numpy(x), [torch.from_numpy(w) for w in ws]
+        linears = [torch.from_numpy(np.ascontiguousarray(w.T)) for w in ws]  # nn.Linear's [out, in]
 
-        def run_torch():
-            y = xt
-            for w in wts:
-                y = y + 1e-6 * (y @ w)[:, :1]
-            return y
+        def torch_chain(product, weights):
+            def run():
+                y = xt
+                for w in weights:
+                    y = y + 1e-6 * product(y, w)[:, :1]
+                return y
+            return run
 
-        with torch.no_grad():
-            run_torch()  # warm-up
-            t_torch = best_of(run_torch, 20)
         print(f"[{args.rows}, {k}] x [{k}, {n}], {count} weights ({gb * 1e3:.0f} MB):")
-        print(f"  {'torch x @ w (peer)':24s} {t_torch / count * 1e3:6.3f} ms a matmul "
-              f"{gb / t_torch:5.1f} GB/s")
+        with torch.no_grad():  # the last, x @ w, is the peer the ratios below divide by
+            for name, run in (("torch F.linear (HF's)", torch_chain(F.linear, linears)),
+                              ("torch x @ w (peer)", torch_chain(torch.matmul, wts))):
+                run()  # warm-up
+                t_torch = best_of(run, 20)
+                print(f"  {name:24s} {t_torch / count * 1e3:6.3f} ms a matmul "
+                      f"{gb / t_torch:5.1f} GB/s")
         for name, (fn, transposed) in FORMS.items():
             weights = [jnp.asarray(np.ascontiguousarray(w.T) if transposed else w) for w in ws]
             xj = jnp.asarray(x)
