@@ -5,7 +5,7 @@
 # Uses the machine's own jax/torch/transformers (its Python, not this repo's venv); wheels for
 # anything missing may sit in .whl/. Logs go to $OUT (or a temporary folder).
 #
-#     bash benchmarks/accelerator.sh [STEP ...]     (default: every step but demo)
+#     bash benchmarks/accelerator.sh [STEP ...]     (default: every step but demo and profile)
 #
 # `demo` (only when named) runs the embedded STEER demo end to end on the accelerator, the whole
 # routing loop on device; a session with device time to spare should run it once. `profile` (only

@@ -17,10 +17,10 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 # unroll a constant one), then a matmul outside the loop that must not be counted; then a second
 # program of the same name, after which profile() must refuse.
 SCRIPT = """
-import os, sys, tempfile
+import os, sys
 sys.path.insert(0, {benchmarks!r})
 from op_profile import dump_flags, profile
-folder = tempfile.mkdtemp()
+folder = sys.argv[1]
 os.environ["XLA_FLAGS"] += " " + dump_flags(folder, "jit_loop")
 import jax, jax.numpy as jnp
 
@@ -47,8 +47,9 @@ except RuntimeError as e:
 def test_profile_counts_the_loop_body_per_iteration_and_names_its_source_lines(tmp_path):
     script = tmp_path / "loop_script.py"
     script.write_text(textwrap.dedent(SCRIPT.format(benchmarks=str(BENCHMARKS))))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=tiny.cpu_process_env(1))
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "hlo")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=tiny.cpu_process_env(1))
     (out,) = tiny.outputs([proc], timeout=120)
     assert proc.returncode == 0, out
     lines = script.read_text().splitlines()
