@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import jax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from steer_jax.modeling.panel_matmul import unpack_params
 from steer_jax.modeling.transformer import KVCache, Model, Params
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,9 @@ def param_shardings(params: Params, mesh: Mesh) -> Params:
 
 
 def shard_params(params: Params, mesh: Mesh) -> Params:
-    """The params placed on `mesh` by the partition rules."""
+    """The params placed on `mesh` by the partition rules, in the plain layout the rules name
+    (weights a CPU load packed for the one-device kernel are unpacked)."""
+    params = unpack_params(params)
     return jax.device_put(params, param_shardings(params, mesh))
 
 

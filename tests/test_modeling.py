@@ -45,8 +45,9 @@ def test_logits_match_transformers(tiny_models, name):
 def test_float32_models_ask_for_float32_dots(tiny_models, dtype):
     """On a GPU, XLA's DEFAULT precision ran float32 dots in TF32 (5e-4 from transformers on an
     H200, failing the test above) and on a TPU it runs bfloat16 passes; the CPU computes float32
-    either way, so what this checks here is the request in the program."""
-    model = load_model(tiny_models["gemma3_text"][0], dtype=dtype)
+    either way, so what this checks here is the request in the program (XLA's dots: not the CPU
+    kernel's, test_panel_matmul.py)."""
+    model = load_model(tiny_models["gemma3_text"][0], dtype=dtype, cpu_kernels=False)
     jaxpr = jax.make_jaxpr(lambda p, ids: _full_logits(p, ids, model.config))(
         model.params, jnp.asarray(IDS, jnp.int32))
     precisions = tiny.dot_precisions(jaxpr.jaxpr)

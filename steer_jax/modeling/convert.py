@@ -31,7 +31,7 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16") ->
     hf_dir, out_dir = Path(hf_dir), Path(out_dir).absolute()
     if (out_dir / ORBAX_DIR).exists():
         raise CheckpointError(f"{out_dir / ORBAX_DIR} already exists; choose another OUT_DIR")
-    model = load_model(hf_dir, dtype, scan_layers=True)
+    model = load_model(hf_dir, dtype, scan_layers=True, cpu_kernels=False)  # the plain layout
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in _CARRIED:
         if (hf_dir / name).is_file():

@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from steer_jax.modeling import gemma3, qwen2, weights
+from steer_jax.modeling import gemma3, panel_matmul, qwen2, weights
 from steer_jax.modeling.config import ModelConfig, RopeConfig
 from steer_jax.modeling.transformer import Model
 
@@ -145,8 +145,8 @@ def hf_tensors(model: Model, dtype: Any = None) -> dict[str, np.ndarray]:
     Layers may be stacked ([L, ...] arrays) or unstacked (a list of per-layer dicts). Raises
     ValueError if some parameter has no HF name, so an export never silently drops a tensor.
     """
-    cfg, params = model.config, model.params
-    np_dtype = np.dtype(dtype) if dtype is not None else np.asarray(params["embed"]).dtype
+    cfg, params = model.config, panel_matmul.unpack_params(model.params)
+    np_dtype = np.dtype(dtype) if dtype is not None else np.dtype(model.dtype)
     layers = params["layers"]
     stacked = not isinstance(layers, (list, tuple))
     layer_keys = set(layers) if stacked else set(layers[0])
@@ -229,7 +229,7 @@ def save_hf(model: Model, path: str | Path, *, tokenizer: Any = None,
     path = Path(path)
     if dtype is not None and dtype not in _DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}")
-    np_dtype = _DTYPES[dtype] if dtype else np.asarray(model.params["embed"]).dtype
+    np_dtype = _DTYPES[dtype] if dtype else np.dtype(model.dtype)
     dtype_name = "bfloat16" if np_dtype == _DTYPES["bfloat16"] else np_dtype.name
     # Everything that can fail on the model (config spelling, names) fails before any write.
     config = hf_config(model.config, dtype_name)

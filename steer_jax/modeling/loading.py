@@ -20,7 +20,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from steer_jax.modeling import convert, gemma3, qwen2, weights
+from steer_jax.modeling import convert, gemma3, panel_matmul, qwen2, weights
 from steer_jax.modeling.config import ConfigError, ModelConfig, param_shapes
 from steer_jax.modeling.transformer import Model, unstack_layers
 
@@ -209,7 +209,8 @@ def load_params(path: str | Path, cfg: ModelConfig, dtype: str = "bfloat16",
 
 
 def load_model(path: str | Path, dtype: str = "bfloat16", *, value_head: bool = False,
-               scan_layers: bool | None = None, mesh: Any = None) -> Model:
+               scan_layers: bool | None = None, mesh: Any = None,
+               cpu_kernels: bool | None = None) -> Model:
     """Load a local HF checkpoint directory (Qwen2 family, Gemma 3 text or multimodal).
 
     `value_head`: the checkpoint is a process reward model whose `v_head.summary.*` tensors are
@@ -219,10 +220,15 @@ def load_model(path: str | Path, dtype: str = "bfloat16", *, value_head: bool = 
     weights out of the stack every step, which made decoding 1.8x slower on an H200 and ~1.1x on
     the CPU, benchmarks/RESULTS.md; on a TPU this is not measured yet).
     `mesh`: a ('data', 'model') mesh; each device's shard is then read straight from the files.
+    `cpu_kernels`: pack the dense weights into panels for steer-jax's CPU matmul kernel
+    (`panel_matmul`), ~2x XLA's dot at decode batch sizes. None: when the backend is a CPU, the
+    dtype float32, the mesh one device at most and the kernel builds; True: the same, or an error
+    saying which does not hold.
     `path` may also be a directory written by `steer-jax convert` (weights in orbax).
     """
     if dtype not in _DTYPES:
         raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}")
+    packed = cpu_kernels is not False and _kernels_usable(dtype, mesh, cpu_kernels)
     cfg = read_config(path)
     if value_head:
         if cfg.family != "qwen2":
@@ -239,7 +245,28 @@ def load_model(path: str | Path, dtype: str = "bfloat16", *, value_head: bool = 
         params = load_params(path, cfg, dtype, shardings)
     if not (jax.default_backend() == "tpu" if scan_layers is None else scan_layers):
         params = unstack_layers(params)
+    if packed:
+        params = jax.jit(panel_matmul.pack_params)(params)
     return Model(cfg, params, str(path))
+
+
+def _kernels_usable(dtype: str, mesh: Any, required: bool | None) -> bool:
+    """Whether `load_model` packs weights for the CPU kernel; an error if required and not."""
+    why = []
+    if jax.default_backend() != "cpu":
+        why.append(f"the backend is {jax.default_backend()}, not cpu")
+    if dtype != "float32":
+        why.append(f"the kernel multiplies float32 weights, not {dtype}")
+    if mesh is not None and mesh.size > 1:
+        why.append(f"the mesh has {mesh.size} devices; the kernel runs on one")
+    if not why:
+        try:
+            panel_matmul.load()
+        except panel_matmul.KernelUnavailable as e:
+            why.append(str(e))
+    if why and required:
+        raise CheckpointError("cpu_kernels=True, but " + "; ".join(why))
+    return not why
 
 
 # tokenizer_config.json classes that mean "exactly the pipeline in tokenizer.json".

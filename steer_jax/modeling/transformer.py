@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from steer_jax.modeling import panel_matmul
 from steer_jax.modeling.config import ModelConfig
 
 Params = dict[str, Any]
@@ -118,13 +119,17 @@ def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, H, hd)
 
 
-def _dense(x: jax.Array, w: jax.Array, n_in: int = 1) -> jax.Array:
+def _dense(x: jax.Array, w: jax.Array | panel_matmul.Panels, n_in: int = 1) -> jax.Array:
     """x's last `n_in` axes contracted with w's first ones, as ONE 2-D matmul over all tokens.
 
     Why not an einsum over [B, T, ...]: its weight gradient contracts over two axes (batch and
     time), which XLA's CPU backend runs several times slower than the same product on [B*T, in].
     """
-    lead, inner = x.shape[: x.ndim - n_in], w.shape[:n_in]
+    lead = x.shape[: x.ndim - n_in]
+    if isinstance(w, panel_matmul.Panels):  # float32 weights on a CPU (`load_model`)
+        out = panel_matmul.matmul(x.reshape(-1, math.prod(w.in_shape)), w)
+        return out.reshape(*lead, *w.out_shape)
+    inner = w.shape[:n_in]
     out = jnp.matmul(x.reshape(-1, math.prod(inner)), w.reshape(math.prod(inner), -1),
                      precision=_precision(x, w))
     return out.reshape(*lead, *w.shape[n_in:])
@@ -146,7 +151,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array,
     last slot are dropped, so a caller must check capacity before calling.
     """
     B, T = tokens.shape
-    x = params["embed"][tokens]
+    x = panel_matmul.embed(params["embed"], tokens)
     if cfg.embed_scale:  # HF rounds sqrt(hidden) to the weight dtype before multiplying
         x = x * jnp.asarray(math.sqrt(cfg.hidden_size), jnp.float32).astype(x.dtype)
     positions = cache.length[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
@@ -218,10 +223,13 @@ def logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
     # Both heads are [V, D], contracted over D: XLA's CPU dot reads a [D, V] operand of this
     # width about 10x slower (4 ms against 40 ms for a 32k x 512 head at batch 16).
     head = params["embed"] if cfg.tie_embeddings else params["lm_head"]
-    flat = jax.lax.dot_general(hidden.reshape(-1, hidden.shape[-1]), head,  # 2-D: see `_dense`
-                               (((1,), (1,)), ((), ())), precision=_precision(hidden, head),
-                               preferred_element_type=jnp.float32)
-    out = flat.reshape(*hidden.shape[:-1], head.shape[0])
+    if isinstance(head, panel_matmul.Panels):
+        flat = panel_matmul.matmul(hidden.reshape(-1, hidden.shape[-1]), head)
+    else:  # 2-D: see `_dense`
+        flat = jax.lax.dot_general(hidden.reshape(-1, hidden.shape[-1]), head,
+                                   (((1,), (1,)), ((), ())), precision=_precision(hidden, head),
+                                   preferred_element_type=jnp.float32)
+    out = flat.reshape(*hidden.shape[:-1], flat.shape[-1])
     if cfg.final_logit_softcap:
         out = jnp.tanh(out / cfg.final_logit_softcap) * cfg.final_logit_softcap
     return out
@@ -244,7 +252,8 @@ class Model:
 
     @property
     def num_params(self) -> int:
-        return int(sum(x.size for x in jax.tree.leaves(self.params)))
+        leaves = jax.tree.leaves(self.params, is_leaf=lambda x: isinstance(x, panel_matmul.Panels))
+        return int(sum(x.size for x in leaves))
 
     @property
     def dtype(self) -> Any:

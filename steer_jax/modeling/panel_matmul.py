@@ -1,0 +1,178 @@
+"""Weights packed into 32-column panels, multiplied by a CPU kernel of our own (panel_matmul.cc).
+
+On a CPU a decode step is a few rows times every weight, and XLA's dot repacks each weight on
+every call; packed once here, at load, the kernel streams each panel and runs a 16-row matmul
+~2x faster (benchmarks/matmul16.py). The kernel is compiled on first use with the system's C++
+compiler against the XLA FFI headers jaxlib ships, cached per source, jaxlib and CPU, and
+registered as an FFI target. Only float32 weights on a lone CPU device are packed; everywhere
+else the models run XLA's dot over the plain layout.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+WIDTH = 32  # columns per panel; panel_matmul.cc's kWidth
+_SOURCE = Path(__file__).with_name("panel_matmul.cc")
+_TARGET = "steer_jax_panel_matmul"
+# The dense weights of a layer and how many leading axes each contracts (transformer._dense).
+DENSE_INPUTS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
+
+
+class KernelUnavailable(RuntimeError):
+    """The CPU kernel cannot be built or used here; the message says why."""
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Panels:
+    """A weight [*lead, *in_shape, *out_shape] stored as panels [*lead, ceil(N / 32), K, 32].
+
+    K is the product of `in_shape` (the contracted axes), N of `out_shape`; the last panel is
+    padded with zero columns. `lead` is the stacked layer axis when there is one.
+    """
+
+    data: jax.Array
+    in_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+    out_shape: tuple[int, ...] = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def dtype(self) -> Any:
+        return self.data.dtype
+
+    @property
+    def size(self) -> int:  # the weight's own size, without the padding
+        return math.prod(self.data.shape[:-3]) * math.prod(self.in_shape + self.out_shape)
+
+    def unpack(self) -> jax.Array:
+        """The weight in its plain layout."""
+        *lead, panels, k, _ = self.data.shape
+        plain = jnp.moveaxis(self.data, -3, -2).reshape(*lead, k, panels * WIDTH)
+        return plain[..., : math.prod(self.out_shape)].reshape(
+            *lead, *self.in_shape, *self.out_shape)
+
+
+def pack(w: jax.Array, n_in: int, lead: int = 0) -> Panels:
+    """Panels of `w` [*lead, in (n_in axes)..., out...], contracting its `n_in` input axes."""
+    shape = w.shape
+    in_shape, out_shape = tuple(shape[lead: lead + n_in]), tuple(shape[lead + n_in:])
+    k, n = math.prod(in_shape), math.prod(out_shape)
+    panels = -(-n // WIDTH)
+    flat = w.reshape(*shape[:lead], k, n)
+    flat = jnp.pad(flat, [(0, 0)] * (lead + 1) + [(0, panels * WIDTH - n)])
+    data = jnp.moveaxis(flat.reshape(*shape[:lead], k, panels, WIDTH), -2, -3)
+    return Panels(data, in_shape, out_shape)
+
+
+def embed(table: jax.Array | Panels, tokens: jax.Array) -> jax.Array:
+    """Rows of an embedding table [V, D], plain or packed as a head (`pack_params`)."""
+    if isinstance(table, Panels):
+        return table.data[tokens // WIDTH, :, tokens % WIDTH]
+    return table[tokens]
+
+
+def matmul(x: jax.Array, w: Panels) -> jax.Array:
+    """x [M, K] @ w as float32 [M, N], by the CPU kernel (`load()` must have succeeded)."""
+    panels, k, _ = w.data.shape
+    if x.ndim != 2 or x.shape[1] != k:
+        raise ValueError(f"matmul wants x [M, {k}], got {x.shape}")
+    call = jax.ffi.ffi_call(_TARGET, jax.ShapeDtypeStruct((x.shape[0], panels * WIDTH),
+                                                          jnp.float32), vmap_method="sequential")
+    return call(x.astype(jnp.float32), w.data)[:, : math.prod(w.out_shape)]
+
+
+_HEADS = ("embed", "lm_head")  # [V, D], packed as the head's [D, V]
+
+
+def pack_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The layers' dense weights and the head (the embedding when tied) as `Panels`."""
+    def layer(lp: dict[str, Any], lead: int) -> dict[str, Any]:
+        return {k: pack(v, DENSE_INPUTS[k], lead) if k in DENSE_INPUTS else v
+                for k, v in lp.items()}
+
+    layers = params["layers"]
+    out = {k: pack(v.T, 1) if k in _HEADS else v for k, v in params.items()}
+    out["layers"] = ([layer(lp, 0) for lp in layers] if isinstance(layers, (list, tuple))
+                     else layer(layers, 1))
+    return out
+
+
+def unpack_params(params: dict[str, Any]) -> dict[str, Any]:
+    """`pack_params` undone: every weight in its plain layout again."""
+    def plain(path: tuple[Any, ...], x: Any) -> Any:
+        if not isinstance(x, Panels):
+            return x
+        w = x.unpack()
+        return w.T if getattr(path[0], "key", None) in _HEADS else w
+
+    return jax.tree_util.tree_map_with_path(plain, params,
+                                            is_leaf=lambda x: isinstance(x, Panels))
+
+
+def is_packed(params: dict[str, Any]) -> bool:
+    return any(isinstance(x, Panels) for x in jax.tree.leaves(
+        params, is_leaf=lambda x: isinstance(x, Panels)))
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("STEER_JAX_CACHE") or os.environ.get("XDG_CACHE_HOME")
+    return Path(root) / "steer_jax" if root else Path.home() / ".cache" / "steer_jax"
+
+
+def _cpu_id() -> str:
+    """What -march=native compiles for: the CPU's model and feature flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({ln for ln in info if ln.split(":")[0].strip() in
+                                 ("model name", "flags", "Features")}))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+@functools.cache
+def load() -> None:
+    """Compile (or find compiled) the kernel and register it with XLA; KernelUnavailable if not."""
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        raise KernelUnavailable("no C++ compiler found (set CXX) to build the CPU matmul kernel")
+    handler = ctypes.CDLL(str(build(cxx, _cache_dir()))).PanelMatmul
+    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+
+
+def build(cxx: str, cache_dir: Path) -> Path:
+    """The kernel's shared library, compiled by `cxx` into `cache_dir` unless already there."""
+    import jaxlib
+
+    flags = ["-O3", "-march=native", "-std=gnu++17", "-shared", "-fPIC", "-w"]
+    key = hashlib.sha256("\0".join([_SOURCE.read_text(), jaxlib.__version__, cxx, *flags,
+                                     _cpu_id()]).encode()).hexdigest()[:16]
+    lib = cache_dir / f"panel_matmul-{key}.so"
+    if lib.is_file():
+        return lib
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        out = Path(tmp) / lib.name
+        try:
+            run = subprocess.run([cxx, *flags, "-I", jax.ffi.include_dir(), str(_SOURCE),
+                                  "-o", str(out)], capture_output=True, text=True)
+        except OSError as e:
+            raise KernelUnavailable(f"cannot run the C++ compiler {cxx!r}: {e}") from e
+        if run.returncode != 0:
+            raise KernelUnavailable(f"{cxx} could not build {_SOURCE.name}:\n"
+                                    f"{run.stderr[-2000:]}")
+        os.replace(out, lib)  # atomic: a concurrent build never sees half a file
+    return lib

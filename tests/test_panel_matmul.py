@@ -1,0 +1,104 @@
+"""The CPU matmul kernel over packed weights: against numpy in float64, and through load_model."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from steer_jax import CheckpointError, load_model
+from steer_jax.modeling import panel_matmul as pm
+from steer_jax.modeling.export import hf_tensors
+
+IDS = [[3, 17, 99, 5, 64, 2, 8, 120, 41, 7]]
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    pm.load()
+
+
+# Rows below, at and above a register block and a row tile; N off the panel width; K odd.
+@pytest.mark.parametrize("m, k, n", [(1, 33, 32), (13, 96, 70), (16, 512, 1536), (17, 64, 96),
+                                     (300, 40, 65)])
+def test_matmul_matches_float64(kernel, m, k, n):
+    rs = np.random.RandomState(m + k + n)
+    x, w = rs.randn(m, k).astype(np.float32), rs.randn(k, n).astype(np.float32)
+    got = np.asarray(jax.jit(pm.matmul)(jnp.asarray(x), pm.pack(jnp.asarray(w), 1)))
+    ref = x.astype(np.float64) @ w.astype(np.float64)
+    assert got.shape == (m, n)
+    # A float32 chain of K products of unit normals: measured up to ~1.5e-7 K from float64
+    # (XLA's dot ~0.6e-7 K); a wrong panel, row or remainder is off by O(1).
+    assert np.abs(got - ref).max() < 5e-7 * k
+
+
+def test_rows_do_not_depend_on_their_batch(kernel):
+    """Every output is one multiply-add chain over k: a row's bits are the same alone or in any
+    batch, on any number of threads (the engine's batch invariance leans on it)."""
+    rs = np.random.RandomState(0)
+    x = jnp.asarray(rs.randn(37, 256).astype(np.float32))
+    w = pm.pack(jnp.asarray(rs.randn(256, 320).astype(np.float32)), 1)
+    whole = np.asarray(pm.matmul(x, w))
+    for rows in (slice(5, 6), slice(0, 16), slice(16, 37), slice(3, 20)):
+        np.testing.assert_array_equal(np.asarray(pm.matmul(x[rows], w)), whole[rows])
+
+
+@pytest.mark.parametrize("shape, n_in, lead", [((3, 8, 5), 1, 0), ((4, 6, 2, 7), 2, 0),
+                                               ((2, 8, 3, 11), 1, 1), ((40, 70), 1, 0)])
+def test_pack_round_trip(shape, n_in, lead):
+    w = jnp.asarray(np.random.RandomState(1).randn(*shape).astype(np.float32))
+    p = pm.pack(w, n_in, lead)
+    assert p.data.shape[-1] == pm.WIDTH and p.size == w.size
+    np.testing.assert_array_equal(np.asarray(p.unpack()), np.asarray(w))
+
+
+def test_packed_embedding_rows():
+    table = jnp.asarray(np.random.RandomState(2).randn(70, 24).astype(np.float32))
+    packed = pm.pack_params({"embed": table, "layers": []})["embed"]
+    tokens = jnp.asarray([[0, 31, 32, 69], [5, 5, 64, 33]])
+    np.testing.assert_array_equal(np.asarray(pm.embed(packed, tokens)),
+                                  np.asarray(table[tokens]))
+
+
+@pytest.mark.parametrize("name", ["qwen2_tied_mha", "qwen2_untied_gqa", "gemma3_text"])
+def test_float32_cpu_models_are_packed_and_agree_with_xla(tiny_models, name):
+    path, _ = tiny_models[name]
+    packed = load_model(path, "float32")
+    plain = load_model(path, "float32", cpu_kernels=False)
+    assert pm.is_packed(packed.params) and not pm.is_packed(plain.params)
+    assert packed.num_params == plain.num_params
+    np.testing.assert_allclose(packed.logits(IDS), plain.logits(IDS), rtol=1e-5, atol=1e-5)
+    # Export (and sharding) see the plain layout again.
+    a, b = hf_tensors(packed), hf_tensors(plain)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_scanned_layers_pack_too(tiny_models):
+    path, _ = tiny_models["qwen2_untied_gqa"]
+    scanned = load_model(path, "float32", scan_layers=True)
+    assert isinstance(scanned.params["layers"]["gate"], pm.Panels)
+    np.testing.assert_allclose(scanned.logits(IDS),
+                               load_model(path, "float32", cpu_kernels=False).logits(IDS),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_only_float32_on_one_cpu_device_is_packed(tiny_models, monkeypatch):
+    path, _ = tiny_models["qwen2_untied_gqa"]
+    assert not pm.is_packed(load_model(path, "bfloat16").params)
+    with pytest.raises(CheckpointError, match="float32 weights, not bfloat16"):
+        load_model(path, "bfloat16", cpu_kernels=True)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not pm.is_packed(load_model(path, "float32").params)
+    with pytest.raises(CheckpointError, match="the backend is gpu, not cpu"):
+        load_model(path, "float32", cpu_kernels=True)
+
+
+def test_build_failure_names_the_compiler(tmp_path):
+    with pytest.raises(pm.KernelUnavailable, match="no-such-c"):
+        pm.build(str(tmp_path / "no-such-c++"), tmp_path)
+    fake = tmp_path / "cxx"
+    fake.write_text("#!/bin/sh\necho 'error: nope' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    with pytest.raises(pm.KernelUnavailable, match="could not build panel_matmul.cc:\nerror: nope"):
+        pm.build(str(fake), tmp_path)
