@@ -32,7 +32,7 @@ import transformers as tf
 from op_profile import dump_flags, profile
 
 from steer_jax import generate, load_model
-from steer_jax.modeling import qwen2
+from steer_jax.modeling import panel_matmul, qwen2
 
 
 def on_gpu() -> bool:  # not at import: --profile sets XLA_FLAGS before the backend starts
@@ -81,6 +81,9 @@ def main() -> None:
                     help="a known checkpoint's shapes, random weights (default: the 40M model)")
     ap.add_argument("--scan-layers", choices=("auto", "yes", "no"), default="auto",
                     help="layers stacked under lax.scan or unrolled (auto: scanned on TPUs only)")
+    ap.add_argument("--cpu-kernels", choices=("auto", "no"), default="auto",
+                    help="steer-jax's CPU matmul kernel (auto: float32 on one CPU device), or "
+                         "XLA's dot throughout")
     ap.add_argument("--profile", action="store_true",
                     help="then show where a decode step's time goes, op by op (CPU backend)")
     args = ap.parse_args()
@@ -107,7 +110,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         hf.save_pretrained(d)
         ours = load_model(Path(d), dtype=args.dtype,
-                          scan_layers={"auto": None, "yes": True, "no": False}[args.scan_layers])
+                          scan_layers={"auto": None, "yes": True, "no": False}[args.scan_layers],
+                          cpu_kernels=None if args.cpu_kernels == "auto" else False)
     n_params = ours.num_params
     prompts = np.random.RandomState(0).randint(0, config.vocab_size, (args.batch, args.prompt))
 
@@ -129,7 +133,8 @@ def main() -> None:
     t_hf = best_of(run_hf, args.repeats)
     tokens = args.batch * args.new
     print(f"model: {args.shape or 'Qwen2'}-shaped, {'untied' if args.untied else 'tied'}, "
-          f"{n_params / 1e6:.1f}M params, {args.dtype}, scan layers {args.scan_layers}; "
+          f"{n_params / 1e6:.1f}M params, {args.dtype}, scan layers {args.scan_layers}, "
+          f"CPU kernel {'yes' if panel_matmul.is_packed(ours.params) else 'no'}; "
           f"batch {args.batch}, prompt {args.prompt}, {args.new} new tokens, greedy; torch threads "
           f"{torch.get_num_threads()}, torch device {device}, jax devices {jax.devices()}")
     print(f"greedy rows identical to transformers: {same}/{args.batch}")
