@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -92,6 +95,12 @@ def test_only_float32_on_one_cpu_device_is_packed(tiny_models, monkeypatch):
     assert not pm.is_packed(load_model(path, "float32").params)
     with pytest.raises(CheckpointError, match="the backend is gpu, not cpu"):
         load_model(path, "float32", cpu_kernels=True)
+
+
+def test_builds_from_an_empty_cache(tmp_path):
+    lib = pm.build(os.environ.get("CXX") or shutil.which("c++") or "g++", tmp_path)
+    assert lib.parent == tmp_path and lib.stat().st_size > 0
+    assert [p.name for p in tmp_path.iterdir()] == [lib.name]  # no half-built leftovers
 
 
 def test_build_failure_names_the_compiler(tmp_path):

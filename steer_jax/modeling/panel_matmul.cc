@@ -1,23 +1,18 @@
 // y[M, N] = x[M, K] @ w on a CPU, with w stored as panels [N / 32, K, 32]: an XLA FFI handler.
 //
 // Why a kernel of our own: a decode step multiplies a few rows (the batch) by every weight once,
-// so it runs at the rate the weights stream in. XLA's CPU dot and MKL both repack the weight
-// operand on every call and reach ~80 GFLOP/s on the development machine's two cores for 16 rows
-// (benchmarks/matmul16.py). Packed once, at load, each 32-column panel is one contiguous stream,
-// and this loop reaches ~2.4x that. Each output is one fused multiply-add chain over k in order,
-// whatever the thread count or the other rows: the result depends on nothing but its row.
-
-#include <sched.h>
+// so at best it runs at the rate the weights stream in. At 16 rows XLA's CPU dot and torch's
+// matmul reach ~80 GFLOP/s on the development machine's two cores, and so did this loop over the
+// plain [K, N] layout (each k row read 32 columns at a time, a short strided read). Packed once,
+// at load, each 32-column panel is one contiguous stream, and this loop reaches ~2x that
+// (benchmarks/matmul16.py, RESULTS.md). Each output is one fused multiply-add chain over k in
+// order, whatever the thread count or the other rows: it depends on nothing but its row.
 
 #include <algorithm>
 #include <atomic>
-#include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <memory>
-#include <mutex>
 #include <thread>
-#include <vector>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -98,74 +93,8 @@ struct Job {
   }
 };
 
-// Threads that help every matmul, spinning a while between calls. Why not XLA's intra-op pool:
-// its threads sleep between a decode step's matmuls, ~0.1 ms apart, and waking one took as long
-// as its share of the work; a decode step gained nothing from the second core.
-class Helpers {
- public:
-  static Helpers& Get() {
-    static Helpers* helpers = new Helpers();  // never destroyed: its threads run until exit
-    return *helpers;
-  }
-
-  // Runs `job` on the caller and, unless another call holds them, on the helpers.
-  void Run(const std::shared_ptr<Job>& job) {
-    std::unique_lock<std::mutex> slot(slot_, std::try_to_lock);
-    const bool shared = slot.owns_lock() && count_ > 0;
-    if (shared) {
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        job_ = job;
-        epoch_.fetch_add(1, std::memory_order_release);
-      }
-      wake_.notify_all();
-    }
-    job->Work();
-    while (job->done.load(std::memory_order_acquire) < job->items) std::this_thread::yield();
-    if (shared) {
-      std::lock_guard<std::mutex> lock(mu_);
-      job_.reset();
-    }
-  }
-
- private:
-  static constexpr auto kSpin = std::chrono::milliseconds(2);
-
-  Helpers() {
-    cpu_set_t cpus;
-    const int n = sched_getaffinity(0, sizeof cpus, &cpus) == 0 ? CPU_COUNT(&cpus) : 1;
-    count_ = std::max(0, n - 1);
-    for (int i = 0; i < count_; ++i) std::thread([this] { Loop(); }).detach();
-  }
-
-  void Loop() {
-    uint64_t seen = 0;
-    for (;;) {
-      // Spin, yielding the core to any thread that wants it, until a job comes or kSpin passes.
-      const auto until = std::chrono::steady_clock::now() + kSpin;
-      while (epoch_.load(std::memory_order_acquire) == seen &&
-             std::chrono::steady_clock::now() < until)
-        std::this_thread::yield();
-      std::shared_ptr<Job> job;
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        wake_.wait(lock, [&] { return epoch_.load(std::memory_order_relaxed) != seen; });
-        seen = epoch_.load(std::memory_order_relaxed);
-        job = job_;
-      }
-      if (job) job->Work();
-    }
-  }
-
-  int count_ = 0;
-  std::mutex slot_, mu_;
-  std::condition_variable wake_;
-  std::atomic<uint64_t> epoch_{0};
-  std::shared_ptr<Job> job_;
-};
-
-ffi::Error PanelMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                           ffi::ResultBuffer<ffi::F32> y) {
+ffi::Error PanelMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   if (xd.size() != 2 || wd.size() != 3 || yd.size() != 2 || wd[2] != kWidth ||
       wd[1] != xd[1] || yd[0] != xd[0] || yd[1] != wd[0] * kWidth)
@@ -179,7 +108,12 @@ ffi::Error PanelMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   // ~8 items a core balance the load; a group of >= 2 panels amortizes the shared counter.
   job->group = std::max<int64_t>(2, job->panels / 16);
   job->items = (job->M + kRowTile - 1) / kRowTile * ((job->panels + job->group - 1) / job->group);
-  Helpers::Get().Run(job);
+  // XLA's intra-op pool helps; a spinning thread of our own took the second core from XLA's
+  // ops and made a decode step slower (17.5 against 14.9 ms, benchmarks/RESULTS.md).
+  const int64_t threads = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), job->items);
+  for (int64_t t = 1; t < threads; ++t) pool.Schedule([job] { job->Work(); });
+  job->Work();
+  while (job->done.load(std::memory_order_acquire) < job->items) std::this_thread::yield();
   return ffi::Error::Success();
 }
 
@@ -187,6 +121,7 @@ ffi::Error PanelMatmulImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PanelMatmul, PanelMatmulImpl,
                               ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
