@@ -70,6 +70,9 @@ def test_float32_cpu_models_are_packed_and_agree_with_xla(tiny_models, name):
     packed = load_model(path, "float32")
     plain = load_model(path, "float32", cpu_kernels=False)
     assert pm.is_packed(packed.params) and not pm.is_packed(plain.params)
+    # The head is packed: the embedding itself when tied, else lm_head (the embedding stays).
+    assert pm.is_panels(packed.params["embed"]) == packed.config.tie_embeddings
+    assert pm.is_panels(packed.params.get("lm_head")) != packed.config.tie_embeddings
     assert packed.num_params == plain.num_params
     np.testing.assert_allclose(packed.logits(IDS), plain.logits(IDS), rtol=1e-5, atol=1e-5)
     # Export (and sharding) see the plain layout again.

@@ -228,12 +228,12 @@ def load_model(path: str | Path, dtype: str = "bfloat16", *, value_head: bool = 
     """
     if dtype not in _DTYPES:
         raise CheckpointError(f"dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}")
-    packed = cpu_kernels is not False and _kernels_usable(dtype, mesh, cpu_kernels)
     cfg = read_config(path)
     if value_head:
         if cfg.family != "qwen2":
             raise CheckpointError(f"{path}: value heads are supported on Qwen2 checkpoints only")
         cfg = dataclasses.replace(cfg, value_head=True)
+    packed = cpu_kernels is not False and _kernels_usable(dtype, mesh, cpu_kernels)
     shardings = None
     if mesh is not None:
         from steer_jax.distributed import param_shardings

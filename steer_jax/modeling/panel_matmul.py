@@ -86,7 +86,8 @@ def embed(table: jax.Array | Panels, tokens: jax.Array) -> jax.Array:
 
 
 def matmul(x: jax.Array, w: Panels) -> jax.Array:
-    """x [M, K] @ w as float32 [M, N], by the CPU kernel (`load()` must have succeeded)."""
+    """x [M, K] @ w as float32 [M, N], by the CPU kernel."""
+    load()  # at trace time; cached
     panels, k, _ = w.data.shape
     if x.ndim != 2 or x.shape[1] != k:
         raise ValueError(f"matmul wants x [M, {k}], got {x.shape}")
@@ -98,14 +99,19 @@ def matmul(x: jax.Array, w: Panels) -> jax.Array:
 _HEADS = ("embed", "lm_head")  # [V, D], packed as the head's [D, V]
 
 
+def is_panels(x: Any) -> bool:
+    return isinstance(x, Panels)
+
+
 def pack_params(params: dict[str, Any]) -> dict[str, Any]:
     """The layers' dense weights and the head (the embedding when tied) as `Panels`."""
     def layer(lp: dict[str, Any], lead: int) -> dict[str, Any]:
         return {k: pack(v, DENSE_INPUTS[k], lead) if k in DENSE_INPUTS else v
                 for k, v in lp.items()}
 
+    head = "lm_head" if "lm_head" in params else "embed"  # an untied embedding is only looked up
     layers = params["layers"]
-    out = {k: pack(v.T, 1) if k in _HEADS else v for k, v in params.items()}
+    out = {k: pack(v.T, 1) if k == head else v for k, v in params.items()}
     out["layers"] = ([layer(lp, 0) for lp in layers] if isinstance(layers, (list, tuple))
                      else layer(layers, 1))
     return out
@@ -119,13 +125,11 @@ def unpack_params(params: dict[str, Any]) -> dict[str, Any]:
         w = x.unpack()
         return w.T if getattr(path[0], "key", None) in _HEADS else w
 
-    return jax.tree_util.tree_map_with_path(plain, params,
-                                            is_leaf=lambda x: isinstance(x, Panels))
+    return jax.tree_util.tree_map_with_path(plain, params, is_leaf=is_panels)
 
 
 def is_packed(params: dict[str, Any]) -> bool:
-    return any(isinstance(x, Panels) for x in jax.tree.leaves(
-        params, is_leaf=lambda x: isinstance(x, Panels)))
+    return any(map(is_panels, jax.tree.leaves(params, is_leaf=is_panels)))
 
 
 def _cache_dir() -> Path:

@@ -252,8 +252,8 @@ class Model:
 
     @property
     def num_params(self) -> int:
-        leaves = jax.tree.leaves(self.params, is_leaf=lambda x: isinstance(x, panel_matmul.Panels))
-        return int(sum(x.size for x in leaves))
+        leaves = jax.tree.leaves(self.params, is_leaf=panel_matmul.is_panels)
+        return int(sum(x.size for x in leaves))  # a Panels' size leaves out its padding
 
     @property
     def dtype(self) -> Any:
