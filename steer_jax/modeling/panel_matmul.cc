@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <memory>
 #include <thread>
+#include <type_traits>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -20,56 +21,93 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kWidth = 32;  // panel width: two 16-float vectors
-// Rows per register block, each reading the panel once. With AVX-512, 16 rows' accumulators take
-// all 32 vector registers and the compiler spills a few, yet measured faster from memory than 12
-// rows that fit (benchmarks/RESULTS.md); elsewhere a vector of 16 floats spans 2 (AVX2) or 4
-// (NEON) registers.
-#ifdef __AVX512F__
-constexpr int kMaxRows = 16;
+constexpr int64_t kWidth = 32;  // panel width
+// Vectors of the machine's own width: GCC lowers a vector wider than the target's registers
+// through the stack, which ran an AVX2 machine's matmuls ~50x slower than XLA's dot.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
 #else
-constexpr int kMaxRows = 2;
+constexpr int kLanes = 4;  // SSE, NEON
+#endif
+constexpr int kVecs = kWidth / kLanes;
+// A register block: R rows by kBlockVecs vectors of columns. With AVX-512 (32 registers), 16 rows
+// by the whole panel take them all and the compiler spills a few, yet measured faster from memory
+// than 12 rows that fit (benchmarks/RESULTS.md). With 16 registers, 6 rows by 2 vectors (12
+// accumulators, 2 weight vectors, a broadcast) as in BLIS's AVX2 kernels: an AVX2 machine ran
+// 512-row products ~1.5x faster so than in 3 rows by the whole panel.
+#if defined(__AVX512F__)
+constexpr int kMaxRows = 16, kBlockVecs = 2;
+constexpr int64_t kChunk = int64_t{1} << 40;  // the whole of K
+#else
+constexpr int kMaxRows = 6, kBlockVecs = 2;
+// Panel rows in a chunk: each row block re-reads the chunk, which at 128 rows (16 KB) stays in L1.
+constexpr int64_t kChunk = 128;
 #endif
 constexpr int64_t kRowTile = 128;  // rows whose activations stay in L2 while panels stream by
 // Panel rows fetched ahead: the hardware prefetcher alone left a 16-row matmul at ~12 GB/s from
 // memory; 16 rows (2 KB) ahead took it to ~19 (a plain read streams ~28).
 constexpr int64_t kAhead = 16;
 
-typedef float Vec __attribute__((vector_size(64)));
-typedef float VecU __attribute__((vector_size(64), aligned(4)));
+typedef float Vec __attribute__((vector_size(kLanes * 4)));
+typedef float VecU __attribute__((vector_size(kLanes * 4), aligned(4)));
 
+// R rows of y (row stride N) += x (row stride K) times panel rows [k0, k1) of one column block;
+// y starts from zero at k0 == 0. Stored and reloaded between chunks, each output is still one
+// fused multiply-add chain over k in order.
 template <int R>
-void Block(const float* x, int64_t K, const float* panel, float* y, int64_t N) {
-  Vec acc[R][2] = {};
-  for (int64_t k = 0; k < K; ++k) {
-    __builtin_prefetch(panel + (k + kAhead) * kWidth);
-    __builtin_prefetch(panel + (k + kAhead) * kWidth + 16);
-    const Vec w0 = *reinterpret_cast<const VecU*>(panel + k * kWidth);
-    const Vec w1 = *reinterpret_cast<const VecU*>(panel + k * kWidth + 16);
+void Block(const float* x, int64_t K, int64_t k0, int64_t k1, const float* panel, float* y,
+           int64_t N, bool fetch) {
+  Vec acc[R][kBlockVecs] = {};
+  if (k0 > 0)
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < kBlockVecs; ++v)
+        acc[r][v] = *reinterpret_cast<const VecU*>(y + r * N + v * kLanes);
+  for (int64_t k = k0; k < k1; ++k) {
+    if (fetch) {  // the first pass over a chunk brings it in; later ones find it in L1
+      __builtin_prefetch(panel + (k + kAhead) * kWidth);
+      __builtin_prefetch(panel + (k + kAhead) * kWidth + 16);
+    }
+    Vec w[kBlockVecs];
+#pragma GCC unroll 8
+    for (int v = 0; v < kBlockVecs; ++v)
+      w[v] = *reinterpret_cast<const VecU*>(panel + k * kWidth + v * kLanes);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const float xr = x[r * K + k];
-      acc[r][0] += xr * w0;
-      acc[r][1] += xr * w1;
+#pragma GCC unroll 8
+      for (int v = 0; v < kBlockVecs; ++v) acc[r][v] += xr * w[v];
     }
   }
-  for (int r = 0; r < R; ++r) {
-    *reinterpret_cast<VecU*>(y + r * N) = acc[r][0];
-    *reinterpret_cast<VecU*>(y + r * N + 16) = acc[r][1];
-  }
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < kBlockVecs; ++v)
+      *reinterpret_cast<VecU*>(y + r * N + v * kLanes) = acc[r][v];
 }
 
-// Rows [r0, r1) times one panel, in the largest register blocks that fit.
+// Rows [r0, r1) times one panel, chunk by chunk of K, in the largest register blocks that fit.
 void Rows(const float* x, int64_t K, const float* panel, float* y, int64_t N, int64_t r0,
           int64_t r1) {
-  int64_t r = r0;
-  for (; r1 - r >= kMaxRows; r += kMaxRows) Block<kMaxRows>(x + r * K, K, panel, y + r * N, N);
-#ifdef __AVX512F__
-  if (r1 - r >= 8) Block<8>(x + r * K, K, panel, y + r * N, N), r += 8;
-  if (r1 - r >= 4) Block<4>(x + r * K, K, panel, y + r * N, N), r += 4;
-#endif
-  if (r1 - r >= 2) Block<2>(x + r * K, K, panel, y + r * N, N), r += 2;
-  if (r1 - r >= 1) Block<1>(x + r * K, K, panel, y + r * N, N);
+  for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+    const int64_t k1 = std::min(K, k0 + kChunk);
+    for (int c = 0; c < kVecs; c += kBlockVecs) {
+      const float* pc = panel + c * kLanes;
+      float* yc = y + c * kLanes;
+      bool fetch = c == 0;
+      int64_t r = r0;
+      auto block = [&](auto rows) {
+        Block<rows>(x + r * K, K, k0, k1, pc, yc + r * N, N, fetch);
+        fetch = false, r += rows;
+      };
+      using std::integral_constant;
+      while (r1 - r >= kMaxRows) block(integral_constant<int, kMaxRows>{});
+      if (kMaxRows > 8 && r1 - r >= 8) block(integral_constant<int, 8>{});
+      if (kMaxRows > 4 && r1 - r >= 4) block(integral_constant<int, 4>{});
+      if (kMaxRows > 2 && r1 - r >= 2) block(integral_constant<int, 2>{});
+      while (r < r1) block(integral_constant<int, 1>{});
+    }
+  }
 }
 
 // Work items (a row tile by a group of panels) handed out from one counter, so that threads
