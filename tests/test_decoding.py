@@ -13,7 +13,7 @@ import torch
 import tiny
 from steer_jax import generate, load_model
 from steer_jax.decoding import build_masks, decode, read, rollback, step_confidence, vocab_masks
-from steer_jax.decoding.sampler import Greedy, Stops, token_measures
+from steer_jax.decoding.sampler import Greedy, Stops, argmax, token_measures
 from steer_jax.modeling import KVCache, forward, logits
 from steer_jax.modeling.transformer import Model
 
@@ -183,6 +183,17 @@ def test_measures_match_softmax_of_logits():
     np.testing.assert_allclose(got[:, 0], np.asarray(lg).max(-1), rtol=1e-6)
     np.testing.assert_allclose(got[:, 1], p.max(-1), rtol=1e-5)
     np.testing.assert_allclose(got[:, 2], (p * np.log(p)).sum(-1), rtol=1e-5)
+
+
+def test_argmax_is_numpys_first_maximal_index():
+    """Ties go to the first index, and a NaN counts as maximal (numpy's rule), at a real
+    vocabulary's width."""
+    lg = np.random.RandomState(1).randn(6, 151936).astype(np.float32)
+    lg[1, [5, 70000]] = 9.0  # a tie
+    lg[2, [9, 40]] = np.nan
+    lg[3] = -np.inf
+    lg[4, -1] = 50.0
+    np.testing.assert_array_equal(np.asarray(argmax(jnp.asarray(lg))), np.argmax(lg, -1))
 
 
 def test_real_tokenizer_masks(hf_meta):

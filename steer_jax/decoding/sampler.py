@@ -60,11 +60,24 @@ def make_sampler(temperature: float = 0.0, top_p: float = 1.0) -> Sampler:
 
 def token_measures(logits: jax.Array) -> jax.Array:
     """[..., V] float32 logits -> [..., 3]: max logit, max probability, negative entropy."""
+    # Two passes over the logits, the max then one fused sum of e = exp(logit - max) and of
+    # e * logit: the log-sum-exp is max + log(sum e), the max probability 1 / sum e, and
+    # sum p log p = sum(e * logit) / sum e - lse.
     top = jnp.max(logits, axis=-1)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    probs = jnp.exp(logits - lse[..., None])
-    neg_entropy = jnp.sum(probs * logits, axis=-1) - lse  # sum p log p
-    return jnp.stack([top, jnp.exp(top - lse), neg_entropy], axis=-1)
+    e = jnp.exp(logits - top[..., None])
+    total = jnp.sum(e, axis=-1)
+    lse = top + jnp.log(total)
+    return jnp.stack([top, 1.0 / total, jnp.sum(e * logits, axis=-1) / total - lse], axis=-1)
+
+
+def argmax(logits: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (the first maximal index; a NaN counts as maximal) as a max
+    and a min over the indices reaching it: XLA's CPU backend runs argmax's (value, index)
+    reduction several times slower than these two, and the max is shared with the measures."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    hit = (logits == top) | jnp.isnan(logits)
+    return jnp.min(jnp.where(hit, index, logits.shape[-1]), axis=-1)
 
 
 def row_keys(seed: jax.Array, trace_ids: jax.Array, positions: jax.Array,
@@ -78,7 +91,7 @@ def row_keys(seed: jax.Array, trace_ids: jax.Array, positions: jax.Array,
 def sample(sampler: Sampler, logits: jax.Array, keys: jax.Array) -> jax.Array:
     """One token per row from [B, V] float32 logits."""
     if isinstance(sampler, Greedy):
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return argmax(logits)
     scaled = logits / sampler.temperature
     if sampler.top_p < 1.0:
         # Keep the smallest prefix of tokens (by probability) whose mass reaches top_p.
@@ -179,6 +192,8 @@ def decode(params: Params, cfg: ModelConfig, cache: KVCache, tokens: jax.Array, 
     limit = jnp.full((B,), max_tokens, jnp.int32) if limit is None else jnp.minimum(
         limit, max_tokens)
     n = jnp.where(active, n, 0)
+    if isinstance(params["layers"], (list, tuple)):
+        cache = cache.per_layer()
     cache, next_logits, _ = append(params, cfg, cache, tokens, n, scores=False)
     state = DecodeState(cache, jnp.zeros((B,), jnp.int32),
                         jnp.zeros((B, max_tokens), jnp.int32),
@@ -198,7 +213,8 @@ def decode(params: Params, cfg: ModelConfig, cache: KVCache, tokens: jax.Array, 
         cache = dataclasses.replace(cache, length=jnp.where(state.done, old, cache.length))
         return pick(dataclasses.replace(state, cache=cache), logits(params, cfg, hidden[:, 0]))
 
-    return jax.lax.while_loop(cond, body, pick(state, next_logits))
+    state = jax.lax.while_loop(cond, body, pick(state, next_logits))
+    return dataclasses.replace(state, cache=state.cache.stacked())
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))

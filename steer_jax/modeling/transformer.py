@@ -31,7 +31,8 @@ Params = dict[str, Any]
 @dataclasses.dataclass(frozen=True)
 class KVCache:
     k: jax.Array  # [layers, batch, kv_heads, slots, head_dim]: (batch, head) lead, as attention
-    # contracts over them in batches; no per-step transpose of the cache
+    # contracts over them in batches; no per-step transpose of the cache. Inside a decode
+    # program over unstacked layers, a tuple of per-layer [batch, kv_heads, slots, head_dim].
     v: jax.Array
     length: jax.Array  # [batch] int32: tokens held by each row; the next write goes to this slot
 
@@ -42,7 +43,17 @@ class KVCache:
 
     @property
     def slots(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2] if isinstance(self.k, tuple) else self.k.shape[3]
+
+    def per_layer(self) -> KVCache:
+        """The layers as separate arrays, for a program that runs unstacked layers: reading a
+        layer out of the stack copies it (on the CPU backend, every decode step, ~6% of one)."""
+        return KVCache(tuple(self.k), tuple(self.v), self.length)
+
+    def stacked(self) -> KVCache:
+        if not isinstance(self.k, tuple):
+            return self
+        return KVCache(jnp.stack(self.k), jnp.stack(self.v), self.length)
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> Params:
@@ -178,10 +189,20 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array,
         sin = jnp.where(sliding, rope_l[1], rope_g[1])
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
         heads = jnp.arange(cfg.num_kv_heads)[None, :, None]
-        put = lambda c, new: c.at[i, rows[:, :, None], heads, positions[:, None, :]].set(  # noqa
-            new.transpose(0, 2, 1, 3).astype(c.dtype), mode="drop")
-        k_all, v_all = put(k_all, k), put(v_all, v)
-        attn = _attention(q, k_all[i], v_all[i], jnp.where(sliding, windowed, causal), cfg)
+
+        def put(c, new):  # new [B, T, K, hd] into slots `positions` of layer i
+            at = (rows[:, :, None], heads, positions[:, None, :])
+            new = new.transpose(0, 2, 1, 3).astype(c.dtype)
+            return c.at[at].set(new, mode="drop") if c.ndim == 4 else c.at[(i, *at)].set(
+                new, mode="drop")
+
+        if isinstance(k_all, tuple):  # per-layer arrays (`KVCache.per_layer`), i a Python int
+            k_i, v_i = put(k_all[i], k), put(v_all[i], v)
+            k_all, v_all = (*k_all[:i], k_i, *k_all[i + 1:]), (*v_all[:i], v_i, *v_all[i + 1:])
+        else:
+            k_all, v_all = put(k_all, k), put(v_all, v)
+            k_i, v_i = k_all[i], v_all[i]
+        attn = _attention(q, k_i, v_i, jnp.where(sliding, windowed, causal), cfg)
         out = _dense(attn, lp["o"], 2)
         if cfg.sandwich_norms:
             out = rms_norm(out, lp["post_attn_norm"], cfg)
@@ -200,6 +221,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array,
     else:
         sliding = jnp.asarray(np.array(cfg.sliding_layers, dtype=bool))
         layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+        cache = cache.stacked()  # the scan indexes layers by a traced id
         (x, k_new, v_new), _ = jax.lax.scan(layer, (x, cache.k, cache.v),
                                             (params["layers"], layer_ids, sliding))
     hidden = rms_norm(x, params["final_norm"], cfg)
