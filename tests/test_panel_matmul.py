@@ -1,4 +1,5 @@
-"""The CPU matmul kernel over packed weights: against numpy in float64, and through load_model."""
+"""The CPU kernels (matmul over packed weights, decode attention): against numpy in float64, and
+through load_model against XLA's ops."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from steer_jax import CheckpointError, load_model
+from steer_jax import CheckpointError, generate, load_model
 from steer_jax.modeling import panel_matmul as pm
 from steer_jax.modeling.export import hf_tensors
 
@@ -48,6 +49,42 @@ def test_rows_do_not_depend_on_their_batch(kernel):
         np.testing.assert_array_equal(np.asarray(pm.matmul(x[rows], w)), whole[rows])
 
 
+def reference_attention(q, k, v, mask, scale):
+    """Float64 softmax attention; a row with no valid slot averages them all (as XLA's softmax
+    of all-masked scores does)."""
+    s = np.einsum("bkgd,bksd->bkgs", q.astype(np.float64), k) * scale
+    s = np.where(mask[:, None, None], s, -np.inf)
+    s = np.where(mask.any(-1)[:, None, None, None], s, 0.0)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("bkgs,bksd->bkgd", p / p.sum(-1, keepdims=True), v)
+
+
+# Head dims on and off the vector width, one and several query heads a kv head.
+@pytest.mark.parametrize("b, kv, g, s, d", [(3, 2, 4, 37, 64), (2, 1, 1, 5, 20), (4, 3, 7, 70, 8)])
+def test_decode_attention_matches_float64(kernel, b, kv, g, s, d):
+    rs = np.random.RandomState(b + s + d)
+    q, k, v = (rs.randn(*shape).astype(np.float32) for shape in
+               ((b, kv, g, d), (b, kv, s, d), (b, kv, s, d)))
+    mask = rs.rand(b, s) > 0.5
+    mask[0, :3] = True
+    mask[1] = False  # nothing to attend to
+    got = np.asarray(jax.jit(pm.decode_attention, static_argnums=4)(
+        jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask), 0.3))
+    np.testing.assert_allclose(got, reference_attention(q, k, v, mask, 0.3), atol=2e-6)
+
+
+def test_decode_attention_rows_do_not_depend_on_their_batch(kernel):
+    rs = np.random.RandomState(1)
+    q, k, v = (jnp.asarray(rs.randn(*shape).astype(np.float32)) for shape in
+               ((9, 2, 3, 16), (9, 2, 40, 16), (9, 2, 40, 16)))
+    mask = jnp.asarray(rs.rand(9, 40) > 0.3)
+    whole = np.asarray(pm.decode_attention(q, k, v, mask, 0.25))
+    for rows in (slice(4, 5), slice(2, 9)):
+        np.testing.assert_array_equal(
+            np.asarray(pm.decode_attention(q[rows], k[rows], v[rows], mask[rows], 0.25)),
+            whole[rows])
+
+
 @pytest.mark.parametrize("shape, n_in, lead", [((3, 8, 5), 1, 0), ((4, 6, 2, 7), 2, 0),
                                                ((2, 8, 3, 11), 1, 1), ((40, 70), 1, 0)])
 def test_pack_round_trip(shape, n_in, lead):
@@ -76,6 +113,11 @@ def test_float32_cpu_models_are_packed_and_agree_with_xla(tiny_models, name):
     assert pm.is_panels(packed.params.get("lm_head")) != packed.config.tie_embeddings
     assert packed.num_params == plain.num_params
     np.testing.assert_allclose(packed.logits(IDS), plain.logits(IDS), rtol=1e-5, atol=1e-5)
+    # Decode steps (the attention kernel's one-token path too), Gemma 3 well past its window.
+    prompts = [IDS[0], IDS[0][:3]]
+    ours, xla = generate(packed, prompts, 40), generate(plain, prompts, 40)
+    assert ours.tokens == xla.tokens
+    np.testing.assert_allclose(sum(ours.max_logits, []), sum(xla.max_logits, []), atol=1e-4)
     # Export (and sharding) see the plain layout again.
     a, b = hf_tensors(packed), hf_tensors(plain)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

@@ -25,10 +25,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 WIDTH = 32  # columns per panel; panel_matmul.cc's kWidth
 _SOURCE = Path(__file__).with_name("panel_matmul.cc")
 _TARGET = "steer_jax_panel_matmul"
+ATTENTION_TARGET = "steer_jax_decode_attention"
+# (source, handler symbol, FFI target) of each CPU kernel `load` builds and registers.
+_KERNELS = ((_SOURCE, "PanelMatmul", _TARGET),
+            (_SOURCE.with_name("decode_attention.cc"), "DecodeAttention", ATTENTION_TARGET))
 # The dense weights of a layer and how many leading axes each contracts (transformer._dense).
 DENSE_INPUTS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
 
@@ -96,6 +101,20 @@ def matmul(x: jax.Array, w: Panels) -> jax.Array:
     return call(x.astype(jnp.float32), w.data)[:, : math.prod(w.out_shape)]
 
 
+def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                     scale: float) -> jax.Array:
+    """One query token per row against its cache, by the CPU kernel (decode_attention.cc).
+
+    q [B, K, G, hd] (G query heads share each of the K kv heads), k and v [B, K, S, hd], mask
+    [B, S] (the slots a row attends to); float32 [B, K, G, hd].
+    """
+    load()
+    call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                            vmap_method="sequential")
+    f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
+    return call(f32(q), f32(k), f32(v), mask.astype(bool), scale=np.float32(scale))
+
+
 _HEADS = ("embed", "lm_head")  # [V, D], packed as the head's [D, V]
 
 
@@ -149,34 +168,36 @@ def _cpu_id() -> str:
 
 @functools.cache
 def load() -> None:
-    """Compile (or find compiled) the kernel and register it with XLA; KernelUnavailable if not."""
+    """Compile (or find compiled) the CPU kernels, this matmul and `decode_attention`, and
+    register them with XLA; KernelUnavailable if they cannot be."""
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
     if cxx is None:
-        raise KernelUnavailable("no C++ compiler found (set CXX) to build the CPU matmul kernel")
-    handler = ctypes.CDLL(str(build(cxx, _cache_dir()))).PanelMatmul
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(handler), platform="cpu")
+        raise KernelUnavailable("no C++ compiler found (set CXX) to build the CPU kernels")
+    for source, symbol, target in _KERNELS:
+        handler = getattr(ctypes.CDLL(str(build(cxx, _cache_dir(), source))), symbol)
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(handler), platform="cpu")
 
 
-def build(cxx: str, cache_dir: Path) -> Path:
-    """The kernel's shared library, compiled by `cxx` into `cache_dir` unless already there."""
+def build(cxx: str, cache_dir: Path, source: Path = _SOURCE) -> Path:
+    """A kernel's shared library, compiled by `cxx` into `cache_dir` unless already there."""
     import jaxlib
 
     flags = ["-O3", "-march=native", "-std=gnu++17", "-shared", "-fPIC", "-w"]
-    key = hashlib.sha256("\0".join([_SOURCE.read_text(), jaxlib.__version__, cxx, *flags,
+    key = hashlib.sha256("\0".join([source.read_text(), jaxlib.__version__, cxx, *flags,
                                      _cpu_id()]).encode()).hexdigest()[:16]
-    lib = cache_dir / f"panel_matmul-{key}.so"
+    lib = cache_dir / f"{source.stem}-{key}.so"
     if lib.is_file():
         return lib
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         out = Path(tmp) / lib.name
         try:
-            run = subprocess.run([cxx, *flags, "-I", jax.ffi.include_dir(), str(_SOURCE),
+            run = subprocess.run([cxx, *flags, "-I", jax.ffi.include_dir(), str(source),
                                   "-o", str(out)], capture_output=True, text=True)
         except OSError as e:
             raise KernelUnavailable(f"cannot run the C++ compiler {cxx!r}: {e}") from e
         if run.returncode != 0:
-            raise KernelUnavailable(f"{cxx} could not build {_SOURCE.name}:\n"
+            raise KernelUnavailable(f"{cxx} could not build {source.name}:\n"
                                     f"{run.stderr[-2000:]}")
         os.replace(out, lib)  # atomic: a concurrent build never sees half a file
     return lib

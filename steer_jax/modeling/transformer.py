@@ -115,10 +115,14 @@ def _precision(*operands: jax.Array) -> jax.lax.Precision:
 
 
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-               cfg: ModelConfig) -> jax.Array:
+               cfg: ModelConfig, cpu_kernel: bool = False) -> jax.Array:
     """q [B, T, H, hd] against all cache slots k, v [B, K, S, hd]; mask [B, T, S]."""
     B, T, H, hd = q.shape
     K = cfg.num_kv_heads
+    if cpu_kernel and T == 1:  # a decode step on a CPU: one kernel call, not ~8 small ops
+        out = panel_matmul.decode_attention(q.reshape(B, K, H // K, hd), k, v, mask[:, 0],
+                                            cfg.attn_scale)
+        return out.astype(q.dtype).reshape(B, 1, H, hd)
     q = q.reshape(B, T, K, H // K, hd).transpose(0, 2, 3, 1, 4).reshape(B, K, H // K * T, hd)
     scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32,
                         precision=_precision(q, k))
@@ -173,6 +177,8 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array,
     causal = distance >= 0
     windowed = causal & (distance < (cfg.sliding_window or cache.slots + 1))
     rows = jnp.arange(B)[:, None]
+    # The CPU kernels run where `load_model` packed the weights for them (float32, one CPU).
+    cpu_kernel = panel_matmul.is_packed(params)
 
     def layer(carry, xs):
         # The whole cache rides in the carry and is updated in place: passing per-layer slices
@@ -202,7 +208,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array,
         else:
             k_all, v_all = put(k_all, k), put(v_all, v)
             k_i, v_i = k_all[i], v_all[i]
-        attn = _attention(q, k_i, v_i, jnp.where(sliding, windowed, causal), cfg)
+        attn = _attention(q, k_i, v_i, jnp.where(sliding, windowed, causal), cfg, cpu_kernel)
         out = _dense(attn, lp["o"], 2)
         if cfg.sandwich_norms:
             out = rms_norm(out, lp["post_attn_norm"], cfg)
