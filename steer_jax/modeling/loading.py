@@ -220,10 +220,10 @@ def load_model(path: str | Path, dtype: str = "bfloat16", *, value_head: bool = 
     weights out of the stack every step, which made decoding 1.8x slower on an H200 and ~1.1x on
     the CPU, benchmarks/RESULTS.md; on a TPU this is not measured yet).
     `mesh`: a ('data', 'model') mesh; each device's shard is then read straight from the files.
-    `cpu_kernels`: pack the dense weights into panels for steer-jax's CPU matmul kernel
-    (`panel_matmul`), ~2x XLA's dot at decode batch sizes. None: when the backend is a CPU, the
-    dtype float32, the mesh one device at most and the kernel builds; True: the same, or an error
-    saying which does not hold.
+    `cpu_kernels`: pack the dense weights into panels for steer-jax's CPU kernels
+    (`panel_matmul`): its matmul, ~2x XLA's dot at decode batch sizes, and a one-token attention
+    for decode steps. None: when the backend is a CPU, the dtype float32, the mesh one device at
+    most and the kernels build; True: the same, or an error saying which does not hold.
     `path` may also be a directory written by `steer-jax convert` (weights in orbax).
     """
     if dtype not in _DTYPES:

@@ -2,11 +2,12 @@
 
 On a CPU a decode step is a few rows times every weight, which XLA's dot multiplies at ~80
 GFLOP/s on two cores for 16 rows; packed once here, at load, each panel is one contiguous stream
-and the kernel runs a 16-row matmul ~2x faster (benchmarks/matmul16.py). The kernel is compiled
-on first use with the system's C++ compiler against the XLA FFI headers jaxlib ships, cached per
-source, jaxlib and CPU, and registered as an FFI target. Only float32 weights on a lone CPU
-device are packed; everywhere else the models run XLA's dot over the plain layout.
-"""
+and the kernel runs a 16-row matmul ~2x faster (benchmarks/matmul16.py). A decode step's
+attention (one query token against the cache) has a kernel too, `decode_attention.cc`, used
+wherever the weights are packed. The kernels are compiled on first use with the system's C++
+compiler against the XLA FFI headers jaxlib ships, cached per source, jaxlib and CPU, and
+registered as FFI targets. Only float32 weights on a lone CPU device are packed; everywhere else
+the models run XLA's ops over the plain layout."""
 
 from __future__ import annotations
 
