@@ -2,11 +2,12 @@
 //
 // Why a kernel of our own: a decode step multiplies a few rows (the batch) by every weight once,
 // so at best it runs at the rate the weights stream in. At 16 rows XLA's CPU dot and torch's
-// matmul reach ~80 GFLOP/s on the development machine's two cores, and so did this loop over the
-// plain [K, N] layout (each k row read 32 columns at a time, a short strided read). Packed once,
-// at load, each 32-column panel is one contiguous stream, and this loop reaches ~2x that
-// (benchmarks/matmul16.py, RESULTS.md). Each output is one fused multiply-add chain over k in
-// order, whatever the thread count or the other rows: it depends on nothing but its row.
+// matmul reached ~80 GFLOP/s on an AVX-512 development machine's two cores, and so did this loop
+// over the plain [K, N] layout (each k row read 32 columns at a time, a short strided read).
+// Packed once, at load, each 32-column panel is one contiguous stream, and this loop reaches ~2x
+// that (1.4-2.4x torch's on an AVX2 machine too; benchmarks/matmul16.py, RESULTS.md). Each output
+// is one fused multiply-add chain over k in order, whatever the thread count or the other rows:
+// it depends on nothing but its row.
 
 #include <algorithm>
 #include <atomic>
@@ -22,7 +23,7 @@ namespace {
 
 constexpr int64_t kWidth = 32;  // panel width
 // Vectors of the machine's own width: GCC lowers a vector wider than the target's registers
-// through the stack, which ran an AVX2 machine's matmuls ~50x slower than XLA's dot.
+// through the stack, which made an AVX2 machine's decode step 7x slower than with XLA's dot.
 #if defined(__AVX512F__)
 constexpr int kLanes = 16;
 #elif defined(__AVX__)
@@ -35,7 +36,7 @@ constexpr int kVecs = kWidth / kLanes;
 // by the whole panel take them all and the compiler spills a few, yet measured faster from memory
 // than 12 rows that fit (benchmarks/RESULTS.md). With 16 registers, 6 rows by 2 vectors (12
 // accumulators, 2 weight vectors, a broadcast) as in BLIS's AVX2 kernels: an AVX2 machine ran
-// 512-row products ~1.5x faster so than in 3 rows by the whole panel.
+// 512-row products ~1.5x faster this way than in blocks of 3 rows by the whole panel.
 #if defined(__AVX512F__)
 constexpr int kMaxRows = 16, kBlockVecs = 2;
 constexpr int64_t kChunk = int64_t{1} << 40;  // the whole of K
@@ -46,7 +47,7 @@ constexpr int kMaxRows = 6, kBlockVecs = 2;
 constexpr int64_t kChunk = 128;
 // While the passes over a chunk run from L1, each asks at its start for its share of the next
 // 16 KB of the weight stream, so that memory keeps working while the core computes: on an AVX2
-// machine a 16-row decode step's matmuls took ~10% less time (benchmarks/RESULTS.md).
+// machine a decode step took ~5% less time (medians of six pairs of runs, benchmarks/RESULTS.md).
 constexpr bool kFetchNextChunk = true;
 #endif
 constexpr int64_t kRowTile = 128;  // rows whose activations stay in L2 while panels stream by
