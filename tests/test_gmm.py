@@ -199,8 +199,10 @@ def test_batched_fit_equals_separate_fits():
     # likelihood is flat, and inside the exploration every start on its own schedule) must each
     # be frozen when done, so that each ends where it would alone. XLA may round a batched sum
     # differently from a single one, which on a flat likelihood moves the stopping point; where
-    # the optimum is sharp (the separated groups) the results agree to float32 rounding.
+    # the optimum is sharp (the separated groups left as sampled) the results agree to float32
+    # rounding.
     data = DATA.copy()
+    replaced = (1, 5)  # a "separated" group made unimodal, a "rare_high" one constant
     data[1] = (np.random.default_rng(5).normal(size=N) * 1.7 + 25).astype(np.float32)
     data[5] = 25.0
     batched = FIT(data, ONES)
@@ -209,7 +211,7 @@ def test_batched_fit_equals_separate_fits():
     alone = [FIT(data[i], ONES[i]) for i in range(len(data))]
     assert_same_fit(batched, jax.tree.map(lambda *a: jnp.stack(a), *alone), data, ONES)
     for i, (kind, _) in enumerate(LABELS):
-        if kind == "separated":
+        if kind == "separated" and i not in replaced:
             assert_params_close(group(batched, i), alone[i])
             assert int(alone[i].n_iters) == n_iters[i]
     assert bool(batched.degenerate[5]) and int(batched.n_iters[5]) == 0
@@ -244,8 +246,11 @@ def test_sharded_fit_matches_single_device(spec, masked):
     assert sharded.means.sharding.device_set == sharding.device_set
     assert_same_fit(sharded, single, DATA, mask)
     np.testing.assert_array_equal(sharded.n_invalid, single.n_invalid)
+    # The posterior is per score: sharded, it equals the same parameters' on one device. (Against
+    # `single` it would differ by what the fits may, see assert_same_fit: ~1e-2 near the boundary
+    # of a flat group.)
     post = POSTERIOR(sharded, jax.device_put(DATA, sharding))
-    np.testing.assert_allclose(post, POSTERIOR(single, DATA), atol=1e-3)
+    np.testing.assert_allclose(post, POSTERIOR(jax.device_get(sharded), DATA), atol=1e-6)
 
 
 NAN, INF = np.nan, np.inf
