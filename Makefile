@@ -31,7 +31,7 @@ train-demo: $(STAMP)
 # compiled XLA programs and once segfaulted inside the CPU compiler near the end; fresh processes
 # keep each one small. Two run at once, the four slowest files first, each printing its output
 # when done: the files mostly compile, on one core each; one at a time the suite took 28 minutes
-# on an AVX2 development machine, two at a time 19. Every file runs even after a failure; the exit
+# on an AVX2 development machine, two at a time 17. Every file runs even after a failure; the exit
 # status reports any. All of them share one fresh compilation cache (tests/conftest.py says why),
 # removed at the end.
 TEST_JOBS ?= 2
