@@ -1,0 +1,436 @@
+"""Device memory of paged KV caches: what one device holds, what is left for pages, how many
+traces fit. Pure arithmetic over configs (weights are shapes from `jax.eval_shape`, never loaded),
+so `steer-jax plan` and the runner's pool sizing agree on every figure.
+
+The layout this models: each model has one pool of fixed-size pages, `page_size` tokens each,
+stored per layer as [num_kv_heads, pages, page_size, head_dim] for k and for v, stacked over all
+layers, so one page id names the same slot range in every layer. Page 0 is a null page that is
+never allocated (page tables point unused entries at it), so N usable pages cost N + 1 pages.
+A trace of n tokens holds ceil(n / page_size) pages of each model; while it decodes a step it
+reserves pages for `max_step_tokens` more. The pools are replicated over a mesh's 'data' axis and
+split over 'model' along KV heads where the head count divides that axis (the rule `_spec` in
+`steer_jax.distributed` applies to every tensor), so all figures here are for one device.
+
+Assumption of this version: sliding-window layers page like global ones (a page id covers every
+layer, so a windowed layer cannot give back pages its window no longer sees). `layer_windows`
+keeps each layer's window so that `trace_pages` is the one place to change when they can.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from steer_jax.distributed import RULES, _param_axes
+from steer_jax.modeling.config import ModelConfig, num_params, param_shapes
+
+DEFAULT_PAGE_SIZE = 64
+DENSE_ROUND = 64  # the dense layout rounded its slots up to a multiple of this
+MEMORY_FRACTION = 0.9  # the rest is for activations, the logits of a step, compiled programs
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB', '141GB', '16GiB', '1.5TB' or a plain byte count -> bytes (GB is 10^9, GiB 2^30)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).upper() if m else None
+    if m is None or unit not in _UNITS:
+        raise ValueError(f"cannot read {text!r} as a memory size: write a number and a unit, "
+                         "e.g. 80GiB, 141GB or 16GiB (KB/MB/GB/TB: powers of 1000; "
+                         "KiB/MiB/GiB/TiB: powers of 1024)")
+    value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"memory size {text!r} must be positive, e.g. 80GiB")
+    return value
+
+
+def check_page_size(value: Any) -> int:
+    """`cache.page_size` as a positive int, or a ValueError that names the key."""
+    if value is None:
+        return DEFAULT_PAGE_SIZE
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"cache.page_size must be a positive integer (tokens per KV page, "
+                         f"default {DEFAULT_PAGE_SIZE}), got {value!r}")
+    return value
+
+
+def _itemsize(dtype: Any) -> int:
+    return jnp.dtype(dtype).itemsize
+
+
+def _split(size: int, shards: int) -> int:
+    """One device's part of a dimension split over the 'model' axis: whole where it does not
+    divide, as `distributed._spec` replicates such a dimension."""
+    return size // shards if size % shards == 0 else size
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: Any, model_shards: int = 1) -> int:
+    """k + v bytes of one token over all layers, on one device."""
+    heads = _split(cfg.num_kv_heads, model_shards)
+    return 2 * cfg.num_layers * heads * cfg.head_dim * _itemsize(dtype)
+
+
+def page_bytes(cfg: ModelConfig, dtype: Any, page_size: int, model_shards: int = 1) -> int:
+    """Bytes of one page (k and v of `page_size` tokens in every layer) on one device."""
+    return page_size * kv_bytes_per_token(cfg, dtype, model_shards)
+
+
+def layer_windows(cfg: ModelConfig) -> tuple[int | None, ...]:
+    """Each layer's attention window in tokens (None: global), for a paging rule that frees
+    what a sliding window no longer sees."""
+    return tuple(cfg.sliding_window if s else None for s in cfg.sliding_layers)
+
+
+def trace_pages(cfg: ModelConfig, tokens: int, page_size: int) -> int:
+    """Pages of `cfg`'s pool that a trace holding `tokens` tokens (reservations included) needs.
+
+    Every layer counts all `tokens`, sliding-window layers included (see the module docstring):
+    pages are shared by all layers, so the most demanding layer sets the count.
+    """
+    held = [tokens for _window in layer_windows(cfg)]  # a window frees nothing in this version
+    return max(1, -(-max(held) // page_size))  # a trace holds a page from its first token
+
+
+def weight_bytes(cfg: ModelConfig, dtype: Any, model_shards: int = 1) -> int:
+    """Bytes of the weights on the most loaded device of a mesh with `model_shards` devices on
+    its 'model' axis, from the parameter shapes (no weights are loaded or allocated).
+
+    Each tensor is split along the dims `distributed.RULES` maps to 'model' where the size
+    divides, else kept whole, as `distributed.param_shardings` places them; the split is even,
+    so every device of the axis holds the same bytes.
+    """
+    shapes = param_shapes(cfg, dtype)
+    total = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
+        _, axes = _param_axes(path)
+        shard = [_split(size, model_shards) if RULES.get(a) == "model" else size
+                 for size, a in zip(leaf.shape, axes)]
+        total += math.prod(shard) * _itemsize(dtype)
+    return total
+
+
+def dense_trace_bytes(cfg: ModelConfig, dtype: Any, prompt_tokens: int, max_new_tokens: int,
+                      model_shards: int = 1) -> int:
+    """One trace's cache in the dense layout this replaces: prompt + max_new_tokens (+2) slots,
+    rounded up to a multiple of 64, in every layer."""
+    slots = -(-(prompt_tokens + max_new_tokens + 2) // DENSE_ROUND) * DENSE_ROUND
+    return slots * kv_bytes_per_token(cfg, dtype, model_shards)
+
+
+def _per_trace(configs: Sequence[ModelConfig], dtype: Any, page_size: int,
+               tokens_per_trace: int, model_shards: int) -> tuple[list[int], list[int]]:
+    pages = [trace_pages(c, tokens_per_trace, page_size) for c in configs]
+    sizes = [page_bytes(c, dtype, page_size, model_shards) for c in configs]
+    return pages, sizes
+
+
+def pool_pages(configs: Sequence[ModelConfig], dtype: Any, budget_bytes: int, page_size: int,
+               tokens_per_trace: int, model_shards: int = 1) -> list[int]:
+    """Usable pages of each model's pool (its arrays hold one more, the null page) so that the
+    pools fill `budget_bytes` of one device and each model holds as many traces as the others.
+
+    Each model's pages are proportional to the pages one trace of `tokens_per_trace` tokens (its
+    reservation included) takes of it; pages left over after whole traces are kept, as traces
+    differ in length. Returns zeros when the budget cannot hold the null pages.
+    """
+    page_size = check_page_size(page_size)
+    pages, sizes = _per_trace(configs, dtype, page_size, tokens_per_trace, model_shards)
+    room = budget_bytes - sum(sizes)  # the null pages come first
+    if room <= 0:
+        return [0] * len(configs)
+    per_unit = sum(p * s for p, s in zip(pages, sizes))
+    return [int(room * p // per_unit) for p in pages]
+
+
+def resident_traces(configs: Sequence[ModelConfig], dtype: Any, budget_bytes: int,
+                    page_size: int, tokens_per_trace: int, model_shards: int = 1) -> int:
+    """Traces of `tokens_per_trace` tokens each that the pools `pool_pages` sizes hold at once."""
+    pools = pool_pages(configs, dtype, budget_bytes, page_size, tokens_per_trace, model_shards)
+    pages, _ = _per_trace(configs, dtype, page_size, tokens_per_trace, model_shards)
+    return min(pool // p for pool, p in zip(pools, pages))
+
+
+# ---- how much of one device the pools may use ------------------------------------------------
+
+def _host_free_memory() -> int:
+    """Host memory this process could still take, in bytes: MemAvailable, which counts the page
+    cache as free (reading safetensors fills it with the checkpoint's files, and that cache is
+    given back on demand); MemFree where /proc/meminfo is absent. A function of its own so a
+    test can stand in for the host."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _live_bytes(devices: Sequence[Any]) -> int:
+    """Bytes of the live jax arrays this process holds on `devices`."""
+    wanted = set(devices)
+    return sum(shard.data.nbytes for a in jax.live_arrays() for shard in a.addressable_shards
+               if shard.device in wanted)
+
+
+def device_budget(weights_to_load: int = 0, *, devices: Sequence[Any] | None = None,
+                  fraction: float = MEMORY_FRACTION) -> int:
+    """Bytes the KV pools may use on each of `devices` (the run's mesh devices; default the
+    first local device), every byte counted once; <= 0 when nothing is left.
+
+    budget = fraction * capacity - held - weights_to_load, where `held` is what this process
+    already holds (loaded weights included) and `weights_to_load` the per-device bytes of
+    weights not loaded yet (`weight_bytes`; 0 once the models are loaded), so sizing before
+    loading and after it give the same figure.
+    - Accelerator: capacity = memory_stats()['bytes_limit'], held = its 'bytes_in_use'; the
+      smallest figure over `devices`.
+    - CPU: every CPU device lives in the same host memory, so capacity = free host memory
+      (`_host_free_memory`) + the bytes of all live jax arrays on the local CPU devices (they
+      are taken out of the free figure already; adding them back counts them once), held =
+      those bytes, and what is left is split evenly over `devices`.
+    """
+    devices = [jax.local_devices()[0]] if devices is None else list(devices)
+    stats = [d.memory_stats() or {} for d in devices]
+    if all("bytes_limit" in s for s in stats):
+        return min(int(fraction * s["bytes_limit"]) - int(s.get("bytes_in_use", 0))
+                   for s in stats) - weights_to_load
+    host = [d for d in jax.local_devices() if d.platform == devices[0].platform]
+    held = _live_bytes(host)
+    capacity = _host_free_memory() + held
+    return (int(fraction * capacity) - held) // len(devices) - weights_to_load
+
+
+# ---- the plan -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ModelPlan:
+    """One model's figures on one device."""
+
+    name: str
+    params: int
+    weight_bytes: int  # per device
+    kv_bytes_per_token: int
+    page_bytes: int
+    kv_heads: int
+    kv_heads_per_device: int  # fewer than kv_heads where they split over the 'model' axis
+    trace_pages: int  # pages of one trace at the plan's tokens, step reservation included
+    pool_pages: int  # usable pages of its pool (the pool holds one more: the null page)
+    dense_trace_bytes: int  # one trace's cache in the old dense layout
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """The models of a run on one device: pages, and traces resident at once."""
+
+    models: tuple[ModelPlan, ...]
+    dtype: str
+    device_memory: int  # bytes of one device
+    devices: int  # devices on the 'model' axis
+    page_size: int
+    prompt_tokens: int  # per trace, for the paged figure (the mean prompt when measured)
+    dense_prompt_tokens: int  # for the dense figure (the longest prompt when measured)
+    mean_tokens: int  # generated tokens per trace
+    max_step_tokens: int
+    max_new_tokens: int
+    tokens_per_trace: int  # prompt + generated + the step reservation (capped at the budget)
+    usable_bytes: int  # fraction * device memory - all weights
+    resident_traces: int
+    # Resident if no step reserved pages ahead (steps shorter than max_step_tokens, or only the
+    # writing model's pool reserving): how much the reservation costs.
+    resident_traces_unreserved: int
+    dense_traces: int
+    benchmark_size: int | None = None
+    benchmark: str | None = None
+    prompt_source: str = "given"
+    paths: tuple[str, ...] = ()
+
+    @property
+    def sub_batches(self) -> int | None:
+        """Sub-batches per round to walk the whole benchmark (None: size unknown or no fit)."""
+        if self.benchmark_size is None or self.resident_traces < 1:
+            return None
+        return -(-self.benchmark_size // self.resident_traces)
+
+
+def plan(configs: Sequence[ModelConfig], dtype: Any, device_memory: int, *,
+         names: Sequence[str] | None = None, devices: int = 1,
+         page_size: int = DEFAULT_PAGE_SIZE, prompt_tokens: int = 256,
+         dense_prompt_tokens: int | None = None, mean_tokens: int = 1024,
+         max_step_tokens: int = 256, max_new_tokens: int = 4096,
+         benchmark_size: int | None = None, fraction: float = MEMORY_FRACTION) -> MemoryPlan:
+    """Weights, pages and resident traces of `configs` on devices of `device_memory` bytes each,
+    `devices` of them on the 'model' axis.
+
+    A trace is `prompt_tokens` + `mean_tokens` generated tokens, plus the pages a step in flight
+    reserves (`max_step_tokens` more, not past `max_new_tokens`), all rounded up to pages.
+    usable = fraction * device_memory - every model's weights; the dense figure divides it by
+    each model's dense reservation of `dense_prompt_tokens` (default: `prompt_tokens`).
+    """
+    page_size = check_page_size(page_size)
+    for key, v, least in (("devices", devices, 1), ("mean tokens", mean_tokens, 0),
+                          ("prompt tokens", prompt_tokens, 0),
+                          ("steer.max_step_tokens", max_step_tokens, 1),
+                          ("steer.max_new_tokens", max_new_tokens, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            raise ValueError(f"{key} must be an integer >= {least}, got {v!r}")
+    if mean_tokens > max_new_tokens:
+        raise ValueError(f"mean tokens {mean_tokens} exceed steer.max_new_tokens "
+                         f"{max_new_tokens}: a trace stops there")
+    dense_prompt = prompt_tokens if dense_prompt_tokens is None else dense_prompt_tokens
+    names = list(names) if names is not None else [f"model {i}" for i in range(len(configs))]
+    tokens = prompt_tokens + min(mean_tokens + max_step_tokens, max_new_tokens)
+    weights = [weight_bytes(c, dtype, devices) for c in configs]
+    usable = int(fraction * device_memory) - sum(weights)
+    pools = pool_pages(configs, dtype, usable, page_size, tokens, devices)
+    models = tuple(ModelPlan(
+        name=n, params=num_params(c), weight_bytes=w,
+        kv_bytes_per_token=kv_bytes_per_token(c, dtype, devices),
+        page_bytes=page_bytes(c, dtype, page_size, devices),
+        kv_heads=c.num_kv_heads, kv_heads_per_device=_split(c.num_kv_heads, devices),
+        trace_pages=trace_pages(c, tokens, page_size), pool_pages=p,
+        dense_trace_bytes=dense_trace_bytes(c, dtype, dense_prompt, max_new_tokens, devices))
+        for n, c, w, p in zip(names, configs, weights, pools))
+    dense = max(usable, 0) // sum(m.dense_trace_bytes for m in models)
+    return MemoryPlan(
+        models=models, dtype=str(jnp.dtype(dtype)), device_memory=device_memory,
+        devices=devices, page_size=page_size, prompt_tokens=prompt_tokens,
+        dense_prompt_tokens=dense_prompt, mean_tokens=mean_tokens,
+        max_step_tokens=max_step_tokens, max_new_tokens=max_new_tokens,
+        tokens_per_trace=tokens, usable_bytes=usable,
+        resident_traces=min(m.pool_pages // m.trace_pages for m in models),
+        resident_traces_unreserved=resident_traces(
+            configs, dtype, usable, page_size, prompt_tokens + mean_tokens, devices),
+        dense_traces=dense,
+        benchmark_size=benchmark_size)
+
+
+# ---- from a run config (`steer-jax plan`) -------------------------------------------------------
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def _prompt_lengths(config: dict[str, Any]) -> tuple[list[int] | None, int | None, str]:
+    """(prompt lengths, benchmark size, how they were found) without downloading anything:
+    the benchmark is read only from `benchmark.path` (or the generated demo split)."""
+    from pathlib import Path
+
+    from steer_jax.eval import render_prompt
+    from steer_jax.eval.benchmarks import DEMO, canonical_name
+    from steer_jax.runner import examples_of
+
+    bench = config.get("benchmark") or {}
+    name = bench.get("name")
+    if not name:
+        return None, None, "no benchmark.name"
+    if bench.get("path") is None and canonical_name(name) != DEMO:
+        return None, None, f"{name} unread: benchmark.path is null (the plan downloads nothing)"
+    try:
+        examples = examples_of(bench)
+    except (OSError, ValueError) as e:
+        return None, None, f"{name} unreadable: {e}"
+    small = Path(str(config["small"]))
+    if not any((small / f).is_file() for f in _TOKENIZER_FILES):
+        return None, len(examples), f"no tokenizer in {small}"
+    try:
+        from steer_jax.modeling.loading import load_tokenizer
+
+        tok = load_tokenizer(small)
+        lengths = [len(tok(render_prompt(tok, ex, name), add_special_tokens=False)["input_ids"])
+                   for ex in examples]
+    except ValueError as e:
+        return None, len(examples), f"cannot render {name}'s prompts: {e}"
+    return lengths, len(examples), f"{name}'s {len(examples)} prompts through {small}'s tokenizer"
+
+
+def plan_from_config(config: dict[str, Any], device_memory: int, *, devices: int = 1,
+                     mean_tokens: int = 1024, prompt_tokens: int = 256) -> MemoryPlan:
+    """`plan` for a run config (as `runner.load_config` returns it): the models' config.json
+    only, its dtype, `steer.max_step_tokens`, `steer.max_new_tokens`, `cache.page_size`, and
+    the benchmark's prompts when the tokenizer and `benchmark.path` are readable (else
+    `prompt_tokens` for every trace). The RSD reward model counts as a third model."""
+    from steer_jax.modeling.loading import read_config
+    from steer_jax.steer import SteerOptions
+
+    for key in ("small", "large"):
+        if not config.get(key):
+            raise ValueError(f"config key {key!r} (a checkpoint folder) is missing")
+    dtype = config.get("dtype") or "bfloat16"
+    if dtype not in ("bfloat16", "float32"):
+        raise ValueError(f"dtype must be bfloat16 or float32, got {dtype!r}")
+    cache = config.get("cache") or {}
+    if not isinstance(cache, dict):
+        raise ValueError("config section 'cache' must be a mapping (cache.page_size)")
+    page_size = check_page_size(cache.get("page_size"))
+    steer = {**dataclasses.asdict(SteerOptions()), **(config.get("steer") or {})}
+    paths = {"small": config["small"], "large": config["large"]}
+    if config.get("method") == "rsd" and (config.get("rsd") or {}).get("prm"):
+        paths["prm"] = config["rsd"]["prm"]
+    configs = [read_config(p) for p in paths.values()]
+    if "prm" in paths:
+        configs[-1] = dataclasses.replace(configs[-1], value_head=True)
+    lengths, n, source = _prompt_lengths(config)
+    if lengths:
+        mean, longest = -(-sum(lengths) // len(lengths)), max(lengths)
+        source = f"mean {mean}, longest {longest}: {source}"
+    else:
+        mean = longest = prompt_tokens
+        source = f"{prompt_tokens} (--prompt-tokens; {source})"
+    result = plan(configs, dtype, device_memory, names=list(paths), devices=devices,
+                  page_size=page_size, prompt_tokens=mean, dense_prompt_tokens=longest,
+                  mean_tokens=mean_tokens, max_step_tokens=steer["max_step_tokens"],
+                  max_new_tokens=steer["max_new_tokens"], benchmark_size=n)
+    bench = (config.get("benchmark") or {}).get("name")
+    return dataclasses.replace(result, prompt_source=source, benchmark=bench,
+                               paths=tuple(str(p) for p in paths.values()))
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def format_plan(p: MemoryPlan) -> str:
+    """The plan as `steer-jax plan` prints it."""
+    split = ("" if p.devices == 1 else f" on the 'model' axis (weights split over it where a "
+             f"dimension divides {p.devices}, else replicated)")
+    lines = [f"device: {p.devices} x {_gib(p.device_memory)} ({p.device_memory / 1e9:.1f} GB)"
+             f"{split}; {p.dtype}; cache.page_size {p.page_size} tokens",
+             *(f"{m.name}: {path}" for m, path in zip(p.models, p.paths)),
+             f"prompt tokens: {p.prompt_source}",
+             f"per trace: {p.prompt_tokens} prompt + {p.mean_tokens} generated + "
+             f"{p.tokens_per_trace - p.prompt_tokens - p.mean_tokens} reserved for the step in "
+             f"flight (steer.max_step_tokens) = {p.tokens_per_trace} tokens", ""]
+    head = (f"{'model':<6} {'params':>7} {'weights/dev':>12} {'KV/token':>10} {'page':>10} "
+            f"{'KV heads/dev':>12} {'pages/trace':>11} {'pool pages':>10}")
+    lines += [head, "-" * len(head)]
+    for m in p.models:
+        lines.append(f"{m.name:<6} {m.params / 1e9:>6.2f}B {_gib(m.weight_bytes):>12} "
+                     f"{m.kv_bytes_per_token / 2**10:>6.1f} KiB {m.page_bytes / 2**20:>6.2f} MiB "
+                     f"{f'{m.kv_heads_per_device} of {m.kv_heads}':>12} {m.trace_pages:>11} "
+                     f"{m.pool_pages:>10}")
+    lines += ["", f"memory for KV pages per device: {MEMORY_FRACTION} x {_gib(p.device_memory)}"
+              f" - weights {_gib(sum(m.weight_bytes for m in p.models))} = {_gib(p.usable_bytes)}",
+              f"traces resident at {p.mean_tokens} generated tokens each: {p.resident_traces}"
+              f" ({p.resident_traces_unreserved} without the step reservation)"]
+    if p.sub_batches is not None:
+        lines.append(f"sub-batches per round for {p.benchmark} ({p.benchmark_size} traces): "
+                     f"{p.sub_batches}")
+    else:
+        lines.append(f"sub-batches per round for {p.benchmark}: unknown (benchmark size "
+                     "unknown)" if p.benchmark_size is None else "no trace fits")
+    lines.append(f"dense layout (each trace reserving {p.dense_prompt_tokens} prompt + "
+                 f"{p.max_new_tokens} steer.max_new_tokens tokens, rounded to {DENSE_ROUND}): "
+                 f"{p.dense_traces} traces")
+    return "\n".join(lines)
+
+
+def plan_json(p: MemoryPlan) -> dict[str, Any]:
+    """The plan as one JSON object (`steer-jax plan --json`)."""
+    return {**dataclasses.asdict(p), "sub_batches": p.sub_batches}
