@@ -50,8 +50,8 @@ def test_rows_do_not_depend_on_their_batch(kernel):
 
 
 def reference_attention(q, k, v, mask, scale):
-    """Float64 softmax attention; a row with no valid slot averages them all (as XLA's softmax
-    of all-masked scores does)."""
+    """Float64 softmax attention over dense k, v [B, K, S, hd]; a row with no valid slot averages
+    them all (as XLA's softmax of all-masked scores does)."""
     s = np.einsum("bkgd,bksd->bkgs", q.astype(np.float64), k) * scale
     s = np.where(mask[:, None, None], s, -np.inf)
     s = np.where(mask.any(-1)[:, None, None, None], s, 0.0)
@@ -59,30 +59,114 @@ def reference_attention(q, k, v, mask, scale):
     return np.einsum("bkgs,bksd->bkgd", p / p.sum(-1, keepdims=True), v)
 
 
-# Head dims on and off the vector width, one and several query heads a kv head.
-@pytest.mark.parametrize("b, kv, g, s, d", [(3, 2, 4, 37, 64), (2, 1, 1, 5, 20), (4, 3, 7, 70, 8)])
-def test_decode_attention_matches_float64(kernel, b, kv, g, s, d):
-    rs = np.random.RandomState(b + s + d)
-    q, k, v = (rs.randn(*shape).astype(np.float32) for shape in
-               ((b, kv, g, d), (b, kv, s, d), (b, kv, s, d)))
-    mask = rs.rand(b, s) > 0.5
+def gather_pages(pool, pages, s):
+    """A pool [K, N, P, hd] read through page tables [B, M] as dense [B, K, s, hd]."""
+    P = pool.shape[2]
+    slot = np.arange(s)
+    return pool[:, pages[:, slot // P], slot % P].transpose(1, 0, 2, 3)
+
+
+def paged_cache(rs, b, kv, d, page, lengths, s, spare=3):
+    """Pools holding `b` rows of `lengths` slots in shuffled pages (plus `spare` pages nobody
+    uses), their page tables [b, ceil(s / page)] with unused entries on the null page 0, and a
+    random mask inside each row's length."""
+    m = -(-s // page)
+    used = [-(-n // page) for n in lengths]
+    ids = 1 + rs.permutation(sum(used) + spare)
+    pages = np.zeros((b, m), np.int32)
+    for row, (n, start) in enumerate(zip(used, np.cumsum([0] + used))):
+        pages[row, :n] = ids[start: start + n]
+    k_pool, v_pool = (rs.randn(kv, 1 + len(ids), page, d).astype(np.float32) for _ in "kv")
+    mask = (rs.rand(b, s) > 0.4) & (np.arange(s) < np.asarray(lengths)[:, None])
+    return k_pool, v_pool, pages, mask
+
+
+# Page sizes 1, 16 and 5 (dividing neither the rows' lengths nor, in one case, S); head dims on
+# and off the vector width (8 lanes with AVX); one and several query heads a kv head.
+@pytest.mark.parametrize("b, kv, g, d, page, s", [(3, 2, 4, 64, 16, 64), (2, 1, 1, 20, 1, 9),
+                                                  (4, 3, 7, 8, 5, 70), (3, 2, 6, 128, 16, 48),
+                                                  (5, 2, 4, 17, 5, 33)])
+def test_decode_attention_matches_float64(kernel, b, kv, g, d, page, s):
+    rs = np.random.RandomState(b + s + d + page)
+    lengths = [s, *rs.randint(1, s + 1, b - 2), s - 1]
+    k_pool, v_pool, pages, mask = paged_cache(rs, b, kv, d, page, lengths, s)
     mask[0, :3] = True
-    mask[1] = False  # nothing to attend to
-    got = np.asarray(jax.jit(pm.decode_attention, static_argnums=4)(
-        jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask), 0.3))
-    np.testing.assert_allclose(got, reference_attention(q, k, v, mask, 0.3), atol=2e-6)
+    mask[1] = False  # nothing to attend to: the average of all s slots, null pages included
+    q = rs.randn(b, kv, g, d).astype(np.float32)
+    got = np.asarray(jax.jit(pm.decode_attention, static_argnums=5)(
+        *map(jnp.asarray, (q, k_pool, v_pool, pages, mask)), 0.3))
+    want = reference_attention(q, gather_pages(k_pool, pages, s), gather_pages(v_pool, pages, s),
+                               mask, 0.3)
+    assert got.shape == (b, kv, g, d) and got.dtype == np.float32
+    np.testing.assert_allclose(got, want, atol=2e-6)
 
 
 def test_decode_attention_rows_do_not_depend_on_their_batch(kernel):
+    """A row's bits come from its own q, pages and mask only: the same alone, in any batch, and
+    whatever the other rows' pages hold."""
     rs = np.random.RandomState(1)
-    q, k, v = (jnp.asarray(rs.randn(*shape).astype(np.float32)) for shape in
-               ((9, 2, 3, 16), (9, 2, 40, 16), (9, 2, 40, 16)))
-    mask = jnp.asarray(rs.rand(9, 40) > 0.3)
-    whole = np.asarray(pm.decode_attention(q, k, v, mask, 0.25))
-    for rows in (slice(4, 5), slice(2, 9)):
+    k_pool, v_pool, pages, mask = paged_cache(rs, 9, 2, 16, 8, rs.randint(1, 41, 9), 40)
+    q = rs.randn(9, 2, 3, 16).astype(np.float32)
+    mask[6] = False
+    whole = np.asarray(pm.decode_attention(*map(jnp.asarray, (q, k_pool, v_pool, pages, mask)),
+                                           0.25))
+    for rows in (slice(4, 5), slice(2, 9), slice(6, 7)):
+        mine = np.unique(pages[rows])
+        others = np.setdiff1d(np.arange(k_pool.shape[1]), mine)
+        k2, v2 = k_pool.copy(), v_pool.copy()
+        k2[:, others], v2[:, others] = rs.randn(2, 2, len(others), 8, 16)
         np.testing.assert_array_equal(
-            np.asarray(pm.decode_attention(q[rows], k[rows], v[rows], mask[rows], 0.25)),
+            np.asarray(pm.decode_attention(*map(jnp.asarray, (q[rows], k2, v2, pages[rows],
+                                                              mask[rows])), 0.25)),
             whole[rows])
+
+
+def test_decode_attention_never_reads_masked_slots(kernel):
+    """Pages a row does not attend to (freed ones, the null page, a short row's tail) may hold
+    anything, NaN included, without reaching its output."""
+    rs = np.random.RandomState(2)
+    k_pool, v_pool, pages, mask = paged_cache(rs, 4, 2, 16, 4, [13, 20, 3, 9], 20)
+    mask[:, 0] = True
+    q = rs.randn(4, 2, 2, 16).astype(np.float32)
+    args = lambda k, v: map(jnp.asarray, (q, k, v, pages, mask))  # noqa: E731
+    clean = np.asarray(pm.decode_attention(*args(k_pool, v_pool), 0.5))
+    k_bad, v_bad = k_pool.copy(), v_pool.copy()
+    read = np.zeros(k_pool.shape[1:3], bool)  # [N, P]: the (page, slot) pairs some row attends to
+    for row, s in np.argwhere(mask):
+        read[pages[row, s // 4], s % 4] = True
+    k_bad[:, ~read], v_bad[:, ~read] = np.nan, np.nan
+    assert not read[0].any() and read.any(1).sum() < read.shape[0] - 1  # null and spare pages
+    np.testing.assert_array_equal(np.asarray(pm.decode_attention(*args(k_bad, v_bad), 0.5)),
+                                  clean)
+
+
+def test_decode_attention_dense_is_one_page_a_row(kernel):
+    """The dense adapter (a cache [B, K, S, hd] as one page per (row, kv head)) against float64."""
+    rs = np.random.RandomState(3)
+    q, k, v = (rs.randn(*shape).astype(np.float32) for shape in
+               ((3, 2, 4, 24), (3, 2, 37, 24), (3, 2, 37, 24)))
+    mask = rs.rand(3, 37) > 0.5
+    mask[1] = False
+    got = np.asarray(jax.jit(pm.decode_attention_dense, static_argnums=4)(
+        *map(jnp.asarray, (q, k, v, mask)), 0.3))
+    np.testing.assert_allclose(got, reference_attention(q, k, v, mask, 0.3), atol=2e-6)
+
+
+def test_decode_attention_checks_its_arguments(kernel):
+    q = jnp.zeros((2, 2, 3, 8))
+    pool = jnp.zeros((2, 5, 4, 8))
+    pages = jnp.ones((2, 3), jnp.int32)
+    mask = jnp.ones((2, 12), bool)
+    pm.decode_attention(q, pool, pool, pages, mask, 1.0)
+    for bad, match in [((q[:, :1], pool, pool, pages, mask), "K=1"),
+                       ((q, pool, pool[..., :4], pages, mask), "hd=8"),
+                       ((q, pool, pool, pages[:1], mask), "pages"),
+                       ((q, pool, pool, pages.astype(float), mask), "integer"),
+                       ((q, pool, pool, pages, jnp.ones((2, 13), bool)), "M \\* P = 12")]:
+        with pytest.raises(ValueError, match=match):
+            pm.decode_attention(*bad, 1.0)
+    with pytest.raises(Exception, match="outside the pool"):
+        np.asarray(pm.decode_attention(q, pool, pool, pages.at[1, 2].set(5), mask, 1.0))
 
 
 @pytest.mark.parametrize("shape, n_in, lead", [((3, 8, 5), 1, 0), ((4, 6, 2, 7), 2, 0),

@@ -1,12 +1,16 @@
-// One query token's attention over a KV cache on a CPU, as an XLA FFI handler:
-// out[b, h, g] = softmax over the unmasked slots s of scale * q[b, h, g] . k[b, h, s], times v.
+// One query token's attention over a paged KV cache on a CPU, as an XLA FFI handler:
+// out[b, h, g] = softmax over the unmasked slots s of scale * q[b, h, g] . k[b, h, s], times v,
+// where slot s of row b lives in page pages[b, s / P] of the kv head's pool, at s % P.
 //
 // Why a kernel: for one new token XLA's CPU backend runs attention as ~8 small ops a layer
 // (two batched dots of a few rows, the mask, the softmax's reductions, transposes), and on the
-// development machine they took ~15% of a decode step, several times their arithmetic. Here each
-// (row, kv head) is one work item from a shared counter: its G query heads' scores, softmax and
-// weighted sum of values in one pass over the row's valid slots, which a short row skips past.
-// A row's output depends on nothing but its own q, cache and mask (the engine's batch invariance).
+// development machine they took ~15% of a decode step, several times their arithmetic; over
+// pages XLA would add a gather that copies every row's pages first. Here each (row, kv head) is
+// one work item from a shared counter: its G query heads' scores, softmax and weighted sum of
+// values in one pass over the row's valid slots, reading each page's P slots as one contiguous
+// run; a masked slot (a short row's tail, a freed page, the null page) is never read unless the
+// row has no valid slot at all.
+// A row's output depends on nothing but its own q, pages and mask (the engine's batch invariance).
 
 #include <algorithm>
 #include <atomic>
@@ -53,26 +57,46 @@ void Axpy(float p, const float* v, float* out, int64_t D) {
   for (; d < D; ++d) out[d] += p * v[d];
 }
 
-// out [G, D] for one (row, kv head): q [G, D], k and v [S, D], valid [S]; scores [G, S] scratch.
-// The softmax as XLA's: scores minus their max, exponentiated, divided by their sum.
-void Attend(const float* q, const float* k, const float* v, const bool* valid, int64_t G,
-            int64_t S, int64_t D, float scale, float* out, float* scores) {
+// Asks for the first n floats (at most 4 KiB) of a page. Pages lie wherever the pool put them,
+// so the hardware prefetcher, which follows addresses, stalls at every page change; fetching
+// the next page while this one is read took the cost of shuffled 1 KiB pages (demo shapes) from
+// ~1.7x the dense kernel's to ~1.15x. Past 4 KiB the hardware picks the stream up itself, and
+// asking for whole 32 KiB pages measured slower.
+void Prefetch(const float* p, int64_t n) {
+  for (int64_t i = 0; i < std::min<int64_t>(n, 1024); i += 64 / sizeof(float))
+    __builtin_prefetch(p + i);
+}
+
+// out [G, D] for one (row, kv head): q [G, D]; k and v this kv head's pools [N, P, D]; table
+// [ceil(S / P)] the row's page ids; valid [S]; scores [G, S] scratch. The softmax as XLA's:
+// scores minus their max, exponentiated, divided by their sum. Slots are visited in logical
+// order whatever the pages, so the sums' order (and bits) do not depend on where pages lie.
+void Attend(const float* q, const float* k, const float* v, const int32_t* table,
+            const bool* valid, int64_t G, int64_t S, int64_t P, int64_t D, float scale,
+            float* out, float* scores) {
   float top[kMaxGroup], total[kMaxGroup] = {};
   std::fill(top, top + G, -std::numeric_limits<float>::infinity());
   std::fill(out, out + G * D, 0.0f);
+  const int64_t pages = (S + P - 1) / P;
   int64_t n = 0;
-  for (int64_t s = 0; s < S; ++s) {
-    if (!valid[s]) continue;
-    for (int64_t g = 0; g < G; ++g) {
-      const float x = Dot(q + g * D, k + s * D, D) * scale;
-      scores[g * S + s] = x;
-      top[g] = std::max(top[g], x);
+  for (int64_t m = 0; m < pages; ++m) {
+    const int64_t s0 = m * P, s1 = std::min(S, s0 + P);
+    const float* page = k + table[m] * P * D;  // slots s0.. as P * D contiguous floats
+    if (m + 1 < pages) Prefetch(k + table[m + 1] * P * D, P * D);
+    for (int64_t s = s0; s < s1; ++s) {
+      if (!valid[s]) continue;
+      for (int64_t g = 0; g < G; ++g) {
+        const float x = Dot(q + g * D, page + (s - s0) * D, D) * scale;
+        scores[g * S + s] = x;
+        top[g] = std::max(top[g], x);
+      }
+      ++n;
     }
-    ++n;
   }
   if (n == 0) {  // as XLA's softmax over all-masked scores: a uniform average of every slot
     for (int64_t s = 0; s < S; ++s)
-      for (int64_t g = 0; g < G; ++g) Axpy(1.0f / S, v + s * D, out + g * D, D);
+      for (int64_t g = 0; g < G; ++g)
+        Axpy(1.0f / S, v + (table[s / P] * P + s % P) * D, out + g * D, D);
     return;
   }
   for (int64_t s = 0; s < S; ++s) {
@@ -82,9 +106,15 @@ void Attend(const float* q, const float* k, const float* v, const bool* valid, i
       total[g] += scores[g * S + s];
     }
   }
-  for (int64_t s = 0; s < S; ++s) {
-    if (!valid[s]) continue;
-    for (int64_t g = 0; g < G; ++g) Axpy(scores[g * S + s] / total[g], v + s * D, out + g * D, D);
+  for (int64_t m = 0; m < pages; ++m) {
+    const int64_t s0 = m * P, s1 = std::min(S, s0 + P);
+    const float* page = v + table[m] * P * D;
+    if (m + 1 < pages) Prefetch(v + table[m + 1] * P * D, P * D);
+    for (int64_t s = s0; s < s1; ++s) {
+      if (!valid[s]) continue;
+      for (int64_t g = 0; g < G; ++g)
+        Axpy(scores[g * S + s] / total[g], page + (s - s0) * D, out + g * D, D);
+    }
   }
 }
 
@@ -94,31 +124,41 @@ struct Job {
 
 ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                               ffi::Buffer<ffi::PRED> mask, float scale,
-                               ffi::ResultBuffer<ffi::F32> out) {
+                               ffi::Buffer<ffi::S32> pages, ffi::Buffer<ffi::PRED> mask,
+                               float scale, ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(),
-             md = mask.dimensions(), od = out->dimensions();
+             pd = pages.dimensions(), md = mask.dimensions(), od = out->dimensions();
   auto same = [](auto a, auto b) { return std::equal(a.begin(), a.end(), b.begin(), b.end()); };
-  if (qd.size() != 4 || kd.size() != 4 || md.size() != 2 || !same(vd, kd) || !same(od, qd) ||
-      qd[0] != kd[0] || qd[1] != kd[1] || qd[3] != kd[3] || md[0] != kd[0] || md[1] != kd[2] ||
-      qd[2] > kMaxGroup)
+  if (qd.size() != 4 || kd.size() != 4 || pd.size() != 2 || md.size() != 2 || !same(vd, kd) ||
+      !same(od, qd) || qd[1] != kd[0] || qd[3] != kd[3] || pd[0] != qd[0] ||
+      md[0] != qd[0] || md[1] > pd[1] * kd[2] || kd[2] < 1 || qd[2] > kMaxGroup)
     return ffi::Error::InvalidArgument(
-        "decode_attention wants q [B, K, G <= 64, D], k and v [B, K, S, D], mask [B, S]");
-  const int64_t B = kd[0], H = kd[1], S = kd[2], D = kd[3], G = qd[2];
+        "decode_attention wants q [B, K, G <= 64, D], k and v pools [K, N, P >= 1, D], pages "
+        "[B, M], mask [B, S <= M * P]");
+  const int64_t B = qd[0], H = qd[1], G = qd[2], D = qd[3], N = kd[1], P = kd[2], M = pd[1],
+                S = md[1];
   const float* qp = q.typed_data();
   const float* kp = k.typed_data();
   const float* vp = v.typed_data();
+  const int32_t* pp = pages.typed_data();
   const bool* mp = mask.typed_data();
   float* op = out->typed_data();
+  // A page id outside the pool would read outside the buffer: refuse the call (a few hundred
+  // ints) rather than check inside the loops. Only the entries that slots < S map to count.
+  const int64_t used = (S + P - 1) / P;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t m = 0; m < used; ++m)
+      if (pp[b * M + m] < 0 || pp[b * M + m] >= N)
+        return ffi::Error::InvalidArgument("decode_attention: a page id is outside the pool");
   auto job = std::make_shared<Job>();
   const int64_t items = B * H;
   // Late pool tasks find the counter spent and return without touching the buffers.
   auto work = [=] {
     std::vector<float> scores(G * S);
     for (int64_t i; (i = job->next.fetch_add(1, std::memory_order_relaxed)) < items;) {
-      const int64_t b = i / H;
-      Attend(qp + i * G * D, kp + i * S * D, vp + i * S * D, mp + b * S, G, S, D, scale,
-             op + i * G * D, scores.data());
+      const int64_t b = i / H, h = i % H;
+      Attend(qp + i * G * D, kp + h * N * P * D, vp + h * N * P * D, pp + b * M, mp + b * S, G,
+             S, P, D, scale, op + i * G * D, scores.data());
       job->done.fetch_add(1, std::memory_order_release);
     }
   };
@@ -137,6 +177,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DecodeAttention, DecodeAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Attr<float>("scale")
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -3,11 +3,12 @@
 On a CPU a decode step is a few rows times every weight, which XLA's dot multiplies at ~80
 GFLOP/s on two cores for 16 rows; packed once here, at load, each panel is one contiguous stream
 and the kernel runs a 16-row matmul ~2x faster (benchmarks/matmul16.py). A decode step's
-attention (one query token against the cache) has a kernel too, `decode_attention.cc`, used
-wherever the weights are packed. The kernels are compiled on first use with the system's C++
-compiler against the XLA FFI headers jaxlib ships, cached per source, jaxlib and CPU, and
-registered as FFI targets. Only float32 weights on a lone CPU device are packed; everywhere else
-the models run XLA's ops over the plain layout."""
+attention (one query token against a paged KV cache: pools of pages and a page table per row)
+has a kernel too, `decode_attention.cc`, used wherever the weights are packed
+(`decode_attention_dense` runs it over a dense cache). The kernels are compiled on first use
+with the system's C++ compiler against the XLA FFI headers jaxlib ships, cached per source,
+jaxlib and CPU, and registered as FFI targets. Only float32 weights on a lone CPU device are
+packed; everywhere else the models run XLA's ops over the plain layout."""
 
 from __future__ import annotations
 
@@ -102,18 +103,60 @@ def matmul(x: jax.Array, w: Panels) -> jax.Array:
     return call(x.astype(jnp.float32), w.data)[:, : math.prod(w.out_shape)]
 
 
-def decode_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-                     scale: float) -> jax.Array:
-    """One query token per row against its cache, by the CPU kernel (decode_attention.cc).
+def decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, pages: jax.Array,
+                     mask: jax.Array, scale: float) -> jax.Array:
+    """One query token per row against its paged cache, by the CPU kernel (decode_attention.cc).
 
-    q [B, K, G, hd] (G query heads share each of the K kv heads), k and v [B, K, S, hd], mask
-    [B, S] (the slots a row attends to); float32 [B, K, G, hd].
+    q [B, K, G, hd] (G query heads share each of the K kv heads); k_pool, v_pool [K, N, P, hd]
+    (N pages of P slots); pages [B, M] int32, row b's page ids: its slot s is
+    pool[:, pages[b, s // P], s % P]; mask [B, S] over those logical slots, S <= M * P (the last
+    page may be partly used). Returns float32 [B, K, G, hd]. A row with no unmasked slot averages
+    all S of its slots (XLA's softmax of all-masked scores), so even its unused entries must name
+    a page of the pool (page 0, the null page, does); a page id outside the pool is an error.
     """
+    if q.ndim != 4 or k_pool.ndim != 4:
+        raise ValueError(f"decode_attention wants q [B, K, G, hd] and k_pool [K, N, P, hd], got "
+                         f"q {q.shape} and k_pool {k_pool.shape}")
+    B, K, G, hd = q.shape
+    _, N, P, _ = k_pool.shape
+    if v_pool.shape != k_pool.shape or k_pool.shape[0] != K or k_pool.shape[3] != hd:
+        raise ValueError(f"decode_attention wants k_pool and v_pool [K={K}, N, P, hd={hd}] "
+                         f"for q {q.shape}, got {k_pool.shape} and {v_pool.shape}")
+    if pages.ndim != 2 or pages.shape[0] != B or not jnp.issubdtype(pages.dtype, jnp.integer):
+        raise ValueError(f"decode_attention wants pages [B={B}, M] of integer page ids, got "
+                         f"{pages.dtype}{list(pages.shape)}")
+    M = pages.shape[1]
+    if mask.ndim != 2 or mask.shape[0] != B or not 1 <= mask.shape[1] <= M * P:
+        raise ValueError(f"decode_attention wants mask [B={B}, S] with 1 <= S <= M * P = {M * P} "
+                         f"(M={M} pages of P={P} slots), got {mask.shape}")
+    if G > 64 or P < 1:
+        raise ValueError(f"decode_attention handles at most 64 query heads a kv head and pages "
+                         f"of at least one slot, got G={G}, P={P}")
     load()
     call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32),
                             vmap_method="sequential")
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    return call(f32(q), f32(k), f32(v), mask.astype(bool), scale=np.float32(scale))
+    return call(f32(q), f32(k_pool), f32(v_pool), pages.astype(jnp.int32), mask.astype(bool),
+                scale=np.float32(scale))
+
+
+def decode_attention_dense(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+                           scale: float) -> jax.Array:
+    """`decode_attention` over a dense cache k, v [B, K, S, hd], mask [B, S]: the same bits.
+
+    Each (row, kv head) becomes a row of its own with one kv head and one page of S slots, so
+    the cache is passed as it lies (a reshape, no copy); only the mask is repeated per kv head.
+    """
+    B, K, G, hd = q.shape
+    if k.ndim != 4 or k.shape[:2] != (B, K) or k.shape[3] != hd or v.shape != k.shape:
+        raise ValueError(f"decode_attention_dense wants k and v [B={B}, K={K}, S, hd={hd}], got "
+                         f"{k.shape} and {v.shape}")
+    S = k.shape[2]
+    pool = lambda x: x.reshape(1, B * K, S, hd)  # noqa: E731
+    table = jnp.arange(B * K, dtype=jnp.int32)[:, None]
+    out = decode_attention(q.reshape(B * K, 1, G, hd), pool(k), pool(v), table,
+                           jnp.repeat(mask, K, axis=0), scale)
+    return out.reshape(B, K, G, hd)
 
 
 _HEADS = ("embed", "lm_head")  # [V, D], packed as the head's [D, V]
