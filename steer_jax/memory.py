@@ -6,10 +6,16 @@ The layout this models: each model has one pool of fixed-size pages, `page_size`
 stored per layer as [num_kv_heads, pages, page_size, head_dim] for k and for v, stacked over all
 layers, so one page id names the same slot range in every layer. Page 0 is a null page that is
 never allocated (page tables point unused entries at it), so N usable pages cost N + 1 pages.
-A trace of n tokens holds ceil(n / page_size) pages of each model; while it decodes a step it
-reserves pages for `max_step_tokens` more. The pools are replicated over a mesh's 'data' axis and
-split over 'model' along KV heads where the head count divides that axis (the rule `_spec` in
-`steer_jax.distributed` applies to every tensor), so all figures here are for one device.
+A trace of n tokens holds ceil(n / page_size) pages of each model, nothing ahead. A model's call
+on a set of rows reserves, for those rows only and only during the call, pages up to
+n + `max_step_tokens`, and the pages a step did not use go back after the call. The engine
+(`steer._plan`) takes a call's rows in order while their new pages fit the free ones, with no
+eviction (the round is cut into more calls), as long as a call holds at least an eighth of its
+rows; else it evicts traces outside the call. So R traces stay resident through a round when
+each pool holds R * pages(n) + ceil(R / 8) * (pages a call adds to a row). The pools are
+replicated over a mesh's 'data' axis and split over 'model' along KV heads where the head count
+divides that axis (the rule `_spec` in `steer_jax.distributed` applies to every tensor), so all
+figures here are for one device.
 
 Assumption of this version: sliding-window layers page like global ones (a page id covers every
 layer, so a windowed layer cannot give back pages its window no longer sees). `layer_windows`
@@ -89,13 +95,22 @@ def layer_windows(cfg: ModelConfig) -> tuple[int | None, ...]:
 
 
 def trace_pages(cfg: ModelConfig, tokens: int, page_size: int) -> int:
-    """Pages of `cfg`'s pool that a trace holding `tokens` tokens (reservations included) needs.
+    """Pages of `cfg`'s pool that a trace holding `tokens` tokens holds.
 
     Every layer counts all `tokens`, sliding-window layers included (see the module docstring):
     pages are shared by all layers, so the most demanding layer sets the count.
     """
     held = [tokens for _window in layer_windows(cfg)]  # a window frees nothing in this version
     return max(1, -(-max(held) // page_size))  # a trace holds a page from its first token
+
+
+def call_pages(cfg: ModelConfig, tokens: int, page_size: int, max_step_tokens: int) -> int:
+    """Pages a row of `tokens` tokens takes on top of those it holds while a call that may write
+    `max_step_tokens` more runs (given back after it): pages(tokens + max_step_tokens) -
+    pages(tokens): ceil(max_step_tokens / page_size) or one less, by the room left in the last
+    page the row holds."""
+    return (trace_pages(cfg, tokens + max_step_tokens, page_size)
+            - trace_pages(cfg, tokens, page_size))
 
 
 def weight_bytes(cfg: ModelConfig, dtype: Any, model_shards: int = 1) -> int:
@@ -124,37 +139,73 @@ def dense_trace_bytes(cfg: ModelConfig, dtype: Any, prompt_tokens: int, max_new_
     return slots * kv_bytes_per_token(cfg, dtype, model_shards)
 
 
-def _per_trace(configs: Sequence[ModelConfig], dtype: Any, page_size: int,
-               tokens_per_trace: int, model_shards: int) -> tuple[list[int], list[int]]:
-    pages = [trace_pages(c, tokens_per_trace, page_size) for c in configs]
+def _per_trace(configs: Sequence[ModelConfig], dtype: Any, page_size: int, tokens_per_trace: int,
+               model_shards: int, max_step_tokens: int) -> tuple[list[int], list[int], list[int]]:
+    """(pages a trace holds, pages a row's call adds, page bytes) of each model."""
+    held = [trace_pages(c, tokens_per_trace, page_size) for c in configs]
+    extra = [call_pages(c, tokens_per_trace, page_size, max_step_tokens) for c in configs]
     sizes = [page_bytes(c, dtype, page_size, model_shards) for c in configs]
-    return pages, sizes
+    return held, extra, sizes
 
 
 def pool_pages(configs: Sequence[ModelConfig], dtype: Any, budget_bytes: int, page_size: int,
-               tokens_per_trace: int, model_shards: int = 1) -> list[int]:
+               tokens_per_trace: int, model_shards: int = 1, *,
+               max_step_tokens: int = 0) -> list[int]:
     """Usable pages of each model's pool (its arrays hold one more, the null page) so that the
     pools fill `budget_bytes` of one device and each model holds as many traces as the others.
 
-    Each model's pages are proportional to the pages one trace of `tokens_per_trace` tokens (its
-    reservation included) takes of it; pages left over after whole traces are kept, as traces
-    differ in length. Returns zeros when the budget cannot hold the null pages.
+    Each model's pages are proportional to what one resident trace of `tokens_per_trace` tokens
+    costs it: the pages it holds plus an eighth of the pages its row adds during a call that
+    may write `max_step_tokens` more (a call holds at least an eighth of the resident rows, see
+    `resident_in_pool`). Pages left over after whole traces are kept, as traces differ in
+    length. Returns zeros when the budget cannot hold the null pages.
     """
     page_size = check_page_size(page_size)
-    pages, sizes = _per_trace(configs, dtype, page_size, tokens_per_trace, model_shards)
+    held, extra, sizes = _per_trace(configs, dtype, page_size, tokens_per_trace, model_shards,
+                                    max_step_tokens)
     room = budget_bytes - sum(sizes)  # the null pages come first
     if room <= 0:
         return [0] * len(configs)
-    per_unit = sum(p * s for p, s in zip(pages, sizes))
-    return [int(room * p // per_unit) for p in pages]
+    share = [8 * h + e for h, e in zip(held, extra)]  # eighths of a page per trace
+    per_unit = sum(w * s for w, s in zip(share, sizes))
+    return [int(room * w // per_unit) for w in share]
+
+
+def resident_in_pool(pool: int, held: int, extra: int) -> int:
+    """The most traces R of `held` pages each that a pool of `pool` usable pages keeps resident
+    through a round: R * held + ceil(R / 8) * extra <= pool, `extra` being the pages a row's
+    call adds. The engine then writes all R without evicting, in calls of >= R / 8 rows."""
+    lo, hi = 0, max(pool, 0) // held
+    while lo < hi:  # the cost grows with R: the largest R that fits
+        mid = (lo + hi + 1) // 2
+        if mid * held + -(-mid // 8) * extra <= pool:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def calls_per_round(pool: int, held: int, extra: int, resident: int) -> int:
+    """Calls a model needs to write a step for all `resident` traces: ceil(R / rows a call
+    holds), rows a call holds = floor((pool - R * held) / extra); 0 when nothing is resident."""
+    if resident < 1:
+        return 0
+    if extra == 0:
+        return 1
+    rows = (pool - resident * held) // extra
+    return -(-resident // rows) if rows > 0 else 0
 
 
 def resident_traces(configs: Sequence[ModelConfig], dtype: Any, budget_bytes: int,
-                    page_size: int, tokens_per_trace: int, model_shards: int = 1) -> int:
-    """Traces of `tokens_per_trace` tokens each that the pools `pool_pages` sizes hold at once."""
-    pools = pool_pages(configs, dtype, budget_bytes, page_size, tokens_per_trace, model_shards)
-    pages, _ = _per_trace(configs, dtype, page_size, tokens_per_trace, model_shards)
-    return min(pool // p for pool, p in zip(pools, pages))
+                    page_size: int, tokens_per_trace: int, model_shards: int = 1, *,
+                    max_step_tokens: int = 0) -> int:
+    """Traces of `tokens_per_trace` tokens each that the pools `pool_pages` sizes keep resident
+    through a round whose calls may write `max_step_tokens` tokens a row."""
+    pools = pool_pages(configs, dtype, budget_bytes, page_size, tokens_per_trace, model_shards,
+                       max_step_tokens=max_step_tokens)
+    held, extra, _ = _per_trace(configs, dtype, page_size, tokens_per_trace, model_shards,
+                                max_step_tokens)
+    return min(resident_in_pool(p, h, e) for p, h, e in zip(pools, held, extra))
 
 
 # ---- how much of one device the pools may use ------------------------------------------------
@@ -221,8 +272,10 @@ class ModelPlan:
     page_bytes: int
     kv_heads: int
     kv_heads_per_device: int  # fewer than kv_heads where they split over the 'model' axis
-    trace_pages: int  # pages of one trace at the plan's tokens, step reservation included
+    trace_pages: int  # pages one trace holds at the plan's tokens (prompt + generated)
+    call_pages: int  # pages a row's call adds on top of those while it runs (given back after)
     pool_pages: int  # usable pages of its pool (the pool holds one more: the null page)
+    calls_per_round: int  # calls writing a step for all resident traces, without evicting
     dense_trace_bytes: int  # one trace's cache in the old dense layout
 
 
@@ -240,12 +293,10 @@ class MemoryPlan:
     mean_tokens: int  # generated tokens per trace
     max_step_tokens: int
     max_new_tokens: int
-    tokens_per_trace: int  # prompt + generated + the step reservation (capped at the budget)
+    tokens_per_trace: int  # prompt + generated: what a resident trace holds
+    call_tokens: int  # what a call reserves ahead of a row: max_step_tokens, within its table
     usable_bytes: int  # fraction * device memory - all weights
-    resident_traces: int
-    # Resident if no step reserved pages ahead (steps shorter than max_step_tokens, or only the
-    # writing model's pool reserving): how much the reservation costs.
-    resident_traces_unreserved: int
+    resident_traces: int  # traces every pool keeps through a round without evicting
     dense_traces: int
     benchmark_size: int | None = None
     benchmark: str | None = None
@@ -269,10 +320,14 @@ def plan(configs: Sequence[ModelConfig], dtype: Any, device_memory: int, *,
     """Weights, pages and resident traces of `configs` on devices of `device_memory` bytes each,
     `devices` of them on the 'model' axis.
 
-    A trace is `prompt_tokens` + `mean_tokens` generated tokens, plus the pages a step in flight
-    reserves (`max_step_tokens` more, not past `max_new_tokens`), all rounded up to pages.
-    usable = fraction * device_memory - every model's weights; the dense figure divides it by
-    each model's dense reservation of `dense_prompt_tokens` (default: `prompt_tokens`).
+    A trace holds the pages of `prompt_tokens` + `mean_tokens` generated tokens; a call reserves
+    pages for `max_step_tokens` more for its rows only (not past the page table the engine gives
+    a trace: the longest prompt + `max_new_tokens` + 2 slots, rounded up to a multiple of 64 and
+    of the page size). Resident traces R: in every pool, R * held pages + ceil(R / 8) * the
+    pages a row's call adds fit (`resident_in_pool`), so a round's writes run in calls of at
+    least R / 8 rows and nothing is evicted. usable = fraction * device_memory - every model's
+    weights; the dense figure divides it by each model's dense reservation of
+    `dense_prompt_tokens` (default: `prompt_tokens`).
     """
     page_size = check_page_size(page_size)
     for key, v, least in (("devices", devices, 1), ("mean tokens", mean_tokens, 0),
@@ -286,29 +341,32 @@ def plan(configs: Sequence[ModelConfig], dtype: Any, device_memory: int, *,
                          f"{max_new_tokens}: a trace stops there")
     dense_prompt = prompt_tokens if dense_prompt_tokens is None else dense_prompt_tokens
     names = list(names) if names is not None else [f"model {i}" for i in range(len(configs))]
-    tokens = prompt_tokens + min(mean_tokens + max_step_tokens, max_new_tokens)
+    tokens = prompt_tokens + mean_tokens
+    step = -(-64 // page_size) * page_size  # steer.steer: a page table of whole pages
+    table = -(-(max(dense_prompt, prompt_tokens) + max_new_tokens + 2) // step) * step
+    ahead = max(0, min(max_step_tokens, table - tokens))
     weights = [weight_bytes(c, dtype, devices) for c in configs]
     usable = int(fraction * device_memory) - sum(weights)
-    pools = pool_pages(configs, dtype, usable, page_size, tokens, devices)
+    pools = pool_pages(configs, dtype, usable, page_size, tokens, devices, max_step_tokens=ahead)
+    held, extra, _ = _per_trace(configs, dtype, page_size, tokens, devices, ahead)
+    resident = min(resident_in_pool(p, h, e) for p, h, e in zip(pools, held, extra))
     models = tuple(ModelPlan(
         name=n, params=num_params(c), weight_bytes=w,
         kv_bytes_per_token=kv_bytes_per_token(c, dtype, devices),
         page_bytes=page_bytes(c, dtype, page_size, devices),
         kv_heads=c.num_kv_heads, kv_heads_per_device=_split(c.num_kv_heads, devices),
-        trace_pages=trace_pages(c, tokens, page_size), pool_pages=p,
+        trace_pages=h, call_pages=e, pool_pages=p,
+        calls_per_round=calls_per_round(p, h, e, resident),
         dense_trace_bytes=dense_trace_bytes(c, dtype, dense_prompt, max_new_tokens, devices))
-        for n, c, w, p in zip(names, configs, weights, pools))
+        for n, c, w, p, h, e in zip(names, configs, weights, pools, held, extra))
     dense = max(usable, 0) // sum(m.dense_trace_bytes for m in models)
     return MemoryPlan(
         models=models, dtype=str(jnp.dtype(dtype)), device_memory=device_memory,
         devices=devices, page_size=page_size, prompt_tokens=prompt_tokens,
         dense_prompt_tokens=dense_prompt, mean_tokens=mean_tokens,
         max_step_tokens=max_step_tokens, max_new_tokens=max_new_tokens,
-        tokens_per_trace=tokens, usable_bytes=usable,
-        resident_traces=min(m.pool_pages // m.trace_pages for m in models),
-        resident_traces_unreserved=resident_traces(
-            configs, dtype, usable, page_size, prompt_tokens + mean_tokens, devices),
-        dense_traces=dense,
+        tokens_per_trace=tokens, call_tokens=ahead, usable_bytes=usable,
+        resident_traces=resident, dense_traces=dense,
         benchmark_size=benchmark_size)
 
 
@@ -404,21 +462,25 @@ def format_plan(p: MemoryPlan) -> str:
              f"{split}; {p.dtype}; cache.page_size {p.page_size} tokens",
              *(f"{m.name}: {path}" for m, path in zip(p.models, p.paths)),
              f"prompt tokens: {p.prompt_source}",
-             f"per trace: {p.prompt_tokens} prompt + {p.mean_tokens} generated + "
-             f"{p.tokens_per_trace - p.prompt_tokens - p.mean_tokens} reserved for the step in "
-             f"flight (steer.max_step_tokens) = {p.tokens_per_trace} tokens", ""]
+             f"per trace: {p.prompt_tokens} prompt + {p.mean_tokens} generated = "
+             f"{p.tokens_per_trace} tokens held; a call reserves pages for {p.call_tokens} more "
+             "(steer.max_step_tokens) for its rows only, while it runs",
+             "resident: every pool holds their pages + the pages a call adds to an eighth of "
+             "them, so a round's writes need no eviction (calls of >= 1/8 of them)", ""]
     head = (f"{'model':<6} {'params':>7} {'weights/dev':>12} {'KV/token':>10} {'page':>10} "
-            f"{'KV heads/dev':>12} {'pages/trace':>11} {'pool pages':>10}")
+            f"{'KV heads/dev':>12} {'pages/trace':>11} {'+call':>5} {'pool pages':>10} "
+            f"{'calls/round':>11}")
     lines += [head, "-" * len(head)]
     for m in p.models:
         lines.append(f"{m.name:<6} {m.params / 1e9:>6.2f}B {_gib(m.weight_bytes):>12} "
                      f"{m.kv_bytes_per_token / 2**10:>6.1f} KiB {m.page_bytes / 2**20:>6.2f} MiB "
                      f"{f'{m.kv_heads_per_device} of {m.kv_heads}':>12} {m.trace_pages:>11} "
-                     f"{m.pool_pages:>10}")
+                     f"{m.call_pages:>5} {m.pool_pages:>10} {m.calls_per_round:>11}")
     lines += ["", f"memory for KV pages per device: {MEMORY_FRACTION} x {_gib(p.device_memory)}"
               f" - weights {_gib(sum(m.weight_bytes for m in p.models))} = {_gib(p.usable_bytes)}",
               f"traces resident at {p.mean_tokens} generated tokens each: {p.resident_traces}"
-              f" ({p.resident_traces_unreserved} without the step reservation)"]
+              f" (calls per round: " + ", ".join(f"{m.name} {m.calls_per_round}"
+                                                for m in p.models) + ")"]
     if p.sub_batches is not None:
         lines.append(f"sub-batches per round for {p.benchmark} ({p.benchmark_size} traces): "
                      f"{p.sub_batches}")

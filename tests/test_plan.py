@@ -63,18 +63,73 @@ def test_page_rounding_by_hand():
     assert memory.kv_bytes_per_token(b, f32, model_shards=2) == 768
     assert memory.kv_bytes_per_token(a, f32, model_shards=4) == 512
     assert memory.page_bytes(a, f32, page_size=4) == 2048
-    # ceil(n / page_size), at least one page; the step reservation is part of n.
+    # ceil(n / page_size), at least one page: what a trace holds, nothing ahead.
     assert [memory.trace_pages(a, n, 4) for n in (1, 4, 5, 8, 9)] == [1, 1, 2, 2, 3]
-    # prompt 5 + 6 generated + 3 reserved = 14 tokens -> 4 pages of 4 in each pool; one trace is
-    # 4 * (2048 + 6144) bytes, and each pool's null page comes off the budget first.
+    # A call writing up to s more tokens adds pages(n + s) - pages(n) to a row while it runs:
+    # ceil(s / page_size) or floor(s / page_size), by the room left in n's last page.
+    assert [memory.call_pages(a, 14, 4, s) for s in (0, 2, 3, 6, 7, 8)] == [0, 0, 1, 1, 2, 2]
+    assert [memory.call_pages(a, n, 4, 5) for n in (12, 13, 15, 16)] == [2, 1, 1, 2]
+    # A trace of 14 tokens holds 4 pages of 4 in each pool; one trace is 4 * (2048 + 6144)
+    # bytes, and each pool's null page comes off the budget first.
     per_trace, nulls = 4 * (2048 + 6144), 2048 + 6144
     budget = nulls + 10 * per_trace + 100
     assert memory.pool_pages([a, b], f32, budget, 4, 14) == [40, 40]
     assert memory.resident_traces([a, b], f32, budget, 4, 14) == 10
     assert memory.resident_traces([a, b], f32, nulls + per_trace - 1, 4, 14) == 0
     assert memory.pool_pages([a, b], f32, nulls - 1, 4, 14) == [0, 0]
+    # With calls of 7 tokens ahead (2 pages a row) the pools split the same way (equal shares:
+    # 4 + 2/8 pages a trace each) and hold 9: 9 * 4 + ceil(9 / 8) * 2 = 40; 10 would need 44.
+    assert memory.pool_pages([a, b], f32, budget, 4, 14, max_step_tokens=7) == [40, 40]
+    assert memory.resident_traces([a, b], f32, budget, 4, 14, max_step_tokens=7) == 9
     # Dense: ceil((prompt + max_new + 2) / 64) * 64 slots: 5 + 100 + 2 = 107 -> 128.
     assert memory.dense_trace_bytes(a, f32, 5, 100) == 128 * 512
+
+
+def test_resident_in_pool_by_hand():
+    # 18 pages a trace, 4 more a row during a call: 54 * 18 + ceil(54 / 8) * 4 = 972 + 28 = 1000;
+    # 55 would need 990 + 28. The 28 spare pages give calls of 7 rows: 8 calls for 54.
+    assert memory.resident_in_pool(1000, 18, 4) == 54
+    assert memory.calls_per_round(1000, 18, 4, 54) == 8
+    assert memory.resident_in_pool(1000, 18, 0) == 55  # nothing ahead: pool // held
+    assert memory.calls_per_round(1000, 18, 0, 55) == 1
+    assert memory.resident_in_pool(21, 18, 4) == 0 and memory.resident_in_pool(22, 18, 4) == 1
+    assert memory.calls_per_round(22, 18, 4, 1) == 1 and memory.calls_per_round(21, 18, 4, 0) == 0
+    for pool in range(0, 400, 7):  # the largest R with R * held + ceil(R / 8) * extra <= pool
+        for held, extra in ((1, 0), (3, 1), (5, 2), (18, 5)):
+            r = memory.resident_in_pool(pool, held, extra)
+            assert r * held + -(-r // 8) * extra <= pool
+            assert (r + 1) * held + -(-(r + 1) // 8) * extra > pool
+
+
+def engine_round(pool: int, held: list[int], new: int, cap: int) -> tuple[list[int], bool]:
+    """`steer._plan`'s rule as arithmetic: each call takes rows in order while their new pages
+    fit the free ones, if that is >= 1/8 of the rows all of whose pages fit the pool (at most
+    `cap`); else it would evict. Returns each call's rows and whether any call evicted."""
+    calls, left, evicted = [], len(held), False
+    while left:
+        free = pool - sum(held)
+        fit_free = min(left, cap, free // new if new else left)
+        fit_pool, total = 0, 0
+        for h in held[:min(left, cap)]:
+            total += h + new
+            if total > pool:
+                break
+            fit_pool += 1
+        if 8 * fit_free < fit_pool:
+            evicted = True
+            fit_free = fit_pool
+        calls.append(fit_free)
+        left -= fit_free
+    return calls, evicted
+
+
+@pytest.mark.parametrize("pool,held,extra", [(10714, 18, 4), (1349, 20, 4), (930, 20, 4),
+                                             (40, 4, 2), (300, 7, 5)])
+def test_resident_traces_run_a_round_without_evicting(pool, held, extra):
+    r = memory.resident_in_pool(pool, held, extra)
+    calls, evicted = engine_round(pool, [held] * r, extra, cap=r)
+    assert not evicted and len(calls) == memory.calls_per_round(pool, held, extra, r)
+    assert min(calls[:-1] or calls) * 8 >= r  # every full call holds an eighth of them or more
 
 
 def test_plan_by_hand():
@@ -87,13 +142,24 @@ def test_plan_by_hand():
                     benchmark_size=1000)
     usable = int(0.9 * mem) - weights
     assert p.usable_bytes == usable
-    # 30 + min(50 + 20, 60) = 90 tokens -> 6 pages of 16; 80 unreserved -> 5.
-    assert p.tokens_per_trace == 90 and [m.trace_pages for m in p.models] == [6, 6]
+    # 30 + 50 = 80 tokens held -> 5 pages of 16; a call reaches 100 -> 7 pages: 2 more a row.
+    assert p.tokens_per_trace == 80 and p.call_tokens == 20
+    assert [(m.trace_pages, m.call_pages) for m in p.models] == [(5, 2), (5, 2)]
     page = 16 * (512 + 1536)
-    assert p.resident_traces == (usable - page) // (6 * page)
-    assert p.resident_traces_unreserved == (usable - page) // (5 * page)
+    pool = (usable - page) // page  # equal shares (5 + 2/8 pages a trace): a page each per page
+    assert [m.pool_pages for m in p.models] == [pool, pool]
+    r = p.resident_traces
+    assert r * 5 + -(-r // 8) * 2 <= pool < (r + 1) * 5 + -(-(r + 1) // 8) * 2
+    spare_rows = (pool - r * 5) // 2
+    assert spare_rows * 8 >= r
+    assert [m.calls_per_round for m in p.models] == [-(-r // spare_rows)] * 2
     assert p.dense_traces == usable // (128 * (512 + 1536))  # 30 + 60 + 2 -> 128 slots
     assert p.sub_batches == -(-1000 // p.resident_traces)
+    # A call reserves within the trace's page table (longest prompt + max_new + 2, rounded to
+    # 64): 62 + 62 + 2 -> 128 slots, so at 124 tokens only 4 more.
+    q = memory.plan([a, b], "float32", mem, page_size=16, prompt_tokens=62, mean_tokens=62,
+                    max_step_tokens=20, max_new_tokens=62)
+    assert q.call_tokens == 4 and [m.call_pages for m in q.models] == [0, 0]
     with pytest.raises(ValueError, match="max_new_tokens"):
         memory.plan([a], "float32", mem, mean_tokens=61, max_new_tokens=60)
 
@@ -174,12 +240,13 @@ def test_cli_tiny_json(tmp_path, capsys):
     p = memory.plan([read_config(tmp_path / "small"), read_config(tmp_path / "large")],
                     "float32", 10 * 2**20, page_size=16, prompt_tokens=30, mean_tokens=50,
                     max_step_tokens=20, max_new_tokens=60)
-    for key in ("resident_traces", "dense_traces", "resident_traces_unreserved", "usable_bytes",
-                "page_size", "tokens_per_trace", "sub_batches", "prompt_source", "models"):
+    for key in ("resident_traces", "dense_traces", "usable_bytes", "page_size",
+                "tokens_per_trace", "call_tokens", "sub_batches", "prompt_source", "models"):
         assert key in out
     assert (out["resident_traces"], out["dense_traces"]) == (p.resident_traces, p.dense_traces)
     assert out["page_size"] == 16 and out["sub_batches"] is None
     assert [m["name"] for m in out["models"]] == ["small", "large"]
+    assert [m["calls_per_round"] for m in out["models"]] == [m.calls_per_round for m in p.models]
     assert "--prompt-tokens" in out["prompt_source"] and "benchmark.path is null" in \
         out["prompt_source"]
     text = run_cli(capsys, run, "--device-memory", "10MiB", "--mean-tokens", 50,
@@ -234,17 +301,17 @@ def test_qwen_math_math500_on_80gib(hf_meta, shared_data, capsys):
     assert out["benchmark_size"] == 500 and "tokenizer" in out["prompt_source"]
     # Measured prompts: mean 114.2 -> 115 tokens, longest 834 (the dense figure's).
     assert (out["prompt_tokens"], out["dense_prompt_tokens"]) == (115, 834)
-    # 115 + 1024 + 256 reserved = 1395 tokens -> 22 pages; without the reservation 18.
-    assert [m["trace_pages"] for m in out["models"]] == [22, 22]
-    assert out["resident_traces_unreserved"] >= 500
-    assert (out["resident_traces"], out["dense_traces"]) == (487, 137)
-    assert out["sub_batches"] == 2
+    # 115 + 1024 = 1139 tokens held -> 18 pages; a call reaching 1395 tokens adds 4 to a row.
+    assert [(m["trace_pages"], m["call_pages"]) for m in out["models"]] == [(18, 4), (18, 4)]
+    # 10714 pages a pool: 579 * 18 + ceil(579 / 8) * 4 = 10422 + 292 = 10714; calls of 73 rows.
+    assert [m["pool_pages"] for m in out["models"]] == [10714, 10714]
+    assert (out["resident_traces"], out["dense_traces"]) == (579, 137)
+    assert [m["calls_per_round"] for m in out["models"]] == [8, 8]
+    assert out["sub_batches"] == 1
 
 
-@pytest.mark.xfail(strict=True, reason="issue 21's target: 500 resident at 80 GiB. The step "
-                   "reservation (ceil((n + 256) / 64): 22 pages a trace, not 18) leaves 487; "
-                   "595 fit without it")
 def test_target_qwen_math_all_math500_resident(hf_meta, capsys):
+    """Issue 21's target: all 500 MATH500 traces resident at 80 GiB, 1024 tokens."""
     out = json.loads(run_cli(capsys, PAPER / "qwen2.5-math-1.5b-7b_math500.yaml",
                              *pair_args(hf_meta, "Qwen2.5-Math-1.5B", "Qwen2.5-7B-Instruct"),
                              "--prompt-tokens", 115, "--json"))
@@ -261,18 +328,18 @@ def test_gemma_on_80gib(hf_meta, capsys):
     out = gemma_plan(hf_meta, capsys)
     assert out["prompt_tokens"] == 256 and "--prompt-tokens" in out["prompt_source"]
     assert [m["kv_bytes_per_token"] for m in out["models"]] == [139264, 393216]
-    # 256 + 1024 + 256 = 1536 tokens -> 24 pages; 20 without the reservation.
-    assert [m["trace_pages"] for m in out["models"]] == [24, 24]
-    assert (out["resident_traces"], out["resident_traces_unreserved"]) == (56, 67)
+    # 256 + 1024 = 1280 tokens held -> 20 pages; a call reaching 1536 adds 4 to a row.
+    assert [(m["trace_pages"], m["call_pages"]) for m in out["models"]] == [(20, 4), (20, 4)]
+    # 1349 pages a pool: 65 * 20 + ceil(65 / 8) * 4 = 1300 + 36 = 1336; 66 would need 1356.
+    assert out["resident_traces"] == 65
+    assert [m["calls_per_round"] for m in out["models"]] == [6, 6]
     # The issue's "dense: 17" is 80 GB (10^9); 80 GiB leaves room for 19.
     assert out["dense_traces"] == 19
     assert gemma_plan(hf_meta, capsys, "--device-memory", "80GB")["dense_traces"] == 17
 
 
-@pytest.mark.xfail(strict=True, reason="issue 21's target: >= 60 resident. Counting Gemma's "
-                   "sliding-window layers like global ones and reserving a 256-token step "
-                   "(24 pages a trace, not 20) leaves 56; 67 fit without the reservation")
 def test_target_gemma_60_resident(hf_meta, capsys):
+    """Issue 21's target: Gemma-3 4B + 12B, 80 GiB, 1024 tokens: at least 60 resident."""
     assert gemma_plan(hf_meta, capsys)["resident_traces"] >= 60
 
 
@@ -285,8 +352,8 @@ def test_folder_with_only_config_json(hf_meta, shared_data, tmp_path, capsys):
     text = run_cli(capsys, *args, "--set", f"benchmark.path={tmp_path / 'no-such-data'}")
     assert "math500 unreadable" in text and "256 (--prompt-tokens" in text
     assert "sub-batches per round for math500: unknown" in text
-    for line in ("weights/dev", "KV/token", "pool pages", "traces resident at 1024",
-                 "dense layout"):
+    for line in ("weights/dev", "KV/token", "pool pages", "calls/round",
+                 "traces resident at 1024", "dense layout"):
         assert line in text
     math500 = shared_data / "math500" / "test.jsonl"
     if math500.is_file():  # the benchmark is read, the prompts cannot be: no tokenizer
