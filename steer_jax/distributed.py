@@ -20,6 +20,8 @@ import logging
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from steer_jax.modeling.panel_matmul import unpack_params
@@ -66,10 +68,15 @@ LAYER_AXES: dict[str, tuple[str, ...]] = {
     "down": ("mlp", "embed"),
     "post_mlp_norm": ("embed",),
 }
+# The page pool is one per model, shared by every row, so it is not split over 'data' (a row's
+# pages may be anywhere in it); its KV heads split over 'model' as the weights' do.
 CACHE_AXES: dict[str, tuple[str | None, ...]] = {
-    "k": ("layers", "batch", "kv_heads", None, None),
-    "v": ("layers", "batch", "kv_heads", None, None),
+    "k": ("layers", "kv_heads", None, None, None),
+    "v": ("layers", "kv_heads", None, None, None),
+    "pages": ("batch", None),
     "length": ("batch",),
+    "free": (None,),
+    "stamp": ("batch",),
 }
 
 # (tensor name, reason) pairs already reported: a fallback is said once, not once per layer
@@ -95,8 +102,9 @@ def mesh_from_config(cfg: dict[str, Any]) -> Mesh:
     of the devices, and with neither every device is on 'data'.
 
     The devices are this process's: on one host all of them; in a multi-process run each
-    process runs whole waves on a mesh of its own devices (the processes split the waves, so
-    no collective crosses hosts), and `mesh.data` x `mesh.model` is one host's device count.
+    process runs its slice of the traces on a mesh of its own devices (only the mixtures' few
+    numbers per trace cross hosts, `Peers`), and `mesh.data` x `mesh.model` is one host's
+    device count.
     """
     section = cfg.get("mesh") or {}
     unknown = set(section) - set(AXES)
@@ -242,3 +250,60 @@ def shard_cache(cache: KVCache, mesh: Mesh) -> KVCache:
     """The KV cache placed on `mesh`."""
     return jax.device_put(cache, cache_shardings(cache, mesh))
 
+
+
+@dataclasses.dataclass(frozen=True)
+class Peers:
+    """The processes that share one run's rounds, each holding a contiguous slice of its traces
+    (`sizes[p]` traces of process p, in process order).
+
+    A round's mixture is fitted over every running trace of the run, so each fit gathers every
+    process's step confidences and membership flags (one float and one flag per trace) and every
+    process fits the same mixture from the same numbers. One process gathers nothing.
+    """
+
+    sizes: tuple[int, ...] = ()
+    index: int = 0
+
+    @classmethod
+    def of_run(cls, total: int) -> Peers:
+        """This process's share of `total` traces: contiguous slices, sizes differing by <= 1."""
+        n = jax.process_count()
+        return cls(tuple((p + 1) * total // n - p * total // n for p in range(n)),
+                   jax.process_index())
+
+    @property
+    def offset(self) -> int:
+        return sum(self.sizes[: self.index])
+
+    def gather(self, x: jax.Array) -> jax.Array:
+        """[local] -> [run]: every process's values, in process order."""
+        if len(self.sizes) <= 1:
+            return x
+        from jax.experimental import multihost_utils
+
+        width = max(self.sizes)
+        local = np.zeros((width,), np.asarray(x).dtype)
+        local[: self.sizes[self.index]] = np.asarray(x)
+        parts = np.asarray(multihost_utils.process_allgather(local))  # [processes, width]
+        return jnp.asarray(np.concatenate([parts[p, :n] for p, n in enumerate(self.sizes)]))
+
+    def local(self, x: jax.Array) -> jax.Array:
+        """[run] -> this process's slice."""
+        return x if len(self.sizes) <= 1 else x[self.offset: self.offset + self.sizes[self.index]]
+
+    def smallest(self, value: int) -> int:
+        """The smallest of every process's `value`, in every process."""
+        if len(self.sizes) <= 1:
+            return value
+        from jax.experimental import multihost_utils
+
+        return int(np.min(multihost_utils.process_allgather(np.int32(value))))
+
+    def any(self, flag: bool) -> bool:
+        """Whether any process's `flag` is set (so every process runs the same rounds)."""
+        if len(self.sizes) <= 1:
+            return flag
+        from jax.experimental import multihost_utils
+
+        return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from steer_jax import distributed
+from steer_jax.decoding import paging
 from steer_jax.decoding import sampler as dec
 from steer_jax.decoding.generate import check_prompts
 from steer_jax.decoding.steps import VocabMasks, vocab_masks
@@ -254,19 +255,24 @@ def _bucket(n: int, cap: int) -> int:
 # ---- one model's work on a bucket of rows -------------------------------------------------------
 
 def _gather(cache: KVCache, rows: jax.Array, bucket: int, span: int):
-    """The routed rows first, padded with unrouted ones to `bucket`; their cache rows, cut to
-    the first `span` slots (a slot's index is its position, so a prefix is a shorter cache)."""
+    """The routed rows first, padded with unrouted ones to `bucket`; their page tables, cut to
+    the first `span` slots (a slot's index is its position, so a prefix is a shorter cache).
+    The pool itself is shared: a call moves page ids, never KV data."""
     idx = jnp.argsort(~rows, stable=True)[:bucket]
     active = jnp.arange(bucket) < jnp.sum(rows)
-    return idx, active, KVCache(cache.k[:, idx, :, :span], cache.v[:, idx, :, :span],
-                                cache.length[idx])
+    return idx, active, dataclasses.replace(
+        cache, pages=cache.pages[idx, :span // cache.page_size], length=cache.length[idx],
+        stamp=cache.stamp[idx])
 
 
-def _scatter(cache: KVCache, idx: jax.Array, sub: KVCache) -> KVCache:
+def _scatter(cache: KVCache, idx: jax.Array, active: jax.Array, sub: KVCache) -> KVCache:
     # Padding rows are real, unrouted rows: they only wrote past their length, which is harmless.
-    span = sub.k.shape[3]
-    return KVCache(cache.k.at[:, idx, :, :span].set(sub.k),
-                   cache.v.at[:, idx, :, :span].set(sub.v), cache.length.at[idx].set(sub.length))
+    width = sub.pages.shape[1]
+    cache = dataclasses.replace(
+        sub, pages=cache.pages.at[idx, :width].set(sub.pages),
+        length=cache.length.at[idx].set(sub.length), stamp=cache.stamp)
+    return paging.trim(paging.touch(cache, jnp.zeros_like(cache.length, bool).at[idx].set(
+        active)))
 
 
 def _unseen(state: TraceState, idx: jax.Array, seen: jax.Array, width: int) -> jax.Array:
@@ -307,25 +313,26 @@ def _write(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array, mask
         read=state.read.at[idx, stream].add(n_append),
         executed=state.executed.at[stream].add(executed))
     reason = jnp.zeros_like(state.stop).at[idx].set(jnp.where(active, out.reason, 0))
-    return _scatter(cache, idx, out.cache), state, reason
+    return _scatter(cache, idx, active, out.cache), state, reason
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "bucket", "span", "width", "stream"),
                    donate_argnames=("cache",))
-def _advance(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array, *, bucket: int,
-             span: int, width: int, stream: int):
-    """Catch-up in chunks: each routed row reads up to `width` unseen tokens, never its newest.
+def _advance(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array, until: jax.Array,
+             *, bucket: int, span: int, width: int, stream: int):
+    """Catch-up in chunks: each routed row reads up to `width` unseen tokens, up to `until` [B].
 
     No logits: nothing is scored, the cache only moves forward.
     """
     idx, active, sub = _gather(cache, rows, bucket, span)
     seen = sub.length
-    n = jnp.where(active, jnp.clip(state.total[idx] - 1 - seen, 0, width), 0)
+    n = jnp.where(active, jnp.clip(until[idx] - seen, 0, width), 0)
+    sub = paging.reserve(sub, seen + n, active)
     _, sub = forward(params, cfg, _unseen(state, idx, seen, width), sub)
     sub = dataclasses.replace(sub, length=seen + n)
     state = dataclasses.replace(state, read=state.read.at[idx, stream].add(n),
                                 executed=state.executed.at[stream].add(bucket * width))
-    return _scatter(cache, idx, sub), state
+    return _scatter(cache, idx, active, sub), state
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "bucket", "span", "width", "opts", "stream"),
@@ -350,7 +357,7 @@ def _read(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array, masks
         state, conf=state.conf.at[idx].set(jnp.where(active, conf, state.conf[idx])),
         read=state.read.at[idx, stream].add(n_append),
         executed=state.executed.at[stream].add(bucket * width))
-    return _scatter(cache, idx, sub), state
+    return _scatter(cache, idx, active, sub), state
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "bucket", "span", "width", "stream"),
@@ -375,6 +382,7 @@ def _verify(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array,
                            suffix[jnp.clip(j - lag[:, None], 0, suffix.shape[0] - 1)])
         lag = lag + suffix.shape[0]
     n_append = jnp.where(active, lag, 0)
+    sub = paging.reserve(sub, seen + n_append, active)
     hidden, sub = forward(params, cfg, tokens, sub)
     last = dec.last_valid(hidden, n_append)
     if digits is not None:
@@ -391,7 +399,43 @@ def _verify(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array,
     full_score = jnp.full(rows.shape, jnp.nan).at[idx].set(jnp.where(active, score, jnp.nan))
     state = dataclasses.replace(state, read=state.read.at[idx, stream].add(n_append),
                                 executed=state.executed.at[stream].add(bucket * width))
-    return _scatter(cache, idx, sub), state, rejected, full_score
+    return _scatter(cache, idx, active, sub), state, rejected, full_score
+
+
+# ---- sub-batches and pages, on device ------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnames=("cap",))
+def _plan(cache: KVCache, reach: jax.Array, until: jax.Array, rows: jax.Array, *, cap: int):
+    """The next call's rows, the first of `rows` in row order, at most `cap`, each holding the
+    pages for `reach` [B] slots during the call. Returns them and [count, longest lag to
+    `until`, furthest reach, pages short of free, rows asked for].
+
+    Rows are taken while their new pages fit the free ones (nothing is evicted, the round is
+    only cut into more calls) as long as that gives a call an eighth of the full one or more;
+    else while all their pages fit the pool, the traces outside the call giving theirs back.
+    """
+    after = paging.pages_for(reach, cache.page_size)
+    new = jnp.where(rows, jnp.maximum(after - paging.held(cache), 0), 0)
+    first = rows & (jnp.cumsum(rows) - 1 < cap)
+    fit_pool = first & (jnp.cumsum(jnp.where(rows, after, 0)) <= cache.free.shape[0] - 1)
+    fit_free = first & (jnp.cumsum(new) <= jnp.sum(cache.free))
+    take = jnp.where(8 * jnp.sum(fit_free) >= jnp.sum(fit_pool), fit_free, fit_pool)
+    lag = until - cache.length
+    # The furthest slot of the call; with no row taken, of the rows asked for (for the error).
+    end = jnp.max(jnp.where(jnp.where(jnp.any(take), take, rows), reach, 0))
+    return take, jnp.stack([jnp.sum(take), jnp.max(jnp.where(take, lag, 0)), end,
+                            jnp.sum(jnp.where(take, new, 0)) - jnp.sum(cache.free),
+                            jnp.sum(rows)])
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def _evict(cache: KVCache, keep: jax.Array, short: jax.Array) -> KVCache:
+    return paging.evict(cache, keep, short)[0]
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def _drop(cache: KVCache, rows: jax.Array) -> KVCache:
+    return paging.drop_rows(cache, rows)
 
 
 # ---- routing, on device -------------------------------------------------------------------------
@@ -428,18 +472,23 @@ class _Side:
     """One model inside a run: its weights, its cache over all traces, its vocabulary tables."""
 
     def __init__(self, model: Model, stream: int, tokenizer: Any, opts: SteerOptions, batch: int,
-                 slots: int, cache: KVCache | None = None):
+                 slots: int, page_size: int, pool: int | None, cache: KVCache | None = None):
         self.model, self.stream = model, stream
         self.cfg = model.config
-        shape = (self.cfg.num_layers, batch, self.cfg.num_kv_heads, slots, self.cfg.head_dim)
+        fresh = jax.eval_shape(lambda: KVCache.init(self.cfg, batch, slots, model.dtype,
+                                                    page_size=page_size, pool=pool))
         if cache is None:
-            # On a mesh the cache follows the weights: traces over 'data', KV heads over 'model'.
-            cache = distributed.place_cache(KVCache.init(self.cfg, batch, slots, model.dtype),
-                                            model.params)
-        elif cache.k.shape != shape or cache.k.dtype != jnp.dtype(model.dtype):
-            raise ValueError(f"resume_from: the {MODEL_NAMES[stream]} model's cache is "
-                             f"{cache.k.dtype}{list(cache.k.shape)}, this run needs "
-                             f"{jnp.dtype(model.dtype)}{list(shape)}")
+            # On a mesh the cache follows the weights: KV heads over 'model', rows over 'data'.
+            cache = distributed.place_cache(KVCache.init(
+                self.cfg, batch, slots, model.dtype, page_size=page_size, pool=pool),
+                model.params)
+        else:
+            for f in ("k", "pages"):
+                a, b = getattr(cache, f), getattr(fresh, f)
+                if a.shape != b.shape or a.dtype != b.dtype:
+                    raise ValueError(f"resume_from: the {MODEL_NAMES[stream]} model's cache.{f} "
+                                     f"is {a.dtype}{list(a.shape)}, this run needs "
+                                     f"{b.dtype}{list(b.shape)}")
         self.cache = cache
         self.masks = vocab_masks(tokenizer, self.cfg.vocab_size, opts.delimiter)
         self.stops = dec.Stops(self.cfg.eos_token_ids, step_mode=True)
@@ -466,13 +515,23 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
           prm: Model | None = None, route_queries: Sequence[bool] | None = None,
           progress: Callable[[int, int], None] | None = None,
           on_round: Callable[[RoundState], None] | None = None,
-          resume_from: RoundState | None = None, **kwargs: Any) -> SteerResult:
-    """Run STEER (or a baseline, `method`) over token-id prompts as one batch.
+          resume_from: RoundState | None = None, batch_size: int | None = None,
+          page_size: int = 64, pool_pages: int | Sequence[int | None] | None = None,
+          peers: distributed.Peers | None = None, **kwargs: Any) -> SteerResult:
+    """Run STEER (or a baseline, `method`) over token-id prompts: every round spans them all.
 
     Options come as a `SteerOptions` or as its fields by keyword, e.g. `gamma=0.7`. Trace ids
     (default 0..n-1) seed each trace's sampling, so a trace does not depend on its batch.
     `rsd` needs `prm`, a reward model with a value head; `query_router` needs `route_queries`,
     one decision per prompt (True: the large model answers it).
+
+    Each round fits its mixture once over every running trace. A model's work in a round runs
+    in calls of at most `batch_size` rows (default: all), over a paged KV cache of `page_size`
+    tokens a page. `pool_pages` (one count, or one per model: small, large, PRM) bounds each
+    model's pool; a call that needs more pages than are free takes them back from traces
+    outside it, which read their tokens again when next scheduled. Without it every trace gets
+    room for its whole budget up front (nothing is ever evicted). With `peers`, several
+    processes run one run, each over its slice of the traces, and fit every mixture together.
 
     `on_round(state)` is called after every round with the loop's whole `RoundState` (a
     checkpoint hook: its caches are only valid during the call, as the next round donates them);
@@ -498,14 +557,29 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
     if longest + opts.max_new_tokens > context:
         raise ValueError(f"a prompt, the judge prompt and max_new_tokens={opts.max_new_tokens} "
                          f"exceed the models' context of {context}")
-    slots = -(-(longest + opts.max_new_tokens + 2) // 64) * 64
+    if not isinstance(page_size, int) or page_size < 1:
+        raise ValueError(f"cache.page_size must be a positive integer, got {page_size!r}")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch.size must be a positive integer or null, got {batch_size!r}")
+    cap = B if batch_size is None else min(batch_size, B)
+    slots = -(-(longest + opts.max_new_tokens + 2) // page_size) * page_size  # whole pages
     models = [small, large] + ([prm] if opts.method == "rsd" else [])
+    pools = list(pool_pages) if isinstance(pool_pages, (list, tuple)) else [pool_pages] * 3
+    # A pool that holds every trace's whole budget is the up-front layout, which never evicts.
+    pools = [None if p is None or p >= B * (slots // page_size) else p for p in pools]
+    # Fail now, not hours in: the pool must hold one trace at its longest.
+    for i, p in enumerate(pools[: len(models)]):
+        if p is not None and p < slots // page_size:
+            raise ValueError(f"cache.pages: the {MODEL_NAMES[i]} model's pool of {p} pages of "
+                             f"{page_size} tokens cannot hold one trace (the longest prompt and "
+                             f"steer.max_new_tokens need {slots // page_size}); raise cache.pages "
+                             "or lower steer.max_new_tokens")
     # A resumed run takes its caches over instead of allocating fresh ones beside them.
     caches = [None] * len(models) if resume_from is None else list(resume_from.caches)
     if len(caches) != len(models):
         raise ValueError(f"resume_from holds {len(caches)} caches; method {opts.method!r} "
                          f"keeps {len(models)}")
-    sides = [_Side(m, i, tokenizer, opts, B, slots, c)
+    sides = [_Side(m, i, tokenizer, opts, B, slots, page_size, pools[i], c)
              for i, (m, c) in enumerate(zip(models, caches))]
     threshold = jnp.float32(opts.judge_threshold if opts.method == "specreason"
                             else opts.prm_threshold)
@@ -513,12 +587,20 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
         else None
     ids = jnp.asarray(np.arange(B) if trace_ids is None else np.asarray(trace_ids), jnp.int32)
     seed = jnp.asarray(opts.seed, jnp.int32)
-    group = jnp.asarray(np.arange(B) * opts.groups // B, jnp.int32)
+    peers = peers or distributed.Peers((B,), 0)
+    if peers.sizes[peers.index] != B:
+        raise ValueError(f"peers give this process {peers.sizes[peers.index]} traces, not {B}")
+    run_size = sum(peers.sizes)
+    # Groups over the whole run (the paper's Table 3), whichever process holds a trace.
+    group = jnp.asarray(np.arange(run_size) * opts.groups // run_size, jnp.int32)
     M = opts.max_steps
     spec = StepSpec.of(opts)
     level = jnp.float32({"posterior": opts.gamma, "percentile": opts.percentile,
                          "threshold": opts.threshold}[opts.policy])
-    route = functools.partial(_route, level=level, rule=opts.policy, groups=opts.groups)
+    def route(conf: jax.Array, among: jax.Array, group: jax.Array, params: Any) -> jax.Array:
+        """The policy over every process's traces (a percentile ranks them all); ours back."""
+        return peers.local(_route(peers.gather(conf), peers.gather(among), group, params, level,
+                                  rule=opts.policy, groups=opts.groups))
     tokens = np.zeros((B, slots), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
@@ -541,72 +623,98 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
         mixtures = list(resume_from.fits)
     none = jnp.zeros(B, bool)
 
-    def bucket_for(side: _Side, rows: jax.Array, extra: int = 0,
-                   ahead: int = 0) -> tuple[int, int, int]:
-        """(rows, positions each reads, cache slots) for a call on `rows` that reads up to
-        `extra` tokens past the trace and then writes up to `ahead` more.
+    def calls(side: _Side, rows: jax.Array, extra: int = 0, ahead: int = 0, normal: int = 1,
+              behind: Callable[[], jax.Array] | None = None):
+        """The sub-batches of a model's work on `rows`: (rows, count, width, span) per call.
 
-        The only device -> host traffic of a round: how many rows, the longest read, the
-        furthest position. Slots: attention runs over every slot it is given, so a call whose
-        rows are all short gets a prefix of the cache, in steps of 64 slots.
+        A call takes the first rows, in row order, that `batch_size` and the pool allow when
+        each reads `extra` tokens past its trace and then writes up to `ahead` more; the rows
+        outside it give pages back first when the pool is short (`paging.evict`). A row lagging
+        more than `normal` tokens (the other model wrote its last steps, or it was evicted)
+        first reads up to `behind()` [B] on its own (`catch_up`).
+
+        The only device -> host traffic of a call: how many rows, the longest read, the
+        furthest slot, the pages short. Slots: attention runs over every slot it is given, so
+        a call whose rows are all short gets a prefix of the page table, in steps of 64 slots.
         """
-        lag = state.total - side.cache.length + extra
-        count, widest, end = np.asarray(jnp.stack([
-            jnp.sum(rows), jnp.max(jnp.where(rows, lag, 0)),
-            jnp.max(jnp.where(rows, state.total, 0))]))
-        span = min(slots, -(-(int(end) + max(extra, 0) + ahead + 2) // 64) * 64)
-        return int(count), _width(int(widest)), span
+        left = rows
+        reach = jnp.minimum(state.total + max(extra, 0) + ahead, slots)  # within the table
+        while True:
+            take, stats = _plan(side.cache, reach, state.total + extra, left, cap=cap)
+            count, widest, end, short, wanted = (int(x) for x in np.asarray(stats))
+            if count == 0:
+                if wanted:
+                    raise ValueError(
+                        f"the {MODEL_NAMES[side.stream]} model's page pool "
+                        f"({side.cache.free.shape[0] - 1} pages of {side.cache.page_size}) cannot "
+                        f"hold one trace's next call (up to {end} tokens): raise cache.pages or "
+                        "lower steer.max_new_tokens")
+                return
+            if short > 0:
+                side.cache = _evict(side.cache, take, short)
+            if widest > normal and behind is not None:
+                catch_up(side, take, behind())
+                take, stats = _plan(side.cache, reach, state.total + extra, take, cap=cap)
+                widest = int(np.asarray(stats)[1])
+            step = -(-64 // side.cache.page_size) * side.cache.page_size
+            yield take, count, _width(widest), min(slots, -(-(end + 2) // step) * step)
+            left = left & ~take
 
-    def catch_up(side: _Side, rows: jax.Array) -> None:
-        """Rows behind read all but their newest token first, CHUNK tokens a call, on their own.
+    def catch_up(side: _Side, rows: jax.Array, until: jax.Array) -> None:
+        """Rows behind read up to `until` first, CHUNK tokens a call, on their own.
 
         Typically a handful of a write's rows lag (the other model wrote their last steps; a
         trace the large model first serves in round 5 has ~150 tokens to read) while the rest
         only feed their pending token: one call as wide as the furthest-behind row would pad
-        every row to its lag. In chunks, each call holds only the rows still behind.
+        every row to its lag. In chunks, each call holds only the rows still behind. The
+        caller has made room in the pool for all of it.
         """
         nonlocal state
         while True:
-            behind = rows & (state.total - side.cache.length > 1)
-            count, widest, span = bucket_for(side, behind)
+            take, stats = _plan(side.cache, state.total, until, rows & (until > side.cache.length),
+                                cap=cap)
+            count, widest, end = (int(x) for x in np.asarray(stats)[:3])
             if count == 0:
                 return
+            step = -(-64 // side.cache.page_size) * side.cache.page_size
             # Widths 16, 32 or CHUNK: these calls are small, and every width is a program.
-            side.cache, state = _advance(side.model.params, side.cfg, side.cache, state, behind,
-                                         bucket=_bucket(count, B), span=span,
-                                         width=_pow2(max(widest, 16), CHUNK),
-                                         stream=side.stream)
-            if widest <= CHUNK:  # that call read every row's lag
-                return
+            side.cache, state = _advance(side.model.params, side.cfg, side.cache, state, take,
+                                         until, bucket=_bucket(count, cap),
+                                         span=min(slots, -(-(end + 2) // step) * step),
+                                         width=_pow2(max(widest, 16), CHUNK), stream=side.stream)
 
     def write(side: _Side, rows: jax.Array) -> jax.Array:
         nonlocal state
-        count, width, span = bucket_for(side, rows, ahead=opts.max_step_tokens)
-        if count == 0:
-            return jnp.zeros(B, jnp.int32)
-        if width > 1:  # a row lags more than its pending token (the catch-up keeps the span)
-            catch_up(side, rows)
-        side.cache, state, reason = _write(
-            side.model.params, side.cfg, side.cache, state, rows, side.masks, seed, ids,
-            bucket=_bucket(count, B), span=span, opts=spec, stream=side.stream, stops=side.stops)
+        reason = jnp.zeros(B, jnp.int32)
+        for take, count, _, span in calls(side, rows, ahead=opts.max_step_tokens,
+                                          behind=lambda: state.total - 1):
+            side.cache, state, r = _write(
+                side.model.params, side.cfg, side.cache, state, take, side.masks, seed, ids,
+                bucket=_bucket(count, cap), span=span, opts=spec, stream=side.stream,
+                stops=side.stops)
+            reason = reason + r  # the calls' rows are disjoint
         return reason
 
     def read(side: _Side, rows: jax.Array) -> None:
         nonlocal state
-        count, width, span = bucket_for(side, rows, extra=-1)  # the newest token stays pending
-        if count:
-            side.cache, state = _read(side.model.params, side.cfg, side.cache, state, rows,
-                                      side.masks, bucket=_bucket(count, B), span=span,
+        # The newest token stays pending; a row reads from the token before the step on.
+        for take, count, width, span in calls(side, rows, extra=-1, normal=opts.max_step_tokens,
+                                              behind=lambda: state.step_start - 1):
+            side.cache, state = _read(side.model.params, side.cfg, side.cache, state, take,
+                                      side.masks, bucket=_bucket(count, cap), span=span,
                                       width=width, opts=spec, stream=side.stream)
 
     def verify(side: _Side, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
         nonlocal state
-        count, width, span = bucket_for(side, rows, extra=0 if suffix is None else len(suffix))
-        if count == 0:
-            return none, jnp.full(B, jnp.nan)
-        side.cache, state, rejected, score = _verify(
-            side.model.params, side.cfg, side.cache, state, rows, suffix, digits, threshold,
-            bucket=_bucket(count, B), span=span, width=width, stream=side.stream)
+        rejected, score = none, jnp.full(B, jnp.nan)
+        extra = 0 if suffix is None else len(suffix)
+        for take, count, width, span in calls(side, rows, extra=extra,
+                                              normal=opts.max_step_tokens + 1 + extra,
+                                              behind=lambda: state.step_start - 1):
+            side.cache, state, r, sc = _verify(
+                side.model.params, side.cfg, side.cache, state, take, suffix, digits, threshold,
+                bucket=_bucket(count, cap), span=span, width=width, stream=side.stream)
+            rejected, score = rejected | r, jnp.where(take, sc, score)
         return rejected, score
 
     def discard(rejected: jax.Array, reason: jax.Array) -> jax.Array:
@@ -620,12 +728,13 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
         return reason
 
     def fit(among: jax.Array, rnd: int, who: str):
-        params, post = _mixture(state.conf, among, group, groups=opts.groups)
-        mixtures.append(Fit(rnd, who, params, state.conf, among))
-        return params, post
+        conf, among = peers.gather(state.conf), peers.gather(among)
+        params, post = _mixture(conf, among, group, groups=opts.groups)
+        mixtures.append(Fit(rnd, who, params, conf, among))
+        return params, peers.local(post)
 
     for rnd in range(first, M):
-        if not bool(jnp.any(state.running)):
+        if not peers.any(bool(jnp.any(state.running))):
             break
         running = state.running
         if opts.method == "large_only":
@@ -672,6 +781,8 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
             prev_params, post = fit(running, rnd, "all")
         state = _end_round(state, running, reason, post, score, rnd, max_steps=M,
                            max_new_tokens=opts.max_new_tokens, slots=slots)
+        for side in sides:  # a trace that ended gives its pages back
+            side.cache = _drop(side.cache, running & ~state.running)
         if on_round:
             on_round(RoundState(rnd + 1, state, tuple(side.cache for side in sides), prev_params,
                                 tuple(mixtures)))

@@ -22,6 +22,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from steer_jax.decoding import paging
 from steer_jax.decoding.steps import VocabMasks
 from steer_jax.modeling.config import ModelConfig
 from steer_jax.modeling.transformer import KVCache, Params, forward, logits
@@ -116,6 +117,7 @@ def append(params: Params, cfg: ModelConfig, cache: KVCache, tokens: jax.Array, 
     (when `scores`) the measures of every appended position [B, P, 3], i.e. of tokens 1..P.
     """
     start = cache.length
+    cache = paging.reserve(cache, start + n, n > 0)
     hidden, cache = forward(params, cfg, tokens, cache)
     cache = dataclasses.replace(cache, length=start + n)
     next_logits = logits(params, cfg, last_valid(hidden, n))
@@ -128,8 +130,8 @@ def append(params: Params, cfg: ModelConfig, cache: KVCache, tokens: jax.Array, 
 
 
 def rollback(cache: KVCache, length: jax.Array) -> KVCache:
-    """Cut rows back to `length` tokens; later slots are overwritten before anything reads them."""
-    return dataclasses.replace(cache, length=jnp.minimum(cache.length, length))
+    """Cut rows back to `length` tokens; the pages past it go back to the pool."""
+    return paging.rollback(cache, length)
 
 
 @jax.tree_util.register_dataclass
@@ -192,6 +194,8 @@ def decode(params: Params, cfg: ModelConfig, cache: KVCache, tokens: jax.Array, 
     limit = jnp.full((B,), max_tokens, jnp.int32) if limit is None else jnp.minimum(
         limit, max_tokens)
     n = jnp.where(active, n, 0)
+    # Pages for everything the call may write; those it does not use go back at the end.
+    cache = paging.reserve(cache, cache.length + n + limit, active)
     if isinstance(params["layers"], (list, tuple)):
         cache = cache.per_layer()
     cache, next_logits, _ = append(params, cfg, cache, tokens, n, scores=False)
@@ -214,7 +218,7 @@ def decode(params: Params, cfg: ModelConfig, cache: KVCache, tokens: jax.Array, 
         return pick(dataclasses.replace(state, cache=cache), logits(params, cfg, hidden[:, 0]))
 
     state = jax.lax.while_loop(cond, body, pick(state, next_logits))
-    return dataclasses.replace(state, cache=state.cache.stacked())
+    return dataclasses.replace(state, cache=paging.trim(state.cache.stacked()))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
@@ -225,7 +229,7 @@ def read(params: Params, cfg: ModelConfig, cache: KVCache, tokens: jax.Array,
     measures[b, j] scores the token after tokens[b, j] (tokens[b, j + 1] when it is appended too).
     """
     cache, _, measures = append(params, cfg, cache, tokens, n, scores=True)
-    return cache, measures
+    return paging.trim(cache), measures
 
 
 def step_confidence(measures: jax.Array, tokens: jax.Array, n: jax.Array, *, measure: Measure,

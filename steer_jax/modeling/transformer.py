@@ -6,8 +6,9 @@ through `lax.while_loop` by the decoder, and nothing carries hidden state betwee
 stacked on a leading axis and run under `lax.scan`, so a 28-layer model compiles as one layer.
 
 Every call goes through the KV cache: a plain causal forward is a prefill into an empty cache of
-the sequence's length. Rows hold their tokens at slots 0..length-1; the slot index is the absolute
-position, which both RoPE and the sliding-window mask read, so a window is correct at any distance.
+the sequence's length. Rows hold their tokens at slots 0..length-1 of their pages; the slot index is
+the absolute position, which both RoPE and the sliding-window mask read, so a window is correct at
+any distance.
 """
 
 from __future__ import annotations
@@ -21,39 +22,76 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from steer_jax.modeling import panel_matmul
+from steer_jax.modeling import paged_attention, panel_matmul
 from steer_jax.modeling.config import ModelConfig
 
 Params = dict[str, Any]
 
 
+NULL_PAGE = 0  # page 0 of every pool is never handed out: unused page-table entries point at it
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    k: jax.Array  # [layers, batch, kv_heads, slots, head_dim]: (batch, head) lead, as attention
-    # contracts over them in batches; no per-step transpose of the cache. Inside a decode
-    # program over unstacked layers, a tuple of per-layer [batch, kv_heads, slots, head_dim].
+    """A paged KV cache: one pool of fixed-size pages per model, a page table per row.
+
+    Token p of row b lives in page `pages[b, p // page_size]` at offset `p % page_size`, so a
+    row holds only the pages it has written and the pool is shared by every row. The pool's
+    layout per layer, [kv_heads, pages, page_size, head_dim], is the one JAX's Pallas paged
+    attention kernels read. A page-table entry of 0 is the null page: writes meant for slots a
+    row does not own (padding, stopped rows) land there, and no query ever sees them, as every
+    mask is drawn from absolute positions. Pages are handed out and taken back by
+    `steer_jax.decoding.paging`; `init` without a pool size gives every row its own pages up
+    front, which is all a one-call user (generate, a forward pass) needs.
+    """
+
+    k: jax.Array  # [layers, kv_heads, pages, page_size, head_dim]; inside a decode program over
+    # unstacked layers, a tuple of per-layer [kv_heads, pages, page_size, head_dim]
     v: jax.Array
+    pages: jax.Array  # [batch, pages_per_row] int32 page ids, a row's held pages first
     length: jax.Array  # [batch] int32: tokens held by each row; the next write goes to this slot
+    free: jax.Array  # [pages] bool: which pool pages no row holds (the null page never is)
+    stamp: jax.Array  # [batch] int32: the last call a row took part in (for eviction order)
 
     @classmethod
-    def init(cls, cfg: ModelConfig, batch: int, slots: int, dtype: Any) -> KVCache:
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, slots, cfg.head_dim)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+    def init(cls, cfg: ModelConfig, batch: int, slots: int, dtype: Any, *,
+             page_size: int | None = None, pool: int | None = None) -> KVCache:
+        """Rows of up to `slots` tokens. Without `pool`, every row gets its pages now (pages of
+        `page_size` tokens; by default one page a row); with `pool`, a pool of that many pages
+        (besides the null page) and empty page tables, to be filled by `paging.reserve`."""
+        size = page_size or slots
+        per_row = -(-slots // size)
+        n = batch * per_row if pool is None else pool
+        shape = (cfg.num_layers, cfg.num_kv_heads, n + 1, size, cfg.head_dim)
+        if pool is None:
+            pages = 1 + jnp.arange(batch * per_row, dtype=jnp.int32).reshape(batch, per_row)
+            free = jnp.zeros((n + 1,), bool)
+        else:
+            pages = jnp.zeros((batch, per_row), jnp.int32)
+            free = jnp.ones((n + 1,), bool).at[NULL_PAGE].set(False)
+        zeros = lambda: jnp.zeros((batch,), jnp.int32)  # noqa: E731 (two buffers: both donated)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), pages, zeros(), free,
+                   zeros())
+
+    @property
+    def page_size(self) -> int:
+        return (self.k[0] if isinstance(self.k, tuple) else self.k).shape[-2]
 
     @property
     def slots(self) -> int:
-        return self.k[0].shape[2] if isinstance(self.k, tuple) else self.k.shape[3]
+        """Tokens a row can hold: its page table's width in tokens."""
+        return self.pages.shape[1] * self.page_size
 
     def per_layer(self) -> KVCache:
         """The layers as separate arrays, for a program that runs unstacked layers: reading a
         layer out of the stack copies it (on the CPU backend, every decode step, ~6% of one)."""
-        return KVCache(tuple(self.k), tuple(self.v), self.length)
+        return dataclasses.replace(self, k=tuple(self.k), v=tuple(self.v))
 
     def stacked(self) -> KVCache:
         if not isinstance(self.k, tuple):
             return self
-        return KVCache(jnp.stack(self.k), jnp.stack(self.v), self.length)
+        return dataclasses.replace(self, k=jnp.stack(self.k), v=jnp.stack(self.v))
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> Params:
@@ -114,15 +152,42 @@ def _precision(*operands: jax.Array) -> jax.lax.Precision:
     return jax.lax.Precision.HIGHEST if f32 else jax.lax.Precision.DEFAULT
 
 
-def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-               cfg: ModelConfig, cpu_kernel: bool = False) -> jax.Array:
-    """q [B, T, H, hd] against all cache slots k, v [B, K, S, hd]; mask [B, T, S]."""
+def pallas_backend(cfg: ModelConfig, dtype: Any, page_size: int, pages_per_row: int) -> str | None:
+    """The backend whose Pallas paged kernel runs this model's decode attention, or None (the
+    XLA path). Decided per model: inside a scan a layer's kind is not known when tracing, and
+    the kernels have no sliding window, so a model with windowed layers keeps the XLA path."""
+    backend = jax.default_backend()
+    backend = "gpu" if backend in ("cuda", "rocm") else backend
+    if backend not in paged_attention.BACKENDS or any(cfg.sliding_layers):
+        return None
+    why_not = paged_attention.pallas_applies(backend, cfg.num_heads, cfg.num_kv_heads,
+                                             cfg.head_dim, page_size, pages_per_row, dtype)
+    return backend if why_not is None else None
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, pages: jax.Array, mask: jax.Array,
+               positions: jax.Array, cfg: ModelConfig, cpu_kernel: bool = False) -> jax.Array:
+    """q [B, T, H, hd] at `positions` [B, T] against the rows' pages of one layer's pool k, v
+    [K, N, P, hd]; pages [B, M] (the rows' page tables), mask [B, T, M * P] over their slots.
+
+    One seam, three ways: the CPU kernel (decode_attention.cc) for a decode step where the
+    weights are packed for it, JAX's Pallas paged kernel for a decode step on a TPU or GPU where
+    it applies, and everywhere else the portable XLA path over gathered pages."""
     B, T, H, hd = q.shape
     K = cfg.num_kv_heads
     if cpu_kernel and T == 1:  # a decode step on a CPU: one kernel call, not ~8 small ops
-        out = panel_matmul.decode_attention(q.reshape(B, K, H // K, hd), k, v, mask[:, 0],
-                                            cfg.attn_scale)
+        out = panel_matmul.decode_attention(q.reshape(B, K, H // K, hd), k, v, pages,
+                                            mask[:, 0], cfg.attn_scale)
         return out.astype(q.dtype).reshape(B, 1, H, hd)
+    backend = pallas_backend(cfg, k.dtype, k.shape[2], pages.shape[1]) if T == 1 else None
+    if backend is not None:
+        # Causal decode: a row attends to its first position + 1 slots (within its table).
+        lengths = jnp.minimum(positions[:, 0] + 1, pages.shape[1] * k.shape[2])
+        out = paged_attention.pallas_decode(q[:, 0], k, v, pages, lengths, cfg.attn_scale,
+                                            backend=backend)
+        return out.astype(q.dtype).reshape(B, 1, H, hd)
+    # The portable path: each row's pages gathered in order, one dense [B, K, S, hd] view.
+    k, v = (x[:, pages].transpose(1, 0, 2, 3, 4).reshape(B, K, -1, hd) for x in (k, v))
     q = q.reshape(B, T, K, H // K, hd).transpose(0, 2, 3, 1, 4).reshape(B, K, H // K * T, hd)
     scores = jnp.einsum("bkqd,bksd->bkqs", q, k, preferred_element_type=jnp.float32,
                         precision=_precision(q, k))
@@ -163,7 +228,8 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array,
     The new tokens take slots length..length+T-1 of their row. The returned cache's length grows
     by T for every row; a caller that appended padding moves `length` back itself (the padded
     slots are then overwritten by later writes before any query can see them). Writes past the
-    last slot are dropped, so a caller must check capacity before calling.
+    last slot are dropped, so a caller must check capacity before calling; slots in pages the
+    row does not hold go to the null page.
     """
     B, T = tokens.shape
     x = panel_matmul.embed(params["embed"], tokens)
@@ -176,13 +242,20 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array,
     distance = positions[:, :, None] - slots[None, None, :]  # [B, T, S]
     causal = distance >= 0
     windowed = causal & (distance < (cfg.sliding_window or cache.slots + 1))
-    rows = jnp.arange(B)[:, None]
+    # Where each new token goes: its row's page for that position, past the table nowhere
+    # (an index past the pool is dropped by the scatter).
+    size, width = cache.page_size, cache.pages.shape[1]
+    column = positions // size
+    page = jnp.take_along_axis(cache.pages, jnp.minimum(column, width - 1), axis=1)
+    page = jnp.where(column < width, page, cache.free.shape[0])[:, :, None]  # [B, T, 1]
+    offset = (positions % size)[:, :, None]
+    heads = jnp.arange(cfg.num_kv_heads)[None, None, :]
     # The CPU kernels run where `load_model` packed the weights for them (float32, one CPU).
     cpu_kernel = panel_matmul.is_packed(params)
 
     def layer(carry, xs):
-        # The whole cache rides in the carry and is updated in place: passing per-layer slices
-        # as scan inputs/outputs would rewrite every layer's cache on every decode step.
+        # The whole pool rides in the carry and is updated in place: passing per-layer slices
+        # as scan inputs/outputs would rewrite every layer's pool on every decode step.
         x, k_all, v_all = carry
         lp, i, sliding = xs
         h = rms_norm(x, lp["attn_norm"], cfg)
@@ -194,11 +267,10 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array,
         cos = jnp.where(sliding, rope_l[0], rope_g[0])
         sin = jnp.where(sliding, rope_l[1], rope_g[1])
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-        heads = jnp.arange(cfg.num_kv_heads)[None, :, None]
 
-        def put(c, new):  # new [B, T, K, hd] into slots `positions` of layer i
-            at = (rows[:, :, None], heads, positions[:, None, :])
-            new = new.transpose(0, 2, 1, 3).astype(c.dtype)
+        def put(c, new):  # new [B, T, K, hd] into its pages, in layer i's pool
+            at = (heads, page, offset)
+            new = new.astype(c.dtype)
             return c.at[at].set(new, mode="drop") if c.ndim == 4 else c.at[(i, *at)].set(
                 new, mode="drop")
 
@@ -208,7 +280,8 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array,
         else:
             k_all, v_all = put(k_all, k), put(v_all, v)
             k_i, v_i = k_all[i], v_all[i]
-        attn = _attention(q, k_i, v_i, jnp.where(sliding, windowed, causal), cfg, cpu_kernel)
+        attn = _attention(q, k_i, v_i, cache.pages, jnp.where(sliding, windowed, causal),
+                          positions, cfg, cpu_kernel)
         out = _dense(attn, lp["o"], 2)
         if cfg.sandwich_norms:
             out = rms_norm(out, lp["post_attn_norm"], cfg)
@@ -231,7 +304,7 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array,
         (x, k_new, v_new), _ = jax.lax.scan(layer, (x, cache.k, cache.v),
                                             (params["layers"], layer_ids, sliding))
     hidden = rms_norm(x, params["final_norm"], cfg)
-    return hidden, KVCache(k_new, v_new, cache.length + T)
+    return hidden, dataclasses.replace(cache, k=k_new, v=v_new, length=cache.length + T)
 
 
 def unstack_layers(params: Params) -> Params:
