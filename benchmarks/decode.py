@@ -8,11 +8,14 @@ reach, with the bandwidth and matmul rate measured here and now.
 
     python benchmarks/decode.py [--batch 16] [--new 64] [--repeats 3] [--untied] [--dtype bfloat16]
                                 [--shape Qwen2.5-1.5B-Instruct] [--scan-layers auto|yes|no]
-                                [--profile]
+                                [--page-size 64] [--profile]
 
 `--untied` gives the model its own lm_head (as Qwen2.5-7B has) instead of the tied embedding;
 `--dtype bfloat16` runs both engines in bfloat16 (the roofline then counts 2 bytes a weight);
 `--shape` takes a known checkpoint's shapes (random weights) instead of the 40M model;
+`--page-size` is the KV cache's page size (rows' pages interleaved, as a run's rows take them);
+the same generation with one page a row, the contiguous layout of the dense cache this engine had
+before paging, is timed beside it;
 `--profile` then traces one generation and lists a decode step's ops by the line that emitted them.
 """
 
@@ -84,6 +87,8 @@ def main() -> None:
     ap.add_argument("--cpu-kernels", choices=("auto", "no"), default="auto",
                     help="steer-jax's CPU matmul kernel (auto: float32 on one CPU device), or "
                          "XLA's dot throughout")
+    ap.add_argument("--page-size", type=int, default=64,
+                    help="KV cache page size in tokens (the engine's default: 64)")
     ap.add_argument("--profile", action="store_true",
                     help="then show where a decode step's time goes, op by op (CPU backend)")
     args = ap.parse_args()
@@ -115,8 +120,8 @@ def main() -> None:
     n_params = ours.num_params
     prompts = np.random.RandomState(0).randint(0, config.vocab_size, (args.batch, args.prompt))
 
-    def run_ours(new: int = args.new):
-        return generate(ours, prompts.tolist(), new)
+    def run_ours(new: int = args.new, page_size: int | None = args.page_size):
+        return generate(ours, prompts.tolist(), new, page_size=page_size)
 
     def run_hf():
         ids = torch.tensor(prompts, device=device)
@@ -129,8 +134,11 @@ def main() -> None:
     if args.profile:  # now, while this is the one decode program compiled
         ops = profile(run_ours, dump.name, "jit_decode")
     same = sum(t == r for t, r in zip(got.tokens, ref[:, args.prompt:].tolist()))
+    one_page = lambda: run_ours(page_size=None)  # noqa: E731
+    one_page()
     t_ours = best_of(run_ours, args.repeats)
     t_hf = best_of(run_hf, args.repeats)
+    t_rows = best_of(one_page, args.repeats)
     tokens = args.batch * args.new
     print(f"model: {args.shape or 'Qwen2'}-shaped, {'untied' if args.untied else 'tied'}, "
           f"{n_params / 1e6:.1f}M params, {args.dtype}, scan layers {args.scan_layers}, "
@@ -141,6 +149,8 @@ def main() -> None:
     print(f"steer-jax:    {t_ours:.3f} s  {tokens / t_ours:8.1f} tok/s")
     print(f"transformers: {t_hf:.3f} s  {tokens / t_hf:8.1f} tok/s")
     print(f"ratio (steer-jax / transformers throughput): {t_hf / t_ours:.2f}x")
+    print(f"pages of {args.page_size} tokens against one page a row (the dense layout): "
+          f"{t_rows / t_ours:.2f}x throughput ({t_rows:.3f} s one page a row)")
 
     # Roofline of one decode step: all weights read once; 2 N FLOPs per row.
     bw, rate = memory_bandwidth(), matmul_rate(args.dtype)

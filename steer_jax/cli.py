@@ -68,7 +68,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"steer-jax: {e} (--resume)", file=sys.stderr)
         return PREEMPTED
     if summary is None:
-        print("this process's waves are written; process 0 writes the outputs")
+        print("this process's part is written; process 0 writes the outputs")
         return 0
     _print_summary(summary)
     print(f"wrote {args.out}/summary.json, traces.jsonl, rounds.jsonl")
@@ -189,10 +189,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.add_argument("--gammas", default="0.1,0.3,0.5,0.7,0.9")
         if name in ("run", "sweep"):
             p.add_argument("--resume", action="store_true",
-                           help="continue a killed run from the waves it finished and the "
-                           "newest round checkpoint of the wave it was in (out/waves/)")
+                           help="continue a killed run from the parts it finished and its "
+                           "newest round checkpoint (out/parts/)")
             p.add_argument("--checkpoint-every", type=int, default=None, metavar="K",
-                           help="save the wave in flight every K rounds, so a run killed "
+                           help="save the rounds in flight every K rounds, so a run killed "
                            "outright loses at most K rounds (a SIGTERM saves the round in "
                            "flight and exits with status 143)")
 

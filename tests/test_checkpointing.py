@@ -1,9 +1,10 @@
-"""Round checkpoints: a run stopped inside a wave continues from its newest complete round and
-writes exactly the traces of a run that was never stopped.
+"""Round checkpoints: a stopped run continues from its newest complete round and writes exactly
+the traces of a run that was never stopped. The runs cut every round into sub-batches, so a round
+checkpoint holds traces and caches that several calls wrote.
 
 The runs use source="generator" (a mixture per writer), the routing state with the most parts to
 save; tests/test_distributed.py resumes a run on a mesh with the default source. In a
-multi-process run each process saves its own wave's rounds without orbax (the last tests). A
+multi-process run each process saves its own part's rounds without orbax (the last tests). A
 SIGTERM (a preemption notice) saves the round in flight whatever `checkpoint_every` says.
 """
 
@@ -28,10 +29,10 @@ import yaml
 from jax.sharding import PartitionSpec
 
 import tiny
-from steer_jax import distributed, runner
+from steer_jax import distributed, runner, store
 from steer_jax.runner import RunConfigError, run, validate
 
-ROUNDS = Path("waves") / "rounds_00000"  # the only wave: batch.size covers every example
+ROUNDS = Path("parts") / "rounds_00000"  # one process: one part
 
 
 class _Preempted(Exception):
@@ -46,7 +47,7 @@ def setup(tmp_path_factory, shared_data):
            "benchmark": {"name": "musique", "path": str(shared_data / "musique"), "limit": 4},
            "steer": {"max_steps": 7, "max_step_tokens": 8, "max_new_tokens": 56,
                      "source": "generator"},
-           "batch": {"size": 4}}
+           "batch": {"size": 3}}  # every model's work in a round runs as sub-batches of 3 + 1
     run(cfg, root / "whole")
     whole = (root / "whole" / "traces.jsonl").read_text()
     steps = [len(json.loads(x)["steps"]) for x in whole.splitlines()]
@@ -70,7 +71,7 @@ def stopped(setup):
     out = setup["root"] / "stopped"
     _stop_after(setup["cfg"], out, 3)
     assert sorted(p.name for p in (out / ROUNDS).iterdir()) == ["round_00002", "round_00003"]
-    assert not (out / "waves" / "wave_00000.json").exists()
+    assert not (out / "parts" / "part_00000.json").exists()
     return out
 
 
@@ -94,21 +95,21 @@ def test_killed_run_resumes_from_its_newest_round(setup, tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    # Killed inside the wave: neither the wave nor the summary was written.
-    assert not (out / "waves" / "wave_00000.json").exists()
+    # Killed inside the run: neither its part nor the summary was written.
+    assert not (out / "parts" / "part_00000.json").exists()
     assert not (out / "summary.json").exists()
     saved = sorted(int(p.name[len("round_"):]) for p in (out / ROUNDS).iterdir()
-                   if runner._ROUND_DIR.fullmatch(p.name))
+                   if store._ROUND_DIR.fullmatch(p.name))
     before = json.loads((out / ROUNDS / f"round_{saved[-1]:05d}" / "meta" / "metadata")
                         .read_text())["wall_s"]
     messages = _resume(setup["cfg"], out)
-    # It went on after its newest saved round, not from the start of the wave.
+    # It went on after its newest saved round, not from the start.
     assert f"round {saved[-1] + 1}," in messages[0], (saved, messages[0])
     assert (out / "traces.jsonl").read_text() == setup["whole"]
     assert (out / "rounds.jsonl").read_text() == setup["rounds"]
     # The bill counts the killed process's time up to its checkpoint (compiles included).
     assert json.loads((out / "summary.json").read_text())["wall_s"] > before > 0
-    assert not (out / ROUNDS).exists()  # a finished wave drops its round checkpoints
+    assert not (out / ROUNDS).exists()  # a finished run drops its round checkpoints
 
 
 def test_a_half_written_or_damaged_round_is_passed_over(setup, stopped, tmp_path, caplog):
@@ -122,14 +123,14 @@ def test_a_half_written_or_damaged_round_is_passed_over(setup, stopped, tmp_path
     # Round 3 damaged afterwards (a torn copy): its array metadata cut in half.
     meta = rounds / "round_00003" / "state" / "_METADATA"
     meta.write_text(meta.read_text()[: len(meta.read_text()) // 2])
-    with caplog.at_level(logging.WARNING, logger=runner.__name__):
+    with caplog.at_level(logging.WARNING, logger=store.__name__):
         messages = _resume(setup["cfg"], out)
     assert any("round_00003 is unreadable" in r.getMessage() for r in caplog.records)
     assert "round 3," in messages[0]  # from round 2, the newest good one
     assert (out / "traces.jsonl").read_text() == setup["whole"]
 
 
-def test_resume_without_round_checkpoints_starts_the_wave_over(setup, stopped, tmp_path):
+def test_resume_without_round_checkpoints_starts_over(setup, stopped, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(stopped, out)
     shutil.rmtree(out / ROUNDS)
@@ -137,27 +138,21 @@ def test_resume_without_round_checkpoints_starts_the_wave_over(setup, stopped, t
     assert (out / "traces.jsonl").read_text() == setup["whole"]
 
 
-def test_a_resumed_run_cuts_its_waves_as_the_saved_ones(setup, tmp_path, monkeypatch):
-    """batch.size null sizes the waves from memory, which may differ at the resume (another
-    host, other free memory): the resumed run keeps the saved waves' size."""
-    cfg = {**setup["cfg"], "batch": {"size": None}}
-    run({**cfg, "batch": {"size": 2}}, tmp_path / "whole")
-
-    def after_wave_1(done: int, total: int, message: str) -> None:
-        if "wave 1/2 done" in message:
-            raise _Preempted
-
+def test_a_resumed_run_keeps_the_saved_page_pools(setup, tmp_path, monkeypatch):
+    """cache.pages null sizes the pools from memory, which may differ at the resume (another
+    host, other free memory): the resumed run restores caches of the saved pools' shapes. The
+    pools here are small enough that traces give pages back and read their tokens again."""
+    cfg = {**setup["cfg"], "cache": {"page_size": 8, "pages": None}}
+    run({**cfg, "cache": {"page_size": 8, "pages": 24}}, tmp_path / "whole")
     out = tmp_path / "out"
-    monkeypatch.setattr(runner, "auto_batch_size", lambda *a, **k: 2)
-    with pytest.raises(_Preempted):
-        run(cfg, out, progress=after_wave_1)
-    monkeypatch.setattr(runner, "auto_batch_size", lambda *a, **k: 3)  # more memory free now
-    messages = _resume(cfg, out)
-    assert not any("what fits in device memory" in m for m in messages)
+    monkeypatch.setattr(runner, "pool_sizes", lambda *a, **k: [24, 24])
+    _stop_after(cfg, out, 3)
+    monkeypatch.setattr(runner, "pool_sizes", lambda *a, **k: [40, 40])  # more memory free now
+    assert "round 4," in _resume(cfg, out)[0]
     assert (out / "traces.jsonl").read_text() == (tmp_path / "whole" / "traces.jsonl").read_text()
-    assert (out / "waves" / "batch_size").read_text() == "2"
+    assert json.loads((out / "parts" / "pools.json").read_text()) == [24, 24]
     run(cfg, out)  # not a resume: sized anew
-    assert (out / "waves" / "batch_size").read_text() == "3"
+    assert json.loads((out / "parts" / "pools.json").read_text()) == [40, 40]
 
 
 def _sigterm_at(round_: int):
@@ -173,7 +168,7 @@ def test_sigterm_saves_the_round_in_flight_and_resume_continues(setup, tmp_path)
     it, and stops; the resumed run writes the traces of one never stopped."""
     out = tmp_path / "out"
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(runner.Preempted, match="after round 3 of wave 1, saved in .*round_00003"):
+    with pytest.raises(runner.Preempted, match="after round 3 of part 0, saved in .*round_00003"):
         run(setup["cfg"], out, progress=_sigterm_at(2))
     assert signal.getsignal(signal.SIGTERM) is before  # the run's handler is gone again
     assert [p.name for p in (out / ROUNDS).iterdir()] == ["round_00003"]
@@ -212,7 +207,7 @@ def test_a_preempted_sweep_resumes_to_the_sweep_never_stopped(setup, tmp_path):
     calls = []
 
     def progress(done: int, total: int, message: str) -> None:
-        calls.append(message)  # the second gamma's second round: its first wave's round 2
+        calls.append(message)  # the second gamma's round 2
         if "round 2," in message and sum("round 2," in m for m in calls) == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
@@ -233,22 +228,22 @@ def test_the_cli_exits_143_naming_the_saved_round(command, tmp_path, monkeypatch
     from steer_jax import cli
 
     def preempted(*args, **kwargs):
-        raise runner.Preempted("stopped by SIGTERM after round 3 of wave 1, saved in X")
+        raise runner.Preempted("stopped by SIGTERM after round 3 of part 0, saved in X")
 
     monkeypatch.setattr(runner, command, preempted)
     monkeypatch.setattr(runner, "load_config", lambda path, overrides: {})
     assert cli.main([command, "cfg.yaml", "--out", str(tmp_path)]) == 143
-    assert "after round 3 of wave 1, saved in X" in capsys.readouterr().err
+    assert "after round 3 of part 0, saved in X" in capsys.readouterr().err
 
 
-def test_a_round_checkpoint_of_another_config_or_wave_is_refused(setup, stopped):
+def test_a_round_checkpoint_of_another_config_or_part_is_refused(setup, stopped):
     cfg, _ = validate(setup["cfg"])
-    waves = stopped / "waves"
+    parts = stopped / "parts"
     changed = {**cfg, "steer": {**cfg["steer"], "gamma": 0.9}}
     with pytest.raises(RunConfigError, match=r"config changed since it was saved \(steer\)"):
-        runner._RoundCheckpoint(waves, 0, range(0, 4), 1, changed, None).latest()
-    with pytest.raises(RunConfigError, match=r"holds wave 0 \(traces \[0, 4\]\).*traces \[0, 2\]"):
-        runner._RoundCheckpoint(waves, 0, range(0, 2), 1, cfg, None).latest()
+        store.RoundCheckpoint(parts, 0, range(0, 4), 1, changed, None).latest()
+    with pytest.raises(RunConfigError, match=r"holds part 0 \(traces \[0, 4\]\).*traces \[0, 2\]"):
+        store.RoundCheckpoint(parts, 0, range(0, 2), 1, cfg, None).latest()
 
 
 def test_bad_checkpoint_every_is_refused_before_any_work(setup, tmp_path):
@@ -265,10 +260,10 @@ def test_a_process_saved_round_keeps_its_tree_and_dtypes(tmp_path):
                           "length": jnp.array([1, 2], jnp.int32)}],
               "routing": [], "fits": [{"conf": np.float32(0.5), "among": np.array([True, False])}]}
     path = tmp_path / "round_00003"
-    runner._RoundCheckpoint._save_on_host(path, arrays, {"round": 3})
+    store.RoundCheckpoint._save_on_host(path, arrays, {"round": 3})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["round_00003"]  # no temporary left
-    meta = json.loads((path / runner._HOST_META).read_text())
-    back = runner._RoundCheckpoint._read_host(path, meta)
+    meta = json.loads((path / store._HOST_META).read_text())
+    back = store.RoundCheckpoint._read_host(path, meta)
     assert back["routing"] == [] and meta["round"] == 3
     for a, b in zip(jax.tree.leaves(arrays), jax.tree.leaves(back)):
         assert a.dtype == b.dtype and a.shape == b.shape
@@ -280,16 +275,16 @@ def test_a_process_saved_round_resumes_and_a_damaged_one_is_passed_over(setup, s
     out = tmp_path / "out"
     shutil.copytree(stopped, out)
     cfg, _ = validate(setup["cfg"])
-    rounds = runner._RoundCheckpoint(out / "waves", 0, range(0, 4), 1, cfg, None)
+    rounds = store.RoundCheckpoint(out / "parts", 0, range(0, 4), 1, cfg, None)
     states = [rounds._restore(out / ROUNDS / f"round_{r:05d}") for r in (2, 3)]
     shutil.rmtree(out / ROUNDS)
-    with monkeypatch.context() as m:  # saved as one process of two saves its wave
+    with monkeypatch.context() as m:  # saved as one process of two saves its part
         m.setattr(runner.jax, "process_count", lambda: 2)
         for state in states:
             rounds(state)
-    assert all((out / ROUNDS / f"round_0000{r}" / runner._HOST_META).is_file() for r in (2, 3))
-    (out / ROUNDS / "round_00003" / runner._HOST_ARRAYS).write_bytes(b"torn")
-    with caplog.at_level(logging.WARNING, logger=runner.__name__):
+    assert all((out / ROUNDS / f"round_0000{r}" / store._HOST_META).is_file() for r in (2, 3))
+    (out / ROUNDS / "round_00003" / store._HOST_ARRAYS).write_bytes(b"torn")
+    with caplog.at_level(logging.WARNING, logger=store.__name__):
         messages = _resume(setup["cfg"], out)  # by one process: the format is the round's own
     assert any("round_00003 is unreadable" in r.getMessage() for r in caplog.records)
     assert "round 3," in messages[0]
@@ -305,7 +300,7 @@ def test_a_process_saved_round_on_a_mesh_resumes_in_its_layout(setup, tmp_path, 
     out = tmp_path / "out"
     _stop_after(cfg, out, 3)
     mesh = distributed.make_mesh(4, 2)
-    rounds = runner._RoundCheckpoint(out / "waves", 0, range(0, 4), 1, validate(cfg)[0], mesh)
+    rounds = store.RoundCheckpoint(out / "parts", 0, range(0, 4), 1, validate(cfg)[0], mesh)
     state = rounds._restore(out / ROUNDS / "round_00003")
     want = distributed.cache_shardings(state.caches[0], mesh).k
     assert want.spec != PartitionSpec() and state.caches[0].k.sharding.is_equivalent_to(want, 5)
@@ -313,31 +308,37 @@ def test_a_process_saved_round_on_a_mesh_resumes_in_its_layout(setup, tmp_path, 
     with monkeypatch.context() as m:
         m.setattr(runner.jax, "process_count", lambda: 2)
         rounds(state)
-    meta = json.loads((out / ROUNDS / "round_00003" / runner._HOST_META).read_text())
+    meta = json.loads((out / ROUNDS / "round_00003" / store._HOST_META).read_text())
     layouts = [at for at in meta["shardings"] if at is not None]
     assert layouts and all(at["mesh"] == {"data": 4, "model": 2} for at in layouts)
-    assert any(at["spec"][:3] == [None, "data", "model"] for at in layouts)  # the KV caches
+    assert any(at["spec"][:2] == [None, "model"] for at in layouts)  # the KV pools
+    assert any(at["spec"][:1] == ["data"] for at in layouts)  # the page tables
     back = rounds._restore(out / ROUNDS / "round_00003")
     for a, b in zip(jax.tree.leaves(state.caches), jax.tree.leaves(back.caches)):
         assert b.sharding.is_equivalent_to(a.sharding, a.ndim)
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(RunConfigError, match=r"saved on a mesh \{'data': 4, 'model': 2\}"):
-        runner._RoundCheckpoint(out / "waves", 0, range(0, 4), 1, validate(cfg)[0],
+        store.RoundCheckpoint(out / "parts", 0, range(0, 4), 1, validate(cfg)[0],
                                 None)._restore(out / ROUNDS / "round_00003")
     assert "round 4," in _resume(cfg, out)[0]
     assert (out / "traces.jsonl").read_text() == (tmp_path / "whole" / "traces.jsonl").read_text()
 
 
-def test_processes_agree_on_the_smallest_batch_size(tmp_path):
-    """Each host sizes its batch from its own memory; all must cut the waves alike."""
+def test_processes_gather_confidences_and_agree_on_the_smallest_pool(tmp_path):
+    """Each round, every process's confidences reach every process in trace order (process 0
+    holds 2 traces, process 1 one); each host sizes its pools from its own memory, and all
+    take the smallest."""
     script = """
 import sys
-import jax
-from steer_jax import distributed, runner
+import jax.numpy as jnp
+from steer_jax import distributed
 port, pid = sys.argv[1:]
 distributed.initialize({"distributed": {"coordinator": f"127.0.0.1:{port}",
                                         "num_processes": 2, "process_id": int(pid)}})
-print("agreed", runner._smallest(2, [7, 5][int(pid)]), flush=True)
+peers = distributed.Peers((2, 1), int(pid))
+mine = [jnp.array([0.5, 1.5]), jnp.array([2.5])][int(pid)]
+print("agreed", peers.smallest([7, 5][int(pid)]), peers.gather(mine).tolist(),
+      peers.local(jnp.arange(3)).tolist(), peers.any(int(pid) == 1), flush=True)
 """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -353,7 +354,7 @@ print("agreed", runner._smallest(2, [7, 5][int(pid)]), flush=True)
     assert [p.returncode for p in procs] == [0, 0], outputs
     # Gloo logs its connections on the same stream, in no fixed order with the print.
     assert [[x for x in o.splitlines() if x.startswith("agreed")] for o in outputs] == \
-        [["agreed 5"], ["agreed 5"]], outputs
+        [["agreed 5 [0.5, 1.5, 2.5] [0, 1] True"], ["agreed 5 [0.5, 1.5, 2.5] [2] True"]], outputs
 
 
 # One process of a two-process run; it prints its progress so the test can tell where it began.
@@ -379,15 +380,16 @@ def _two_processes(path: Path, out: Path, resume: bool) -> list[subprocess.Popen
             for i in (0, 1)]
 
 
-def _rounds_saved(out: Path, wave: int) -> list[int]:
-    rounds = out / "waves" / f"rounds_{wave:05d}"
+def _rounds_saved(out: Path, part: int) -> list[int]:
+    rounds = out / "parts" / f"rounds_{part:05d}"
     names = [p.name for p in rounds.iterdir()] if rounds.is_dir() else []
-    return sorted(int(n[len("round_"):]) for n in names if runner._ROUND_DIR.fullmatch(n))
+    return sorted(int(n[len("round_"):]) for n in names if store._ROUND_DIR.fullmatch(n))
 
 
-def test_two_processes_killed_inside_their_waves_resume_to_the_traces_of_one(setup, tmp_path):
-    """Each process runs one wave (batch.size 2 of 4 examples) and saves its rounds itself; the
-    relaunch meets at another port, as a pod restarted after preemption may."""
+def test_two_processes_killed_inside_their_rounds_resume_to_the_traces_of_one(setup, tmp_path):
+    """Each process holds 2 of the 4 traces and saves its rounds itself; both fit every round's
+    mixture over all 4, as the one-process run does; the relaunch meets at another port, as a
+    pod restarted after preemption may, and both go on from the newest round both saved."""
     from steer_jax.modeling.convert import convert
 
     cfg = {**setup["cfg"], "batch": {"size": 2}}
@@ -402,21 +404,20 @@ def test_two_processes_killed_inside_their_waves_resume_to_the_traces_of_one(set
     try:
         while not (_rounds_saved(out, 0) and _rounds_saved(out, 1)):
             assert all(p.poll() is None for p in procs) and time.time() < deadline, \
-                "a process died or hung before both waves saved a round"
+                "a process died or hung before both saved a round"
             time.sleep(0.01)
     finally:
         for p in procs:
             p.send_signal(signal.SIGKILL)
             p.wait()
-    # Both killed inside their waves: nothing but round checkpoints to resume from.
-    assert not list((out / "waves").glob("wave_*.json"))
-    saved = [_rounds_saved(out, w)[-1] for w in (0, 1)]
+    # Both killed inside their rounds: nothing but round checkpoints to resume from.
+    assert not list((out / "parts").glob("part_*.json"))
+    saved = min(_rounds_saved(out, p)[-1] for p in (0, 1))
     procs = _two_processes(path, out, resume=True)
     outputs = tiny.outputs(procs, timeout=400)
     assert [p.returncode for p in procs] == [0, 0], outputs
-    for w, (output, r) in enumerate(zip(outputs, saved)):
-        first = next((line for line in output.splitlines()
-                      if f"wave {w + 1}/2, round" in line), output)
-        assert f"round {r + 1}," in first, (w, saved, first)  # went on from its newest round
+    for output in outputs:
+        first = next((line for line in output.splitlines() if ": round" in line), output)
+        assert f"round {saved + 1}," in first, (saved, first)  # went on from the newest round
     assert (out / "traces.jsonl").read_text() == (tmp_path / "one" / "traces.jsonl").read_text()
     assert (out / "rounds.jsonl").read_text() == (tmp_path / "one" / "rounds.jsonl").read_text()

@@ -145,16 +145,19 @@ def test_shard_cache(models, caplog):
     cache = KVCache.init(cfg, 8, 16, np.float32)
     cache = dataclasses.replace(cache, length=jax.numpy.arange(8, dtype=jax.numpy.int32))
     sharded = distributed.shard_cache(cache, mesh)
-    assert sharded.k.sharding.spec == P(None, "data", "model", None, None)
-    assert sharded.v.sharding.spec == P(None, "data", "model", None, None)
+    # The page pool is shared by all rows: its KV heads split over 'model', its pages do not.
+    assert sharded.k.sharding.spec == P(None, "model", None, None, None)
+    assert sharded.v.sharding.spec == P(None, "model", None, None, None)
+    assert sharded.pages.sharding.spec == P("data", None)
     assert sharded.length.sharding.spec == P("data")
     np.testing.assert_array_equal(np.asarray(sharded.length), np.arange(8))
     # Three rows over four 'data' devices: rows stay whole, heads are still split.
     with caplog.at_level(logging.WARNING, logger=distributed.__name__):
         odd = distributed.shard_cache(KVCache.init(cfg, 3, 16, np.float32), mesh)
-    assert odd.k.sharding.spec == P(None, None, "model", None, None)
-    assert odd.length.sharding.is_fully_replicated
-    assert len(_fallbacks(caplog, "cache.k")) == 1 and len(_fallbacks(caplog, "cache.length")) == 1
+    assert odd.k.sharding.spec == P(None, "model", None, None, None)
+    assert odd.length.sharding.is_fully_replicated and odd.pages.sharding.is_fully_replicated
+    assert not _fallbacks(caplog, "cache.k") and len(_fallbacks(caplog, "cache.length")) == 1
+    assert len(_fallbacks(caplog, "cache.pages")) == 1
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +191,7 @@ def test_sharded_generate_gives_identical_tokens(mha, temperature, caplog, monke
             # Four rows over 'data', four KV heads over 'model': both divide on either mesh.
             cache = caches[-1]
             assert cache.k.sharding.is_equivalent_to(
-                NamedSharding(mesh, P(None, "data", "model", None, None)), 5), shape
+                NamedSharding(mesh, P(None, "model", None, None, None)), 5), shape
             assert cache.length.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 1)
             np.testing.assert_allclose(np.concatenate(out.max_logits),
                                        np.concatenate(reference.max_logits), rtol=1e-5)
@@ -201,9 +204,10 @@ STEER = dict(max_steps=3, max_step_tokens=8, max_new_tokens=24, temperature=0.7,
              policy="percentile", percentile=0.5, refine="none")  # half go large per round
 # Where a steer run's caches live: both tiny models have 2 KV heads, which 4 'model' devices
 # cannot split (replicated), and a 'model' axis of one device adds nothing.
-CACHE_SPECS = {(4, 2): P(None, "data", "model", None, None),
-               (2, 4): P(None, "data", None, None, None),
-               (8, 1): P(None, "data", None, None, None)}
+# The page pools: KV heads over 'model' where they divide it (the tiny pair has 2).
+CACHE_SPECS = {(4, 2): P(None, "model", None, None, None),
+               (2, 4): P(None, None, None, None, None),
+               (8, 1): P(None, None, None, None, None)}
 
 
 @pytest.fixture(scope="module")
@@ -289,10 +293,10 @@ def test_sharded_mixture_fit_equals_one_device(mesh_shape):
 def test_sharded_run_resumes_from_a_round_checkpoint(steer_pair, sharded_steer, tmp_path):
     """Saved with orbax and restored onto the mesh it ran on, a round state continues to the
     very traces of the uninterrupted sharded run."""
-    from steer_jax.runner import _RoundCheckpoint
+    from steer_jax.store import RoundCheckpoint
 
     mesh, small, large, whole, _ = sharded_steer((4, 2))
-    checkpoint = _RoundCheckpoint(tmp_path, 0, range(len(QUESTIONS)), 1, {}, mesh)
+    checkpoint = RoundCheckpoint(tmp_path, 0, range(len(QUESTIONS)), 1, {}, mesh)
 
     class Preempted(Exception):
         pass
@@ -313,31 +317,32 @@ def test_sharded_run_resumes_from_a_round_checkpoint(steer_pair, sharded_steer, 
 
 
 @pytest.mark.parametrize("mesh_shape", [(4, 2), (2, 4)])
-def test_auto_batch_size_counts_what_one_device_holds(steer_pair, mesh_shape):
-    """Measured on placed arrays: the traces it picks fit in one device's memory beside that
-    device's weight shards, and one more per 'data' slice would not. (With 4 over 'model' the
-    tiny models' 2 KV heads do not divide: their caches stay whole per device.)"""
-    from steer_jax.runner import auto_batch_size
+def test_page_pools_fit_the_budget_of_one_device(steer_pair, mesh_shape, monkeypatch):
+    """Measured on placed arrays: the pools `pool_sizes` picks, placed on the mesh, take no
+    more of one device than the budget it was given for that device. (With 4 over 'model' the
+    tiny models' 2 KV heads do not divide: their pools stay whole per device.)"""
+    from steer_jax import memory, runner
 
     mesh = distributed.make_mesh(*mesh_shape)
     models = [distributed.shard_model(steer_pair[m], mesh) for m in ("small", "large")]
     device = mesh.devices.flat[0]
+    budget = 3 * 2**20
+    seen = []
+    monkeypatch.setattr(memory, "device_budget",
+                        lambda devices=None: seen.append(devices) or budget)
+    cfg = {"cache": {"page_size": 16, "pages": None}, "steer": {"max_new_tokens": 64}}
+    pools = runner.pool_sizes(cfg, models, mesh)
+    assert seen == [list(mesh.devices.flat)] and min(pools) > 0
 
-    def on_device(tree) -> int:
-        return sum(sh.data.nbytes for x in jax.tree.leaves(tree) for sh in x.addressable_shards
+    def on_device(pool: int, m) -> int:
+        cache = distributed.shard_cache(KVCache.init(m.config, 1, 16, m.dtype, page_size=16,
+                                                     pool=pool), mesh)
+        return sum(sh.data.nbytes for f in ("k", "v") for sh in getattr(cache, f).addressable_shards
                    if sh.device == device)
 
-    def caches(rows: int) -> int:
-        return sum(on_device(distributed.shard_cache(
-            KVCache.init(m.config, rows, 30 + 70, m.dtype), mesh)) for m in models)
-
-    weights = sum(on_device(m.params) for m in models)
-    data = mesh_shape[0]
-    per_slice = caches(2 * data) - caches(data)  # one more trace on every device of 'model'
-    memory = int((weights + 5.5 * per_slice) / 0.9)
-    picked = auto_batch_size(models, 30, 70, memory=memory)
-    assert picked == 5 * data
-    assert weights + caches(picked) <= 0.9 * memory < weights + caches(picked + data)
+    used = sum(on_device(p, m) for p, m in zip(pools, models))
+    page = sum(on_device(p + 1, m) - on_device(p, m) for p, m in zip(pools, models))
+    assert used <= budget < used + 2 * page  # the budget is filled to within a page a model
 
 
 def test_initialize_maps_the_distributed_section(monkeypatch):
@@ -455,9 +460,9 @@ def test_converted_checkpoint_restores_into_the_mesh(tiny_models, tmp_path):
 
 def test_two_processes_write_the_traces_of_one(shared_data, tmp_path):
     """Two processes on loopback, 4 fake CPU devices each, talking through gloo, each running
-    its waves on a mesh of its own 4 devices and restoring the large model's converted (orbax)
-    copy into it. (Without a mesh, tests/test_checkpointing.py's two processes write the
-    one-process traces exactly.)"""
+    its 2 traces on a mesh of its own 4 devices and restoring the large model's converted (orbax)
+    copy into it; both fit every round's mixture over all 4 traces. (Without a mesh,
+    tests/test_checkpointing.py's two processes write the one-process traces exactly.)"""
     import json
     import socket
     import subprocess
@@ -499,3 +504,12 @@ def test_two_processes_write_the_traces_of_one(shared_data, tmp_path):
             (b["output"], [(s["model"], s["tokens"]) for s in b["steps"]])
         np.testing.assert_allclose([s["confidence"] for s in a["steps"]],
                                    [s["confidence"] for s in b["steps"]], rtol=1e-5)
+    # Both processes fitted each round's mixtures over all 4 traces, as the one process did.
+    one, two = ([json.loads(x) for x in (tmp_path / d / "rounds.jsonl").read_text().splitlines()]
+                for d in ("one", "two"))
+    assert [(m["round"], m["group"], m["model"], len(m["confidences"])) for m in one] == \
+        [(m["round"], m["group"], m["model"], len(m["confidences"])) for m in two]
+    assert {len(m["confidences"]) for m in one if m["round"] == 0} == {4}
+    for a, b in zip(one, two):
+        for key in ("confidences", "means", "weights"):
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6)

@@ -174,11 +174,12 @@ def test_rows_behind_catch_up_on_their_own_and_every_write_feeds_one_token(pair,
     monkeypatch.setattr(module, "_write", write)
     monkeypatch.setattr(module, "_advance", advance)
     _run(pair, gamma=0.5)
-    # Both models' first writes found their rows a prompt behind, and later large writes found
-    # rows the small model had moved on: all of that was read by catch-up calls (in chunks of
-    # 64, then the 2 tokens left at width 16), so every write found only pending tokens.
+    # Both models' first writes found their rows a prompt behind (up to 32 tokens besides the
+    # pending one: one call of width 32), and later large writes found rows the small model had
+    # moved on (up to 65 tokens: a chunk of 64, then the 1 left at width 16): all of that was
+    # read by catch-up calls, so every write found only pending tokens.
     assert lags and set(lags) == {1}
-    assert advances == {(0, 64), (1, 64), (1, 16)}
+    assert advances == {(0, 32), (1, 32), (1, 64), (1, 16)}
 
 
 def test_row_buckets_pad_by_less_than_an_eighth_above_16_rows():
@@ -381,34 +382,6 @@ def test_baseline_configs_need_their_models(pair):
         validate(_config(pair, method="query_router"))
 
 
-def test_killed_run_resumes_to_the_same_traces(pair, shared_data, tmp_path):
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    import yaml
-
-    cfg = _config(pair, benchmark={"name": "musique", "path": str(shared_data / "musique"),
-                                   "limit": 6}, batch={"size": 2})
-    run(cfg, tmp_path / "whole")
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "steer_jax.cli", "run", str(path), "--out",
-                             str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (out / "waves" / "wave_00000.json").exists():
-        assert proc.poll() is None and time.time() < deadline, "the run died or hung"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "summary.json").exists()  # killed midway: no half-written summary either
-    summary = run(cfg, out, resume=True)
-    assert summary.n == 6
-    assert (out / "traces.jsonl").read_text() == (tmp_path / "whole" / "traces.jsonl").read_text()
-
-
 def test_resume_refuses_a_changed_config(pair, shared_data, tmp_path):
     cfg = _config(pair, benchmark={"name": "musique", "path": str(shared_data / "musique"),
                                    "limit": 2})
@@ -490,18 +463,23 @@ def test_on_a_mesh_the_prm_is_sharded_like_the_policy_models(pair, shared_data, 
                                     for m in meshes.values()), meshes
 
 
-def test_auto_batch_size_counts_caches_and_weights(pair):
-    from steer_jax.runner import auto_batch_size
+def test_page_pools_split_the_budget_so_each_model_holds_as_many_traces(pair, monkeypatch):
+    from steer_jax import memory
+    from steer_jax.runner import pool_sizes
 
     models = [pair["small"], pair["large"]]
-    weights = sum(4 * m.num_params for m in models)  # float32
-    # Per trace and model: keys and values for every layer, KV head and slot.
-    per_trace = sum(2 * m.config.num_layers * m.config.num_kv_heads * m.config.head_dim * 4
-                    * (30 + 70) for m in models)
-    memory = int((weights + 7 * per_trace + per_trace // 2) / 0.9)
-    assert auto_batch_size(models, 30, 70, memory=memory) == 7
-    with pytest.raises(RunConfigError, match="not even one trace fits"):
-        auto_batch_size(models, 30, 70, memory=weights)
+    cfg = {"cache": {"page_size": 16, "pages": None}, "steer": {"max_new_tokens": 64}}
+    page = [2 * m.config.num_layers * m.config.num_kv_heads * m.config.head_dim * 4 * 16
+            for m in models]  # float32 keys and values of 16 tokens in every layer
+    budget = 1000 * sum(page)
+    monkeypatch.setattr(memory, "device_budget", lambda devices=None: budget)
+    small, large = pool_sizes(cfg, models)
+    assert small * page[0] + large * page[1] <= budget - sum(page)  # the null pages come first
+    assert abs(small - large) <= 1  # equal page counts: each trace takes as many of each
+    assert pool_sizes({**cfg, "cache": {"page_size": 16, "pages": 7}}, models) == [7, 7]
+    monkeypatch.setattr(memory, "device_budget", lambda devices=None: sum(page) // 2)
+    with pytest.raises(RunConfigError, match="no room for KV pages"):
+        pool_sizes(cfg, models)
 
 
 def test_sweep_writes_a_run_per_gamma_and_a_table(pair, shared_data, tmp_path):

@@ -48,13 +48,14 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              trace_ids: Sequence[int] | None = None, stop_at_step: bool = False, *,
              tokenizer: Any = None, delimiter: str = "\n\n", confidence: engine.Measure =
-             "max_logit", aggregate: str = "all") -> GenerateResult:
+             "max_logit", aggregate: str = "all", page_size: int | None = None) -> GenerateResult:
     """Generate for a ragged batch of token-id prompts in one compiled program.
 
     In step mode (`stop_at_step`) each row stops at the step delimiter, EOS or `max_new_tokens`,
     and `step_confidence` is the mean `confidence` measure over the step's tokens (`aggregate`
     "math": over its math tokens, falling back to all). Step mode needs the tokenizer (loaded
-    from the model's directory when not given).
+    from the model's directory when not given). The KV cache holds each row in pages of
+    `page_size` tokens (default: one page a row).
     """
     cfg = model.config
     if max_new_tokens < 1:
@@ -82,8 +83,9 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     tokens = np.zeros((B, width), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
-    slots = _round_up(width + max_new_tokens + 1, 64)
-    cache = distributed.place_cache(KVCache.init(cfg, B, slots, model.dtype), model.params)
+    slots = _round_up(width + max_new_tokens + 1, page_size or 64)
+    cache = distributed.place_cache(KVCache.init(cfg, B, slots, model.dtype,
+                                                 page_size=page_size), model.params)
     state = engine.decode(
         model.params, cfg, cache, jnp.asarray(tokens), jnp.asarray(lengths),
         jnp.ones((B,), bool), jnp.asarray(seed, jnp.int32), jnp.asarray(ids, jnp.int32), masks,

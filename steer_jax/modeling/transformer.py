@@ -64,8 +64,8 @@ class KVCache:
         per_row = -(-slots // size)
         n = batch * per_row if pool is None else pool
         shape = (cfg.num_layers, cfg.num_kv_heads, n + 1, size, cfg.head_dim)
-        if pool is None:
-            pages = 1 + jnp.arange(batch * per_row, dtype=jnp.int32).reshape(batch, per_row)
+        if pool is None:  # rows' pages interleaved, as rows growing side by side take them
+            pages = 1 + jnp.arange(batch * per_row, dtype=jnp.int32).reshape(per_row, batch).T
             free = jnp.zeros((n + 1,), bool)
         else:
             pages = jnp.zeros((batch, per_row), jnp.int32)
