@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # What only an accelerator can measure, in one call (a lent GPU's time is short): decode
-# throughput against transformers at the 40M shape and at Qwen2.5-1.5B's, the mixture fit
+# throughput against transformers at the 40M shape and at Qwen2.5-1.5B's (and paged at
+# batch 256, through JAX's Pallas paged kernel), the mixture fit
 # against scikit-learn, and the HF-equivalence tests run on the accelerator instead of the CPU.
 # Uses the machine's own jax/torch/transformers (its Python, not this repo's venv); wheels for
 # anything missing may sit in .whl/. Logs go to $OUT (or a temporary folder).
@@ -45,10 +46,15 @@ step decode_1.5b_bf16 180 python3 benchmarks/decode.py --dtype bfloat16 \
     --shape Qwen2.5-1.5B-Instruct --batch 64 --new 128
 step decode_1.5b_f32 150 python3 benchmarks/decode.py \
     --shape Qwen2.5-1.5B-Instruct --batch 64 --new 128
+# Paged decode at the scale: 64-token pages read by JAX's Pallas paged kernel, beside one
+# page a row (the old dense layout, on the XLA path) in the same run.
+step decode_1.5b_bf16_paged_b256 240 python3 benchmarks/decode.py --dtype bfloat16 \
+    --shape Qwen2.5-1.5B-Instruct --batch 256 --new 128 --page-size 64
 step gmm 60 python3 benchmarks/gmm.py --repeats 10
 # The tests pin JAX to the CPU unless JAX_PLATFORMS says otherwise.
 step tests_gpu 150 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider \
-    tests/test_modeling.py tests/test_decoding.py tests/test_gmm.py
+    tests/test_modeling.py tests/test_decoding.py tests/test_gmm.py tests/test_paged_attention.py \
+    tests/test_paging.py
 step demo 300 python3 -m steer_jax.cli demo --config configs/demo.yaml --out /tmp/steer-demo
 step profile 240 python3 benchmarks/decode.py --dtype bfloat16 --shape Qwen2.5-1.5B-Instruct \
     --batch 64 --new 128 --repeats 1 --profile

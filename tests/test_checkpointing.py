@@ -141,18 +141,19 @@ def test_resume_without_round_checkpoints_starts_over(setup, stopped, tmp_path):
 def test_a_resumed_run_keeps_the_saved_page_pools(setup, tmp_path, monkeypatch):
     """cache.pages null sizes the pools from memory, which may differ at the resume (another
     host, other free memory): the resumed run restores caches of the saved pools' shapes. The
-    pools here are small enough that traces give pages back and read their tokens again."""
+    pools here hold about two of the four traces (~60 pages of 8 tokens each at their longest),
+    so traces give pages back and read their tokens again."""
     cfg = {**setup["cfg"], "cache": {"page_size": 8, "pages": None}}
-    run({**cfg, "cache": {"page_size": 8, "pages": 24}}, tmp_path / "whole")
+    run({**cfg, "cache": {"page_size": 8, "pages": 130}}, tmp_path / "whole")
     out = tmp_path / "out"
-    monkeypatch.setattr(runner, "pool_sizes", lambda *a, **k: [24, 24])
+    monkeypatch.setattr(runner, "pool_sizes", lambda *a, **k: [130, 130])
     _stop_after(cfg, out, 3)
-    monkeypatch.setattr(runner, "pool_sizes", lambda *a, **k: [40, 40])  # more memory free now
+    monkeypatch.setattr(runner, "pool_sizes", lambda *a, **k: [200, 200])  # more memory now
     assert "round 4," in _resume(cfg, out)[0]
     assert (out / "traces.jsonl").read_text() == (tmp_path / "whole" / "traces.jsonl").read_text()
-    assert json.loads((out / "parts" / "pools.json").read_text()) == [24, 24]
+    assert json.loads((out / "parts" / "pools.json").read_text()) == [130, 130]
     run(cfg, out)  # not a resume: sized anew
-    assert json.loads((out / "parts" / "pools.json").read_text()) == [40, 40]
+    assert json.loads((out / "parts" / "pools.json").read_text()) == [200, 200]
 
 
 def _sigterm_at(round_: int):

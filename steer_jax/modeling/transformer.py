@@ -158,7 +158,10 @@ def pallas_backend(cfg: ModelConfig, dtype: Any, page_size: int, pages_per_row: 
     the kernels have no sliding window, so a model with windowed layers keeps the XLA path."""
     backend = jax.default_backend()
     backend = "gpu" if backend in ("cuda", "rocm") else backend
-    if backend not in paged_attention.BACKENDS or any(cfg.sliding_layers):
+    # A float32 model computes in float32 (`_precision`); the kernels' dots run in TF32 on a GPU
+    # and bfloat16 on a TPU.
+    if backend not in paged_attention.BACKENDS or any(cfg.sliding_layers) or \
+            jnp.dtype(dtype) == jnp.float32:
         return None
     why_not = paged_attention.pallas_applies(backend, cfg.num_heads, cfg.num_kv_heads,
                                              cfg.head_dim, page_size, pages_per_row, dtype)
