@@ -198,13 +198,10 @@ def test_sharded_generate_gives_identical_tokens(mha, temperature, caplog, monke
     assert not _fallbacks(caplog, "")  # nothing had to fall back
 
 
-QUESTIONS = ["What is 2+2?", "Add 17 and 5.", "Is 9 prime?", "Name a color.", "Sum 1..4",
-             "x=3, y=4, x*y?", "Spell cat.", "Why?"]  # eight traces: one per 'data' device
 STEER = dict(max_steps=3, max_step_tokens=8, max_new_tokens=24, temperature=0.7, seed=1,
              policy="percentile", percentile=0.5, refine="none")  # half go large per round
-# Where a steer run's caches live: both tiny models have 2 KV heads, which 4 'model' devices
+# Where a steer run's page pools live: both tiny models have 2 KV heads, which 4 'model' devices
 # cannot split (replicated), and a 'model' axis of one device adds nothing.
-# The page pools: KV heads over 'model' where they divide it (the tiny pair has 2).
 CACHE_SPECS = {(4, 2): P(None, "model", None, None, None),
                (2, 4): P(None, None, None, None, None),
                (8, 1): P(None, None, None, None, None)}
@@ -215,9 +212,7 @@ def steer_pair(tmp_path_factory):
     """The STEER pair, its prompts and the one-device reference run, built once."""
     small_dir, large_dir = tiny.steer_pair(tmp_path_factory.mktemp("pair"))
     tok = load_tokenizer(small_dir)
-    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": q}],
-                                           add_generation_prompt=True, tokenize=False),
-                   add_special_tokens=False)["input_ids"] for q in QUESTIONS]
+    prompts = tiny.chat_prompts(tok)
     small, large = load_model(small_dir, "float32"), load_model(large_dir, "float32")
     return dict(small=small, large=large, tok=tok, prompts=prompts,
                 reference=steer(small, large, tok, prompts, **STEER))
@@ -296,7 +291,7 @@ def test_sharded_run_resumes_from_a_round_checkpoint(steer_pair, sharded_steer, 
     from steer_jax.store import RoundCheckpoint
 
     mesh, small, large, whole, _ = sharded_steer((4, 2))
-    checkpoint = RoundCheckpoint(tmp_path, 0, range(len(QUESTIONS)), 1, {}, mesh)
+    checkpoint = RoundCheckpoint(tmp_path, 0, range(len(tiny.QUESTIONS)), 1, {}, mesh)
 
     class Preempted(Exception):
         pass

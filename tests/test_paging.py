@@ -143,8 +143,6 @@ def test_pallas_paged_kernel_generates_the_xla_paths_tokens(tiny_models, monkeyp
 
 # ---- the round loop over pages ----------------------------------------------------------------
 
-QUESTIONS = ["What is 2+2?", "Add 17 and 5.", "Is 9 prime?", "Name a color.", "Sum 1..4",
-             "x=3, y=4, x*y?", "Spell cat.", "Why?"]
 SHORT = dict(max_steps=4, max_step_tokens=12, max_new_tokens=40, temperature=0.7, seed=1)
 
 
@@ -152,11 +150,8 @@ SHORT = dict(max_steps=4, max_step_tokens=12, max_new_tokens=40, temperature=0.7
 def pair(tmp_path_factory):
     small_dir, large_dir = tiny.steer_pair(tmp_path_factory.mktemp("pair"))
     tok = load_tokenizer(small_dir)
-    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": q}],
-                                           add_generation_prompt=True, tokenize=False),
-                   add_special_tokens=False)["input_ids"] for q in QUESTIONS]
     run = functools.partial(steer, load_model(small_dir, "float32"),
-                            load_model(large_dir, "float32"), tok, prompts, **SHORT)
+                            load_model(large_dir, "float32"), tok, tiny.chat_prompts(tok), **SHORT)
     return run, run(gamma=0.5)
 
 

@@ -21,8 +21,6 @@ from steer_jax.runner import (RunConfigError, load_config, load_models, run, sum
                                validate)
 from steer_jax.steer import SteerOptions
 
-QUESTIONS = ["What is 2+2?", "Add 17 and 5.", "Is 9 prime?", "Name a color.", "Sum 1..4",
-             "x=3, y=4, x*y?", "Spell cat.", "Why?"]
 SHORT = dict(max_steps=4, max_step_tokens=12, max_new_tokens=40, temperature=0.7, seed=1)
 
 
@@ -30,9 +28,7 @@ SHORT = dict(max_steps=4, max_step_tokens=12, max_new_tokens=40, temperature=0.7
 def pair(tmp_path_factory):
     small_dir, large_dir = tiny.steer_pair(tmp_path_factory.mktemp("pair"))
     tok = load_tokenizer(small_dir)
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                       tokenize=False) for q in QUESTIONS]
-    prompts = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    prompts = tiny.chat_prompts(tok)
     return dict(small=load_model(small_dir, "float32"), large=load_model(large_dir, "float32"),
                 tok=tok, prompts=prompts, small_dir=small_dir, large_dir=large_dir)
 
@@ -67,8 +63,8 @@ def test_bill_equals_hand_count(pair, baselines):
     small, large = baselines["small_only"].traces, baselines["large_only"].traces
     by_hand = sum(2 * n_large * len(t.tokens) for t in large) + sum(
         2 * n_small * t.steps[0].tokens for t in small)
-    summary = summarize(one, [True] * len(QUESTIONS), SteerOptions(**SHORT), "x", 1.0)
-    assert summary.flops_per_query == pytest.approx(by_hand / len(QUESTIONS) / 1e12, rel=1e-12)
+    summary = summarize(one, [True] * len(tiny.QUESTIONS), SteerOptions(**SHORT), "x", 1.0)
+    assert summary.flops_per_query == pytest.approx(by_hand / len(tiny.QUESTIONS) / 1e12, rel=1e-12)
     # large_only reads its prompt once, then one pending token before each later step.
     for t, p in zip(large, pair["prompts"]):
         assert t.read["large"] == len(p) + len(t.steps) - 1 and t.read["small"] == 0
@@ -78,7 +74,7 @@ def test_bill_equals_hand_count(pair, baselines):
 def test_few_routed_traces_execute_few_large_flops(pair, baselines):
     few = _run(pair, policy="percentile", percentile=0.125, refine="none")
     large_steps = sum(s.model == "large" for t in few.traces for s in t.steps)
-    assert 0 < large_steps <= len(QUESTIONS)  # floor(0.125 * running) <= 1 per round
+    assert 0 < large_steps <= len(tiny.QUESTIONS)  # floor(0.125 * running) <= 1 per round
     assert few.executed_tokens["large"] < 0.4 * baselines["large_only"].executed_tokens["large"]
 
 
@@ -89,13 +85,13 @@ def test_percentile_routes_the_stated_count(pair):
         assert sum(s.model == "large" for s in steps) == math.floor(0.5 * len(steps))
 
 
-@pytest.mark.parametrize("groups", [1, len(QUESTIONS) // 2])
+@pytest.mark.parametrize("groups", [1, len(tiny.QUESTIONS) // 2])
 def test_each_group_mixture_sees_only_its_traces(pair, groups):
     res = _run(pair, gamma=0.5, groups=groups)
     kept = [m for m in res.mixtures if m.model == "all"]
     assert {(m.round, m.group) for m in kept} >= {(0, g) for g in range(groups)}
     for m in kept:
-        members = [t for i, t in enumerate(res.traces) if i * groups // len(QUESTIONS) == m.group
+        members = [t for i, t in enumerate(res.traces) if i * groups // len(tiny.QUESTIONS) == m.group
                    and len(t.steps) > m.round]
         assert sorted(m.confidences) == pytest.approx(
             sorted(t.steps[m.round].confidence for t in members))
@@ -330,7 +326,7 @@ def test_specreason_scores_equal_hf_judge(pair):
 
 
 def test_query_router_routes_whole_queries(pair):
-    chosen = [i % 3 == 0 for i in range(len(QUESTIONS))]
+    chosen = [i % 3 == 0 for i in range(len(tiny.QUESTIONS))]
     res = _run(pair, method="query_router", route_queries=chosen)
     for t, big in zip(res.traces, chosen):
         assert {s.model for s in t.steps} == {"large" if big else "small"}

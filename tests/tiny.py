@@ -124,6 +124,18 @@ def chat_tokenizer() -> tf.PreTrainedTokenizerFast:
     return hf
 
 
+# Eight chat questions: one trace per 'data' device of the 8 fake CPU devices.
+QUESTIONS = ["What is 2+2?", "Add 17 and 5.", "Is 9 prime?", "Name a color.", "Sum 1..4",
+             "x=3, y=4, x*y?", "Spell cat.", "Why?"]
+
+
+def chat_prompts(tok, questions: list[str] = QUESTIONS) -> list[list[int]]:
+    """Token ids of each question as a user turn, through the tokenizer's chat template."""
+    return [tok(tok.apply_chat_template([{"role": "user", "content": q}],
+                                        add_generation_prompt=True, tokenize=False),
+                add_special_tokens=False)["input_ids"] for q in questions]
+
+
 def steer_pair(root: Path) -> tuple[Path, Path]:
     """A small (2 layers) and a large (3 layers, wider) Qwen2 checkpoint with one tokenizer."""
     small = root / "small"
