@@ -359,6 +359,9 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
     if pools is None:
         pools = [peers.smallest(p) for p in pool_sizes(cfg, models_held, mesh)]
         parts.save_pools(pools)
+        if progress:
+            progress(0, opts.max_steps, f"KV page pools: {', '.join(map(str, pools))} pages of "
+                     f"{cfg['cache']['page_size']} tokens (small, large{', prm' if len(pools) > 2 else ''})")
     saved = parts.load(me)
     # Without an output folder there is nowhere to save a round: a SIGTERM ends the run as usual.
     with _sigterm_finishes_the_round(enabled=parts.dir is not None) as stop:
