@@ -4,6 +4,7 @@ evicts and re-reads them to the same traces; rounds cut into sub-batches fit one
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -35,8 +36,10 @@ def _fragmented(cfg, batch: int, slots: int, dtype, page_size: int) -> KVCache:
     """A pool whose free pages are every other one, so rows' pages interleave and skip."""
     pool = 2 * batch * -(-slots // page_size) + 1
     cache = KVCache.init(cfg, batch, slots, dtype, page_size=page_size, pool=pool)
-    return KVCache(cache.k, cache.v, cache.pages, cache.length,
-                   cache.free & (jnp.arange(pool + 1) % 2 == 1), cache.stamp)
+    odd = jnp.arange(pool + 1) % 2 == 1
+    cache = dataclasses.replace(cache, free=cache.free & odd)
+    return cache if not cache.split else dataclasses.replace(cache,
+                                                             free_local=cache.free_local & odd)
 
 
 @pytest.mark.parametrize("name", ["qwen2_untied_gqa", "gemma3_text"])
