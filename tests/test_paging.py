@@ -220,3 +220,45 @@ def test_bad_page_size_or_pool_fails_before_compute(pair):
         validate({**base, "cache": {"pages": -3}})
     with pytest.raises(RunConfigError, match=r"unknown config keys: cache\.pagesize"):
         validate({**base, "cache": {"pagesize": 32}})
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_sliding_layers_give_back_pages_past_their_window_and_decode_as_transformers(
+        models, tiny_models, scan):
+    """Gemma (window 4) decodes 36 tokens in calls of 6 over pages of 2 tokens, its sliding
+    layers giving back what their window no longer sees after each call (`paging.slide`): the
+    local pool of 21 pages holds 3 rows' windows but not their 40-odd tokens (60 pages), so
+    only freed pages reused make the tokens equal transformers' greedy ones, unrolled or
+    scanned."""
+    _, hf = models["gemma3_text"]
+    model = load_model(tiny_models["gemma3_text"][0], "float32", scan_layers=scan)
+    cfg, n, per_call, size = model.config, 36, 6, 2
+    assert cfg.sliding_window == 4 and transformer.local_layers(cfg) == (0, 1, 3)
+    cache = KVCache.init(cfg, 3, 64, model.dtype, page_size=size, pool=96, pool_local=21)
+    width = max(map(len, PROMPTS))
+    tokens = np.zeros((3, width), np.int32)
+    for i, p in enumerate(PROMPTS):
+        tokens[i, :len(p)] = p
+    tokens, lengths, got = jnp.asarray(tokens), jnp.asarray([len(p) for p in PROMPTS]), []
+    for _ in range(n // per_call):
+        out = dec.decode(model.params, cfg, cache, tokens, lengths, jnp.ones(3, bool),
+                         jnp.int32(0), jnp.arange(3, dtype=jnp.int32), None,
+                         sampler=dec.Greedy(), max_tokens=per_call, stops=dec.Stops())
+        got.append(np.asarray(out.tokens))
+        # A margin of one token, as steer keeps for a discarded step's pending token.
+        cache = paging.slide(out.cache, out.cache.length - 1, cfg.sliding_window)
+        tokens, lengths = out.pending[:, None], jnp.ones(3, jnp.int32)
+        held = np.asarray(paging.held(cache, local=True))
+        assert (held <= cfg.sliding_window // size + 2).all(), held
+        assert held.sum() + int(jnp.sum(cache.free_local)) == 21
+    got = np.concatenate(got, axis=1)
+    for i, p in enumerate(PROMPTS):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False,
+                              min_new_tokens=n)[0, len(p):].tolist()
+        assert got[i].tolist() == ref
+    # Rolling back within the margin works; past the pages given back, it refuses.
+    kept = dec.rollback(cache, cache.length - 1, cfg.sliding_window)
+    assert np.asarray(kept.length).tolist() == (np.asarray(cache.length) - 1).tolist()
+    with pytest.raises(ValueError, match="past the pages their sliding layers gave back"):
+        dec.rollback(kept, jnp.array([3, 50, 50]), cfg.sliding_window)
