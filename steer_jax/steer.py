@@ -271,12 +271,11 @@ def _gather(cache: KVCache, rows: jax.Array, bucket: int, span: int):
 def _scatter(cache: KVCache, idx: jax.Array, active: jax.Array, sub: KVCache) -> KVCache:
     # Padding rows are real, unrouted rows: they only wrote past their length, which is harmless.
     width = sub.pages.shape[1]
+    local = {} if not sub.split else dict(
+        pages_local=cache.pages_local.at[idx, :width].set(sub.pages_local))
     cache = dataclasses.replace(
         sub, pages=cache.pages.at[idx, :width].set(sub.pages),
-        length=cache.length.at[idx].set(sub.length), stamp=cache.stamp)
-    if sub.split:
-        cache = dataclasses.replace(cache, pages_local=cache.pages_local.at[idx, :width].set(
-            sub.pages_local))
+        length=cache.length.at[idx].set(sub.length), stamp=cache.stamp, **local)
     return paging.trim(paging.touch(cache, jnp.zeros_like(cache.length, bool).at[idx].set(
         active)))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ from steer_jax.modeling import paged_attention, transformer
 from steer_jax.modeling.transformer import KVCache
 from steer_jax.runner import RunConfigError, validate
 
+steer_module = importlib.import_module("steer_jax.steer")
 RS = np.random.RandomState(5)
 PROMPTS = [RS.randint(3, 120, size=n).tolist() for n in (5, 11, 2)]
 append = jax.jit(dec.append, static_argnames=("cfg", "scores"))
@@ -262,3 +264,39 @@ def test_sliding_layers_give_back_pages_past_their_window_and_decode_as_transfor
     assert np.asarray(kept.length).tolist() == (np.asarray(cache.length) - 1).tolist()
     with pytest.raises(ValueError, match="past the pages their sliding layers gave back"):
         dec.rollback(kept, jnp.array([3, 50, 50]), cfg.sliding_window)
+
+
+def test_gemma_pools_sliding_past_the_window_evict_reread_and_resume_to_the_same_traces(
+        tmp_path_factory, monkeypatch):
+    """A Gemma pair (window 4) over pages of 4 tokens, catch-up reads in chunks of 8: pools of
+    45 global and 24 sliding-layer pages hold 2-3 of 8 traces, so traces are evicted and read
+    again, their sliding layers giving pages back as they read. The traces equal those of
+    pools that hold everything; at every round boundary a running trace's sliding layers hold
+    at most its window's pages; a run resumed from round 2 ends as the uninterrupted one."""
+    monkeypatch.setattr(steer_module, "CHUNK", 8)
+    small_dir, large_dir = tiny.steer_pair(tmp_path_factory.mktemp("gemma"), family="gemma3")
+    tok = load_tokenizer(small_dir)
+    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": q}],
+                                           add_generation_prompt=True, tokenize=False),
+                   add_special_tokens=False)["input_ids"] for q in QUESTIONS]
+    run = functools.partial(steer, load_model(small_dir, "float32"),
+                            load_model(large_dir, "float32"), tok, prompts, gamma=0.5, **SHORT)
+    whole = run()
+    states = []
+
+    def check(state) -> None:
+        running = np.asarray(state.trace.running)
+        for cache in state.caches:
+            local = np.asarray(paging.held(cache, local=True))
+            assert (local[~running] == 0).all() and (local <= 4 // 4 + 2).all(), local
+            assert local.sum() + int(jnp.sum(cache.free_local)) == 24
+            assert np.asarray(paging.held(cache)).sum() + int(jnp.sum(cache.free)) == 45
+        states.append(dataclasses.replace(state, caches=jax.tree.map(jnp.copy, state.caches)))
+
+    pools = dict(batch_size=3, page_size=4, pool_pages=[(45, 24)] * 2)
+    paged = run(on_round=check, **pools)
+    _same_traces(paged, whole)
+    assert sum(t.read["small"] for t in paged.traces) > sum(t.read["small"] for t in whole.traces)
+    assert len(states) >= 3
+    resumed = run(resume_from=states[1], **pools)
+    _same_traces(resumed, paged)
