@@ -269,7 +269,7 @@ def test_sliding_layers_give_back_pages_past_their_window_and_decode_as_transfor
 def test_gemma_pools_sliding_past_the_window_evict_reread_and_resume_to_the_same_traces(
         tmp_path_factory, monkeypatch):
     """A Gemma pair (window 4) over pages of 4 tokens, catch-up reads in chunks of 8: pools of
-    45 global and 24 sliding-layer pages hold 2-3 of 8 traces, so traces are evicted and read
+    30 global and 16 sliding-layer pages hold 1-2 of 5 traces, so traces are evicted and read
     again, their sliding layers giving pages back as they read. The traces equal those of
     pools that hold everything; at every round boundary a running trace's sliding layers hold
     at most its window's pages; a run resumed from round 2 ends as the uninterrupted one."""
@@ -278,9 +278,10 @@ def test_gemma_pools_sliding_past_the_window_evict_reread_and_resume_to_the_same
     tok = load_tokenizer(small_dir)
     prompts = [tok(tok.apply_chat_template([{"role": "user", "content": q}],
                                            add_generation_prompt=True, tokenize=False),
-                   add_special_tokens=False)["input_ids"] for q in QUESTIONS]
+                   add_special_tokens=False)["input_ids"] for q in QUESTIONS[:5]]
     run = functools.partial(steer, load_model(small_dir, "float32"),
-                            load_model(large_dir, "float32"), tok, prompts, gamma=0.5, **SHORT)
+                            load_model(large_dir, "float32"), tok, prompts, gamma=0.5,
+                            **{**SHORT, "max_steps": 3})
     whole = run()
     states = []
 
@@ -289,14 +290,14 @@ def test_gemma_pools_sliding_past_the_window_evict_reread_and_resume_to_the_same
         for cache in state.caches:
             local = np.asarray(paging.held(cache, local=True))
             assert (local[~running] == 0).all() and (local <= 4 // 4 + 2).all(), local
-            assert local.sum() + int(jnp.sum(cache.free_local)) == 24
-            assert np.asarray(paging.held(cache)).sum() + int(jnp.sum(cache.free)) == 45
+            assert local.sum() + int(jnp.sum(cache.free_local)) == 16
+            assert np.asarray(paging.held(cache)).sum() + int(jnp.sum(cache.free)) == 30
         states.append(dataclasses.replace(state, caches=jax.tree.map(jnp.copy, state.caches)))
 
-    pools = dict(batch_size=3, page_size=4, pool_pages=[(45, 24)] * 2)
+    pools = dict(batch_size=3, page_size=4, pool_pages=[(30, 16)] * 2)
     paged = run(on_round=check, **pools)
     _same_traces(paged, whole)
     assert sum(t.read["small"] for t in paged.traces) > sum(t.read["small"] for t in whole.traces)
-    assert len(states) >= 3
+    assert len(states) == 3
     resumed = run(resume_from=states[1], **pools)
     _same_traces(resumed, paged)
