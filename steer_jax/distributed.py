@@ -77,6 +77,10 @@ CACHE_AXES: dict[str, tuple[str | None, ...]] = {
     "length": ("batch",),
     "free": (None,),
     "stamp": ("batch",),
+    "k_local": ("layers", "kv_heads", None, None, None),  # the sliding layers' pool, if any
+    "v_local": ("layers", "kv_heads", None, None, None),
+    "pages_local": ("batch", None),
+    "free_local": (None,),
 }
 
 # (tensor name, reason) pairs already reported: a fallback is said once, not once per layer
@@ -243,7 +247,7 @@ def cache_shardings(cache: KVCache, mesh: Mesh) -> KVCache:
     """A NamedSharding per KV cache field: rows over 'data', KV heads over 'model'."""
     return KVCache(**{f: NamedSharding(mesh, _spec(f"cache.{f}", tuple(getattr(cache, f).shape),
                                                    axes, mesh))
-                      for f, axes in CACHE_AXES.items()})
+                      for f, axes in CACHE_AXES.items() if getattr(cache, f) is not None})
 
 
 def shard_cache(cache: KVCache, mesh: Mesh) -> KVCache:

@@ -17,9 +17,12 @@ replicated over a mesh's 'data' axis and split over 'model' along KV heads where
 divides that axis (the rule `_spec` in `steer_jax.distributed` applies to every tensor), so all
 figures here are for one device.
 
-Assumption of this version: sliding-window layers page like global ones (a page id covers every
-layer, so a windowed layer cannot give back pages its window no longer sees). `layer_windows`
-keeps each layer's window so that `trace_pages` is the one place to change when they can.
+Sliding-window layers (Gemma 3: 5 of every 6) have a pool of their own where a model has both
+kinds (`KVCache.k_local`): a page id there covers only the sliding layers, so they give back the
+pages below a trace's window at every round boundary (`paging.slide`) and hold about
+window / page_size + 1 pages a trace however long it grows, while the global layers hold them all.
+Such a model has two pools, each sized to hold the same traces as every other pool; a
+figure "per pool" below is one of them, and `trace_pages` says what a trace holds in each.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import jax.numpy as jnp
 
 from steer_jax.distributed import RULES, _param_axes
 from steer_jax.modeling.config import ModelConfig, num_params, param_shapes
+from steer_jax.modeling.transformer import local_layers
 
 DEFAULT_PAGE_SIZE = 64
 DENSE_ROUND = 64  # the dense layout rounded its slots up to a multiple of this
@@ -83,9 +87,19 @@ def kv_bytes_per_token(cfg: ModelConfig, dtype: Any, model_shards: int = 1) -> i
     return 2 * cfg.num_layers * heads * cfg.head_dim * _itemsize(dtype)
 
 
-def page_bytes(cfg: ModelConfig, dtype: Any, page_size: int, model_shards: int = 1) -> int:
-    """Bytes of one page (k and v of `page_size` tokens in every layer) on one device."""
-    return page_size * kv_bytes_per_token(cfg, dtype, model_shards)
+def page_bytes(cfg: ModelConfig, dtype: Any, page_size: int, model_shards: int = 1,
+               local: bool = False) -> int:
+    """Bytes of one page (k and v of `page_size` tokens in every layer of its pool: the sliding
+    layers' with `local`, else the others, or all where the model has one pool) on one
+    device."""
+    n_local = len(local_layers(cfg))
+    layers = n_local if local else cfg.num_layers - n_local
+    return page_size * kv_bytes_per_token(cfg, dtype, model_shards) * layers // cfg.num_layers
+
+
+def pools_of(cfg: ModelConfig) -> tuple[bool, ...]:
+    """The pools a model keeps, as `local` flags: (False,) or (False, True)."""
+    return (False, True) if local_layers(cfg) else (False,)
 
 
 def layer_windows(cfg: ModelConfig) -> tuple[int | None, ...]:
@@ -94,21 +108,26 @@ def layer_windows(cfg: ModelConfig) -> tuple[int | None, ...]:
     return tuple(cfg.sliding_window if s else None for s in cfg.sliding_layers)
 
 
-def trace_pages(cfg: ModelConfig, tokens: int, page_size: int) -> int:
-    """Pages of `cfg`'s pool that a trace holding `tokens` tokens holds.
+def trace_pages(cfg: ModelConfig, tokens: int, page_size: int, local: bool = False) -> int:
+    """Pages of one of `cfg`'s pools (the sliding layers' with `local`) that a trace holding
+    `tokens` tokens holds at a round boundary.
 
-    Every layer counts all `tokens`, sliding-window layers included (see the module docstring):
-    pages are shared by all layers, so the most demanding layer sets the count.
+    The global layers hold every token. The sliding layers' pool holds the pages from the one
+    that a query at the trace's newest token (t = tokens - 1, which a discarded step may roll
+    back to) still sees, t - window + 1, on: `paging.slide` gave back those below.
     """
-    held = [tokens for _window in layer_windows(cfg)]  # a window frees nothing in this version
-    return max(1, -(-max(held) // page_size))  # a trace holds a page from its first token
+    pages = max(1, -(-tokens // page_size))  # a trace holds a page from its first token
+    window = cfg.sliding_window if local else None
+    if not window:
+        return pages
+    return pages - max(tokens - window, 0) // page_size
 
 
 def call_pages(cfg: ModelConfig, tokens: int, page_size: int, max_step_tokens: int) -> int:
     """Pages a row of `tokens` tokens takes on top of those it holds while a call that may write
     `max_step_tokens` more runs (given back after it): pages(tokens + max_step_tokens) -
     pages(tokens): ceil(max_step_tokens / page_size) or one less, by the room left in the last
-    page the row holds."""
+    page the row holds. The same in either pool: a call gives nothing back before it ends."""
     return (trace_pages(cfg, tokens + max_step_tokens, page_size)
             - trace_pages(cfg, tokens, page_size))
 
@@ -141,18 +160,27 @@ def dense_trace_bytes(cfg: ModelConfig, dtype: Any, prompt_tokens: int, max_new_
 
 def _per_trace(configs: Sequence[ModelConfig], dtype: Any, page_size: int, tokens_per_trace: int,
                model_shards: int, max_step_tokens: int) -> tuple[list[int], list[int], list[int]]:
-    """(pages a trace holds, pages a row's call adds, page bytes) of each model."""
-    held = [trace_pages(c, tokens_per_trace, page_size) for c in configs]
-    extra = [call_pages(c, tokens_per_trace, page_size, max_step_tokens) for c in configs]
-    sizes = [page_bytes(c, dtype, page_size, model_shards) for c in configs]
+    """(pages a trace holds, pages a row's call adds, page bytes) of each pool, the models' pools
+    in order (`pools_of`)."""
+    pools = [(c, local) for c in configs for local in pools_of(c)]
+    held = [trace_pages(c, tokens_per_trace, page_size, local) for c, local in pools]
+    extra = [call_pages(c, tokens_per_trace, page_size, max_step_tokens) for c, _ in pools]
+    sizes = [page_bytes(c, dtype, page_size, model_shards, local) for c, local in pools]
     return held, extra, sizes
+
+
+def _by_model(configs: Sequence[ModelConfig], per_pool: Sequence[Any]) -> list[Any]:
+    """Per-pool figures grouped per model: a model's one figure, or (global, local)."""
+    it = iter(per_pool)
+    return [next(it) if len(pools_of(c)) == 1 else (next(it), next(it)) for c in configs]
 
 
 def pool_pages(configs: Sequence[ModelConfig], dtype: Any, budget_bytes: int, page_size: int,
                tokens_per_trace: int, model_shards: int = 1, *,
-               max_step_tokens: int = 0) -> list[int]:
+               max_step_tokens: int = 0) -> list[int | tuple[int, int]]:
     """Usable pages of each model's pool (its arrays hold one more, the null page) so that the
-    pools fill `budget_bytes` of one device and each model holds as many traces as the others.
+    pools fill `budget_bytes` of one device and each model holds as many traces as the others;
+    for a model with a sliding layers' pool, (global pool, local pool).
 
     Each model's pages are proportional to what one resident trace of `tokens_per_trace` tokens
     costs it: the pages it holds plus an eighth of the pages its row adds during a call that
@@ -165,10 +193,15 @@ def pool_pages(configs: Sequence[ModelConfig], dtype: Any, budget_bytes: int, pa
                                     max_step_tokens)
     room = budget_bytes - sum(sizes)  # the null pages come first
     if room <= 0:
-        return [0] * len(configs)
+        return _by_model(configs, [0] * len(sizes))
     share = [8 * h + e for h, e in zip(held, extra)]  # eighths of a page per trace
     per_unit = sum(w * s for w, s in zip(share, sizes))
-    return [int(room * w // per_unit) for w in share]
+    return _by_model(configs, [int(room * w // per_unit) for w in share])
+
+
+def flat_pools(pools: Sequence[int | tuple[int, int]]) -> list[int]:
+    """Every pool's figure in order, a model's pair as two."""
+    return [x for p in pools for x in (p if isinstance(p, tuple) else (p,))]
 
 
 def resident_in_pool(pool: int, held: int, extra: int) -> int:
@@ -201,8 +234,8 @@ def resident_traces(configs: Sequence[ModelConfig], dtype: Any, budget_bytes: in
                     max_step_tokens: int = 0) -> int:
     """Traces of `tokens_per_trace` tokens each that the pools `pool_pages` sizes keep resident
     through a round whose calls may write `max_step_tokens` tokens a row."""
-    pools = pool_pages(configs, dtype, budget_bytes, page_size, tokens_per_trace, model_shards,
-                       max_step_tokens=max_step_tokens)
+    pools = flat_pools(pool_pages(configs, dtype, budget_bytes, page_size, tokens_per_trace,
+                             model_shards, max_step_tokens=max_step_tokens))
     held, extra, _ = _per_trace(configs, dtype, page_size, tokens_per_trace, model_shards,
                                 max_step_tokens)
     return min(resident_in_pool(p, h, e) for p, h, e in zip(pools, held, extra))
@@ -268,8 +301,8 @@ class ModelPlan:
     name: str
     params: int
     weight_bytes: int  # per device
-    kv_bytes_per_token: int
-    page_bytes: int
+    kv_bytes_per_token: int  # all layers
+    page_bytes: int  # a page of the global layers' pool (all layers' with one pool)
     kv_heads: int
     kv_heads_per_device: int  # fewer than kv_heads where they split over the 'model' axis
     trace_pages: int  # pages one trace holds at the plan's tokens (prompt + generated)
@@ -277,6 +310,15 @@ class ModelPlan:
     pool_pages: int  # usable pages of its pool (the pool holds one more: the null page)
     calls_per_round: int  # calls writing a step for all resident traces, without evicting
     dense_trace_bytes: int  # one trace's cache in the old dense layout
+    # The sliding layers' pool, for a model with one (`pools_of`); 0 without.
+    local_page_bytes: int = 0
+    local_trace_pages: int = 0  # pages its window holds at a round boundary
+    local_pool_pages: int = 0
+
+    @property
+    def trace_bytes(self) -> int:
+        """What one resident trace's pages take in this model's pools."""
+        return self.trace_pages * self.page_bytes + self.local_trace_pages * self.local_page_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,18 +389,25 @@ def plan(configs: Sequence[ModelConfig], dtype: Any, device_memory: int, *,
     ahead = max(0, min(max_step_tokens, table - tokens))
     weights = [weight_bytes(c, dtype, devices) for c in configs]
     usable = int(fraction * device_memory) - sum(weights)
-    pools = pool_pages(configs, dtype, usable, page_size, tokens, devices, max_step_tokens=ahead)
-    held, extra, _ = _per_trace(configs, dtype, page_size, tokens, devices, ahead)
+    pools = flat_pools(pool_pages(configs, dtype, usable, page_size, tokens, devices,
+                             max_step_tokens=ahead))
+    held, extra, sizes = _per_trace(configs, dtype, page_size, tokens, devices, ahead)
     resident = min(resident_in_pool(p, h, e) for p, h, e in zip(pools, held, extra))
+    calls = [calls_per_round(p, h, e, resident) for p, h, e in zip(pools, held, extra)]
+    # Each model's figures: (global pool, local pool or None).
+    per_model = [(m, None) if len(pools_of(c)) == 1 else m for c, m in
+                 zip(configs, _by_model(configs, list(zip(pools, held, extra, sizes, calls))))]
     models = tuple(ModelPlan(
         name=n, params=num_params(c), weight_bytes=w,
         kv_bytes_per_token=kv_bytes_per_token(c, dtype, devices),
-        page_bytes=page_bytes(c, dtype, page_size, devices),
-        kv_heads=c.num_kv_heads, kv_heads_per_device=_split(c.num_kv_heads, devices),
-        trace_pages=h, call_pages=e, pool_pages=p,
-        calls_per_round=calls_per_round(p, h, e, resident),
-        dense_trace_bytes=dense_trace_bytes(c, dtype, dense_prompt, max_new_tokens, devices))
-        for n, c, w, p, h, e in zip(names, configs, weights, pools, held, extra))
+        page_bytes=g[3], kv_heads=c.num_kv_heads,
+        kv_heads_per_device=_split(c.num_kv_heads, devices),
+        trace_pages=g[1], call_pages=g[2], pool_pages=g[0],
+        calls_per_round=max(g[4], loc[4] if loc else 0),
+        dense_trace_bytes=dense_trace_bytes(c, dtype, dense_prompt, max_new_tokens, devices),
+        **(dict(local_page_bytes=loc[3], local_trace_pages=loc[1], local_pool_pages=loc[0])
+           if loc else {}))
+        for n, c, w, (g, loc) in zip(names, configs, weights, per_model))
     dense = max(usable, 0) // sum(m.dense_trace_bytes for m in models)
     return MemoryPlan(
         models=models, dtype=str(jnp.dtype(dtype)), device_memory=device_memory,
@@ -476,6 +525,12 @@ def format_plan(p: MemoryPlan) -> str:
                      f"{m.kv_bytes_per_token / 2**10:>6.1f} KiB {m.page_bytes / 2**20:>6.2f} MiB "
                      f"{f'{m.kv_heads_per_device} of {m.kv_heads}':>12} {m.trace_pages:>11} "
                      f"{m.call_pages:>5} {m.pool_pages:>10} {m.calls_per_round:>11}")
+    for m in p.models:
+        if m.local_pool_pages:
+            lines.append(f"{m.name} sliding-window layers' pool: page "
+                         f"{m.local_page_bytes / 2**20:.2f} MiB, {m.local_trace_pages} pages a "
+                         f"trace (its window; the global layers' pool above holds them all), "
+                         f"+{m.call_pages} a call, {m.local_pool_pages} pages")
     lines += ["", f"memory for KV pages per device: {MEMORY_FRACTION} x {_gib(p.device_memory)}"
               f" - weights {_gib(sum(m.weight_bytes for m in p.models))} = {_gib(p.usable_bytes)}",
               f"traces resident at {p.mean_tokens} generated tokens each: {p.resident_traces}"

@@ -257,11 +257,13 @@ def _all_parts(parts: Parts, n_proc: int) -> bool:
     return parts.dir is not None and all(parts.load(p) is not None for p in range(n_proc))
 
 
-def pool_sizes(cfg: dict[str, Any], models: Sequence[Any], mesh: Any = None) -> list[int]:
-    """Pages in each model's pool: `cache.pages` for every model, or what this process's devices
+def pool_sizes(cfg: dict[str, Any], models: Sequence[Any],
+               mesh: Any = None) -> list[int | tuple[int, int]]:
+    """Pages in each model's pool: `cache.pages` for every pool, or what this process's devices
     hold beside the loaded weights (`memory.device_budget`, each byte counted once), split so
-    that every model holds as many traces. steer() clamps a pool to what its traces could ever
-    use, so a small run on a large host allocates only that."""
+    that every pool holds as many traces (a model with sliding-window layers gets a pair:
+    its global layers' pool, its sliding layers' pool). steer() clamps a pool to what its
+    traces could ever use, so a small run on a large host allocates only that."""
     if cfg["cache"]["pages"] is not None:
         return [cfg["cache"]["pages"]] * len(models)
     devices = None if mesh is None else list(mesh.devices.flat)
@@ -271,7 +273,7 @@ def pool_sizes(cfg: dict[str, Any], models: Sequence[Any], mesh: Any = None) -> 
     tokens = cfg["steer"].get("max_new_tokens", SteerOptions.max_new_tokens)
     pools = memory.pool_pages([m.config for m in models], models[0].dtype, budget, size, tokens,
                               shards)
-    if min(pools) < 1:
+    if min(memory.flat_pools(pools)) < 1:
         raise RunConfigError(
             f"no room for KV pages: on one device the weights leave {budget / 2**30:.2f} GiB of "
             "memory; shard the models over a (larger) mesh or use a device with more memory")
@@ -357,11 +359,13 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
     # A resumed run restores caches of the saved shapes, whatever memory says now.
     pools = parts.pools() if resume else None
     if pools is None:
-        pools = [peers.smallest(p) for p in pool_sizes(cfg, models_held, mesh)]
+        pools = [tuple(peers.smallest(x) for x in p) if isinstance(p, tuple)
+                 else peers.smallest(p) for p in pool_sizes(cfg, models_held, mesh)]
         parts.save_pools(pools)
         if progress:
-            progress(0, opts.max_steps, f"KV page pools: {', '.join(map(str, pools))} pages of "
-                     f"{cfg['cache']['page_size']} tokens (small, large{', prm' if len(pools) > 2 else ''})")
+            names = ", ".join(["small", "large", "prm"][: len(pools)])
+            progress(0, opts.max_steps, f"KV page pools ({names}): {pools} pages of "
+                     f"{cfg['cache']['page_size']} tokens")
     saved = parts.load(me)
     # Without an output folder there is nowhere to save a round: a SIGTERM ends the run as usual.
     with _sigterm_finishes_the_round(enabled=parts.dir is not None) as stop:

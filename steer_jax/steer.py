@@ -260,17 +260,22 @@ def _gather(cache: KVCache, rows: jax.Array, bucket: int, span: int):
     The pool itself is shared: a call moves page ids, never KV data."""
     idx = jnp.argsort(~rows, stable=True)[:bucket]
     active = jnp.arange(bucket) < jnp.sum(rows)
-    return idx, active, dataclasses.replace(
-        cache, pages=cache.pages[idx, :span // cache.page_size], length=cache.length[idx],
-        stamp=cache.stamp[idx])
+    width = span // cache.page_size
+    sub = dataclasses.replace(cache, pages=cache.pages[idx, :width], length=cache.length[idx],
+                              stamp=cache.stamp[idx])
+    if cache.split:
+        sub = dataclasses.replace(sub, pages_local=cache.pages_local[idx, :width])
+    return idx, active, sub
 
 
 def _scatter(cache: KVCache, idx: jax.Array, active: jax.Array, sub: KVCache) -> KVCache:
     # Padding rows are real, unrouted rows: they only wrote past their length, which is harmless.
     width = sub.pages.shape[1]
+    local = {} if not sub.split else dict(
+        pages_local=cache.pages_local.at[idx, :width].set(sub.pages_local))
     cache = dataclasses.replace(
         sub, pages=cache.pages.at[idx, :width].set(sub.pages),
-        length=cache.length.at[idx].set(sub.length), stamp=cache.stamp)
+        length=cache.length.at[idx].set(sub.length), stamp=cache.stamp, **local)
     return paging.trim(paging.touch(cache, jnp.zeros_like(cache.length, bool).at[idx].set(
         active)))
 
@@ -329,7 +334,9 @@ def _advance(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array, un
     n = jnp.where(active, jnp.clip(until[idx] - seen, 0, width), 0)
     sub = paging.reserve(sub, seen + n, active)
     _, sub = forward(params, cfg, _unseen(state, idx, seen, width), sub)
-    sub = dataclasses.replace(sub, length=seen + n)
+    # Frees as it goes: a catch-up (a re-read from 0 included) ends no later than the position
+    # this round's discard may roll back to, so nothing reads below its new length again.
+    sub = paging.slide(dataclasses.replace(sub, length=seen + n), seen + n, cfg.sliding_window)
     state = dataclasses.replace(state, read=state.read.at[idx, stream].add(n),
                                 executed=state.executed.at[stream].add(bucket * width))
     return _scatter(cache, idx, active, sub), state
@@ -404,28 +411,42 @@ def _verify(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array,
 
 # ---- sub-batches and pages, on device ------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("cap",))
-def _plan(cache: KVCache, reach: jax.Array, until: jax.Array, rows: jax.Array, *, cap: int):
+@functools.partial(jax.jit, static_argnames=("cap", "window", "span"))
+def _plan(cache: KVCache, reach: jax.Array, until: jax.Array, rows: jax.Array, *, cap: int,
+          window: int | None = None, span: int = 0):
     """The next call's rows, the first of `rows` in row order, at most `cap`, each holding the
     pages for `reach` [B] slots during the call. Returns them and [count, longest lag to
-    `until`, furthest reach, pages short of free, rows asked for].
+    `until`, furthest reach, pages short of free (global pool), rows asked for, pages short of
+    free (local pool)].
 
     Rows are taken while their new pages fit the free ones (nothing is evicted, the round is
     only cut into more calls) as long as that gives a call an eighth of the full one or more;
     else while all their pages fit the pool, the traces outside the call giving theirs back.
+    The sliding layers' pool counts at most the pages a row's window and `span` positions
+    past `until` (the catch-up chunk or the step) touch: catch-up reads give pages back as
+    they go.
     """
-    after = paging.pages_for(reach, cache.page_size)
-    new = jnp.where(rows, jnp.maximum(after - paging.held(cache), 0), 0)
+    size = cache.page_size
     first = rows & (jnp.cumsum(rows) - 1 < cap)
-    fit_pool = first & (jnp.cumsum(jnp.where(rows, after, 0)) <= cache.free.shape[0] - 1)
-    fit_free = first & (jnp.cumsum(new) <= jnp.sum(cache.free))
+    fit_pool, fit_free, new = first, first, []
+    for local, (table, mask) in zip((False, True), paging._pools(cache)):
+        have = paging.held(cache, local)
+        add = jnp.sum(paging.new_pages(getattr(cache, table), cache.length, reach, rows, size),
+                      axis=1)
+        if local:
+            bound = (window - 1 + span + jnp.maximum(reach - until, 0)) // size + 2
+            add = jnp.minimum(add, jnp.maximum(bound - have, 0))
+        pool = getattr(cache, mask)
+        fit_pool &= jnp.cumsum(jnp.where(rows, have + add, 0)) <= pool.shape[0] - 1
+        fit_free &= jnp.cumsum(jnp.where(rows, add, 0)) <= jnp.sum(pool)
+        new.append((add, pool))
     take = jnp.where(8 * jnp.sum(fit_free) >= jnp.sum(fit_pool), fit_free, fit_pool)
     lag = until - cache.length
     # The furthest slot of the call; with no row taken, of the rows asked for (for the error).
     end = jnp.max(jnp.where(jnp.where(jnp.any(take), take, rows), reach, 0))
-    return take, jnp.stack([jnp.sum(take), jnp.max(jnp.where(take, lag, 0)), end,
-                            jnp.sum(jnp.where(take, new, 0)) - jnp.sum(cache.free),
-                            jnp.sum(rows)])
+    short = [jnp.sum(jnp.where(take, add, 0)) - jnp.sum(pool) for add, pool in new]
+    return take, jnp.stack([jnp.sum(take), jnp.max(jnp.where(take, lag, 0)), end, short[0],
+                            jnp.sum(rows), short[-1] if cache.split else jnp.int32(0)])
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
@@ -436,6 +457,11 @@ def _evict(cache: KVCache, keep: jax.Array, short: jax.Array) -> KVCache:
 @functools.partial(jax.jit, donate_argnames=("cache",))
 def _drop(cache: KVCache, rows: jax.Array) -> KVCache:
     return paging.drop_rows(cache, rows)
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",), static_argnames=("window",))
+def _slide(cache: KVCache, floor: jax.Array, *, window: int | None) -> KVCache:
+    return paging.slide(cache, floor, window)
 
 
 # ---- routing, on device -------------------------------------------------------------------------
@@ -472,18 +498,21 @@ class _Side:
     """One model inside a run: its weights, its cache over all traces, its vocabulary tables."""
 
     def __init__(self, model: Model, stream: int, tokenizer: Any, opts: SteerOptions, batch: int,
-                 slots: int, page_size: int, pool: int | None, cache: KVCache | None = None):
+                 slots: int, page_size: int, pool: tuple[int | None, int | None],
+                 cache: KVCache | None = None):
         self.model, self.stream = model, stream
         self.cfg = model.config
-        fresh = jax.eval_shape(lambda: KVCache.init(self.cfg, batch, slots, model.dtype,
-                                                    page_size=page_size, pool=pool))
+        init = functools.partial(KVCache.init, self.cfg, batch, slots, model.dtype,
+                                 page_size=page_size, pool=pool[0], pool_local=pool[1])
+        fresh = jax.eval_shape(init)
         if cache is None:
             # On a mesh the cache follows the weights: KV heads over 'model', rows over 'data'.
-            cache = distributed.place_cache(KVCache.init(
-                self.cfg, batch, slots, model.dtype, page_size=page_size, pool=pool),
-                model.params)
+            cache = distributed.place_cache(init(), model.params)
         else:
-            for f in ("k", "pages"):
+            if cache.split != fresh.split:
+                raise ValueError(f"resume_from: the {MODEL_NAMES[stream]} model's cache has "
+                                 f"{1 + cache.split} pools, this run needs {1 + fresh.split}")
+            for f in ("k", "pages") + (("k_local", "pages_local") if fresh.split else ()):
                 a, b = getattr(cache, f), getattr(fresh, f)
                 if a.shape != b.shape or a.dtype != b.dtype:
                     raise ValueError(f"resume_from: the {MODEL_NAMES[stream]} model's cache.{f} "
@@ -492,6 +521,10 @@ class _Side:
         self.cache = cache
         self.masks = vocab_masks(tokenizer, self.cfg.vocab_size, opts.delimiter)
         self.stops = dec.Stops(self.cfg.eos_token_ids, step_mode=True)
+
+    def window(self, span: int) -> dict[str, Any]:
+        """`_plan`'s static arguments for this model's sliding layers' pool."""
+        return dict(window=self.cfg.sliding_window, span=span) if self.cache.split else {}
 
 
 def judge_suffix(tokenizer: Any) -> list[int]:
@@ -516,7 +549,8 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
           progress: Callable[[int, int], None] | None = None,
           on_round: Callable[[RoundState], None] | None = None,
           resume_from: RoundState | None = None, batch_size: int | None = None,
-          page_size: int = 64, pool_pages: int | Sequence[int | None] | None = None,
+          page_size: int = 64,
+          pool_pages: int | Sequence[int | tuple[int | None, int | None] | None] | None = None,
           peers: distributed.Peers | None = None, **kwargs: Any) -> SteerResult:
     """Run STEER (or a baseline, `method`) over token-id prompts: every round spans them all.
 
@@ -527,8 +561,9 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
 
     Each round fits its mixture once over every running trace. A model's work in a round runs
     in calls of at most `batch_size` rows (default: all), over a paged KV cache of `page_size`
-    tokens a page. `pool_pages` (one count, or one per model: small, large, PRM) bounds each
-    model's pool; a call that needs more pages than are free takes them back from traces
+    tokens a page. `pool_pages` (one count, or one per model: small, large, PRM; a model's
+    count may be a pair: its global layers' pool, its sliding layers' pool) bounds each
+    model's pools; a call that needs more pages than are free takes them back from traces
     outside it, which read their tokens again when next scheduled. Without it every trace gets
     room for its whole budget up front (nothing is ever evicted). With `peers`, several
     processes run one run, each over its slice of the traces, and fit every mixture together.
@@ -565,15 +600,26 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
     slots = -(-(longest + opts.max_new_tokens + 2) // page_size) * page_size  # whole pages
     models = [small, large] + ([prm] if opts.method == "rsd" else [])
     pools = list(pool_pages) if isinstance(pool_pages, (list, tuple)) else [pool_pages] * 3
+    # Each model's (global pool, sliding layers' pool): one count gives both that many pages.
+    pools = [p if isinstance(p, (list, tuple)) else (p, p) for p in pools]
+    # Longest stretch of positions past a row's catch-up target that its sliding layers hold
+    # during a call besides their window (`_plan`): a catch-up chunk, or a step read or written
+    # with the judge prompt after it.
+    local_span = max(CHUNK, opts.max_step_tokens + 2 + (0 if suffix is None else len(suffix)))
     # A pool that holds every trace's whole budget is the up-front layout, which never evicts.
-    pools = [None if p is None or p >= B * (slots // page_size) else p for p in pools]
+    whole = slots // page_size
+    pools = [tuple(None if p is None or p >= B * whole else p for p in pair) for pair in pools]
     # Fail now, not hours in: the pool must hold one trace at its longest.
-    for i, p in enumerate(pools[: len(models)]):
-        if p is not None and p < slots // page_size:
-            raise ValueError(f"cache.pages: the {MODEL_NAMES[i]} model's pool of {p} pages of "
-                             f"{page_size} tokens cannot hold one trace (the longest prompt and "
-                             f"steer.max_new_tokens need {slots // page_size}); raise cache.pages "
-                             "or lower steer.max_new_tokens")
+    for i, (m, (p, p_local)) in enumerate(zip(models, pools)):
+        window = m.config.sliding_window or slots
+        one = min(whole, (window + local_span + opts.max_step_tokens) // page_size + 2)
+        for what, have, need in (("", p, whole), (" sliding-window", p_local, one)):
+            if have is not None and have < need:
+                raise ValueError(
+                    f"cache.pages: the {MODEL_NAMES[i]} model's{what} pool of {have} pages of "
+                    f"{page_size} tokens cannot hold one trace (the longest prompt and "
+                    f"steer.max_new_tokens need {need}); raise cache.pages or lower "
+                    "steer.max_new_tokens")
     # A resumed run takes its caches over instead of allocating fresh ones beside them.
     caches = [None] * len(models) if resume_from is None else list(resume_from.caches)
     if len(caches) != len(models):
@@ -640,8 +686,9 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
         left = rows
         reach = jnp.minimum(state.total + max(extra, 0) + ahead, slots)  # within the table
         while True:
-            take, stats = _plan(side.cache, reach, state.total + extra, left, cap=cap)
-            count, widest, end, short, wanted = (int(x) for x in np.asarray(stats))
+            take, stats = _plan(side.cache, reach, state.total + extra, left, cap=cap,
+                                **side.window(local_span))
+            count, widest, end, short, wanted, short_local = (int(x) for x in np.asarray(stats))
             if count == 0:
                 if wanted:
                     raise ValueError(
@@ -650,11 +697,12 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
                         f"hold one trace's next call (up to {end} tokens): raise cache.pages or "
                         "lower steer.max_new_tokens")
                 return
-            if short > 0:
-                side.cache = _evict(side.cache, take, short)
+            if short > 0 or short_local > 0:
+                side.cache = _evict(side.cache, take, jnp.asarray([short, short_local]))
             if widest > normal and behind is not None:
                 catch_up(side, take, behind())
-                take, stats = _plan(side.cache, reach, state.total + extra, take, cap=cap)
+                take, stats = _plan(side.cache, reach, state.total + extra, take, cap=cap,
+                                    **side.window(local_span))
                 widest = int(np.asarray(stats)[1])
             step = -(-64 // side.cache.page_size) * side.cache.page_size
             yield take, count, _width(widest), min(slots, -(-(end + 2) // step) * step)
@@ -672,7 +720,7 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
         nonlocal state
         while True:
             take, stats = _plan(side.cache, state.total, until, rows & (until > side.cache.length),
-                                cap=cap)
+                                cap=cap, **side.window(local_span))
             count, widest, end = (int(x) for x in np.asarray(stats)[:3])
             if count == 0:
                 return
@@ -724,7 +772,8 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
         # Small and judge keep the token before the step pending; the PRM keeps it read.
         for side in sides:
             keep = state.total if side.stream == PRM else state.total - 1
-            side.cache = dec.rollback(side.cache, jnp.where(rejected, keep, slots))
+            # No further back than the round's start: the sliding layers still see it.
+            side.cache = paging.rollback(side.cache, jnp.where(rejected, keep, slots))
         return reason
 
     def fit(among: jax.Array, rnd: int, who: str):
@@ -783,6 +832,8 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
                            max_new_tokens=opts.max_new_tokens, slots=slots)
         for side in sides:  # a trace that ended gives its pages back
             side.cache = _drop(side.cache, running & ~state.running)
+            if side.cache.split:  # later rounds go back no further than their newest token
+                side.cache = _slide(side.cache, state.total - 1, window=side.cfg.sliding_window)
         if on_round:
             on_round(RoundState(rnd + 1, state, tuple(side.cache for side in sides), prev_params,
                                 tuple(mixtures)))

@@ -178,7 +178,10 @@ class RoundCheckpoint:
         routing = state.routing
         routing = [] if routing is None else [routing] if isinstance(routing, GMMParams) \
             else list(routing)
-        arrays = {"trace": _fields(state.trace), "caches": [_fields(c) for c in state.caches],
+        # A cache without a sliding layers' pool leaves those fields out (KVCache's defaults).
+        arrays = {"trace": _fields(state.trace),
+                  "caches": [{k: x for k, x in _fields(c).items() if x is not None}
+                             for c in state.caches],
                   "routing": [_fields(p) for p in routing],
                   # The fits only feed rounds.jsonl at the end: they wait on the host.
                   "fits": [{"params": jax.tree.map(np.asarray, _fields(f.params)),

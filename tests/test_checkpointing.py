@@ -422,3 +422,25 @@ def test_two_processes_killed_inside_their_rounds_resume_to_the_traces_of_one(se
         assert f"round {saved + 1}," in first, (saved, first)  # went on from the newest round
     assert (out / "traces.jsonl").read_text() == (tmp_path / "one" / "traces.jsonl").read_text()
     assert (out / "rounds.jsonl").read_text() == (tmp_path / "one" / "rounds.jsonl").read_text()
+
+
+def test_a_gemma_run_with_sliding_layer_pools_resumes_to_the_same_traces(tmp_path_factory,
+                                                                          shared_data,
+                                                                          monkeypatch):
+    """Gemma's sliding layers keep a pool of their own: a round checkpoint saves both pools and
+    both page tables, pools.json keeps each model's (global, local) pair, and a run stopped
+    after round 2 resumes to the traces of one that was never stopped (pages of 16 tokens in
+    pools small enough that traces give pages back and read their tokens again)."""
+    root = tmp_path_factory.mktemp("gemma_ckpt")
+    small, large = tiny.steer_pair(root / "pair", family="gemma3")
+    cfg = {"small": str(small), "large": str(large), "dtype": "float32",
+           "benchmark": {"name": "musique", "path": str(shared_data / "musique"), "limit": 4},
+           "steer": {"max_steps": 5, "max_step_tokens": 8, "max_new_tokens": 40},
+           "batch": {"size": 3}, "cache": {"page_size": 16, "pages": None}}
+    monkeypatch.setattr(runner, "pool_sizes", lambda *a, **k: [(64, 16), (64, 16)])
+    run(cfg, root / "whole")
+    out = root / "out"
+    _stop_after(cfg, out, 2)
+    assert json.loads((out / "parts" / "pools.json").read_text()) == [[64, 16], [64, 16]]
+    assert "round 3," in _resume(cfg, out)[0]
+    assert (out / "traces.jsonl").read_text() == (root / "whole" / "traces.jsonl").read_text()

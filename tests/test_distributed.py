@@ -150,6 +150,10 @@ def test_shard_cache(models, caplog):
     assert sharded.v.sharding.spec == P(None, "model", None, None, None)
     assert sharded.pages.sharding.spec == P("data", None)
     assert sharded.length.sharding.spec == P("data")
+    # The sliding layers' pool (Gemma keeps one) follows the same rules.
+    assert sharded.k_local.sharding.spec == P(None, "model", None, None, None)
+    assert sharded.pages_local.sharding.spec == P("data", None)
+    assert sharded.free_local.sharding.is_fully_replicated
     np.testing.assert_array_equal(np.asarray(sharded.length), np.arange(8))
     # Three rows over four 'data' devices: rows stay whole, heads are still split.
     with caplog.at_level(logging.WARNING, logger=distributed.__name__):
@@ -158,6 +162,7 @@ def test_shard_cache(models, caplog):
     assert odd.length.sharding.is_fully_replicated and odd.pages.sharding.is_fully_replicated
     assert not _fallbacks(caplog, "cache.k") and len(_fallbacks(caplog, "cache.length")) == 1
     assert len(_fallbacks(caplog, "cache.pages")) == 1
+    assert len(_fallbacks(caplog, "cache.pages_local")) == 1
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,9 @@ evicts and re-reads them to the same traces; rounds cut into sub-batches fit one
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import importlib
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +22,7 @@ from steer_jax.modeling import paged_attention, transformer
 from steer_jax.modeling.transformer import KVCache
 from steer_jax.runner import RunConfigError, validate
 
+steer_module = importlib.import_module("steer_jax.steer")
 RS = np.random.RandomState(5)
 PROMPTS = [RS.randint(3, 120, size=n).tolist() for n in (5, 11, 2)]
 append = jax.jit(dec.append, static_argnames=("cfg", "scores"))
@@ -35,8 +38,10 @@ def _fragmented(cfg, batch: int, slots: int, dtype, page_size: int) -> KVCache:
     """A pool whose free pages are every other one, so rows' pages interleave and skip."""
     pool = 2 * batch * -(-slots // page_size) + 1
     cache = KVCache.init(cfg, batch, slots, dtype, page_size=page_size, pool=pool)
-    return KVCache(cache.k, cache.v, cache.pages, cache.length,
-                   cache.free & (jnp.arange(pool + 1) % 2 == 1), cache.stamp)
+    odd = jnp.arange(pool + 1) % 2 == 1
+    cache = dataclasses.replace(cache, free=cache.free & odd)
+    return cache if not cache.split else dataclasses.replace(cache,
+                                                             free_local=cache.free_local & odd)
 
 
 @pytest.mark.parametrize("name", ["qwen2_untied_gqa", "gemma3_text"])
@@ -212,3 +217,80 @@ def test_bad_page_size_or_pool_fails_before_compute(pair):
         validate({**base, "cache": {"pages": -3}})
     with pytest.raises(RunConfigError, match=r"unknown config keys: cache\.pagesize"):
         validate({**base, "cache": {"pagesize": 32}})
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_sliding_layers_give_back_pages_past_their_window_and_decode_as_transformers(
+        models, tiny_models, scan):
+    """Gemma (window 4) decodes 36 tokens in calls of 6 over pages of 2 tokens, its sliding
+    layers giving back what their window no longer sees after each call (`paging.slide`): the
+    local pool of 21 pages holds 3 rows' windows but not their 40-odd tokens (60 pages), so
+    only freed pages reused make the tokens equal transformers' greedy ones, unrolled or
+    scanned."""
+    _, hf = models["gemma3_text"]
+    model = load_model(tiny_models["gemma3_text"][0], "float32", scan_layers=scan)
+    cfg, n, per_call, size = model.config, 36, 6, 2
+    assert cfg.sliding_window == 4 and transformer.local_layers(cfg) == (0, 1, 3)
+    cache = KVCache.init(cfg, 3, 64, model.dtype, page_size=size, pool=96, pool_local=21)
+    width = max(map(len, PROMPTS))
+    tokens = np.zeros((3, width), np.int32)
+    for i, p in enumerate(PROMPTS):
+        tokens[i, :len(p)] = p
+    tokens, lengths, got = jnp.asarray(tokens), jnp.asarray([len(p) for p in PROMPTS]), []
+    for _ in range(n // per_call):
+        out = dec.decode(model.params, cfg, cache, tokens, lengths, jnp.ones(3, bool),
+                         jnp.int32(0), jnp.arange(3, dtype=jnp.int32), None,
+                         sampler=dec.Greedy(), max_tokens=per_call, stops=dec.Stops())
+        got.append(np.asarray(out.tokens))
+        # A margin of one token, as steer keeps for a discarded step's pending token.
+        cache = paging.slide(out.cache, out.cache.length - 1, cfg.sliding_window)
+        tokens, lengths = out.pending[:, None], jnp.ones(3, jnp.int32)
+        held = np.asarray(paging.held(cache, local=True))
+        assert (held <= cfg.sliding_window // size + 2).all(), held
+        assert held.sum() + int(jnp.sum(cache.free_local)) == 21
+    got = np.concatenate(got, axis=1)
+    for i, p in enumerate(PROMPTS):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p]), max_new_tokens=n, do_sample=False,
+                              min_new_tokens=n)[0, len(p):].tolist()
+        assert got[i].tolist() == ref
+    # Rolling back within the margin works; past the pages given back, it refuses.
+    kept = dec.rollback(cache, cache.length - 1, cfg.sliding_window)
+    assert np.asarray(kept.length).tolist() == (np.asarray(cache.length) - 1).tolist()
+    with pytest.raises(ValueError, match="past the pages their sliding layers gave back"):
+        dec.rollback(kept, jnp.array([3, 50, 50]), cfg.sliding_window)
+
+
+def test_gemma_pools_sliding_past_the_window_evict_reread_and_resume_to_the_same_traces(
+        tmp_path_factory, monkeypatch):
+    """A Gemma pair (window 4) over pages of 4 tokens, catch-up reads in chunks of 8: pools of
+    30 global and 16 sliding-layer pages hold 1-2 of 5 traces, so traces are evicted and read
+    again, their sliding layers giving pages back as they read. The traces equal those of
+    pools that hold everything; at every round boundary a running trace's sliding layers hold
+    at most its window's pages; a run resumed from round 2 ends as the uninterrupted one."""
+    monkeypatch.setattr(steer_module, "CHUNK", 8)
+    small_dir, large_dir = tiny.steer_pair(tmp_path_factory.mktemp("gemma"), family="gemma3")
+    tok = load_tokenizer(small_dir)
+    prompts = tiny.chat_prompts(tok, tiny.QUESTIONS[:5])
+    run = functools.partial(steer, load_model(small_dir, "float32"),
+                            load_model(large_dir, "float32"), tok, prompts, gamma=0.5,
+                            **{**SHORT, "max_steps": 3})
+    whole = run()
+    states = []
+
+    def check(state) -> None:
+        running = np.asarray(state.trace.running)
+        for cache in state.caches:
+            local = np.asarray(paging.held(cache, local=True))
+            assert (local[~running] == 0).all() and (local <= 4 // 4 + 2).all(), local
+            assert local.sum() + int(jnp.sum(cache.free_local)) == 16
+            assert np.asarray(paging.held(cache)).sum() + int(jnp.sum(cache.free)) == 30
+        states.append(dataclasses.replace(state, caches=jax.tree.map(jnp.copy, state.caches)))
+
+    pools = dict(batch_size=3, page_size=4, pool_pages=[(30, 16)] * 2)
+    paged = run(on_round=check, **pools)
+    _same_traces(paged, whole)
+    assert sum(t.read["small"] for t in paged.traces) > sum(t.read["small"] for t in whole.traces)
+    assert len(states) == 3
+    resumed = run(resume_from=states[1], **pools)
+    _same_traces(resumed, paged)

@@ -330,12 +330,34 @@ def test_gemma_on_80gib(hf_meta, capsys):
     assert [m["kv_bytes_per_token"] for m in out["models"]] == [139264, 393216]
     # 256 + 1024 = 1280 tokens held -> 20 pages; a call reaching 1536 adds 4 to a row.
     assert [(m["trace_pages"], m["call_pages"]) for m in out["models"]] == [(20, 4), (20, 4)]
-    # 1349 pages a pool: 65 * 20 + ceil(65 / 8) * 4 = 1300 + 36 = 1336; 66 would need 1356.
-    assert out["resident_traces"] == 65
-    assert [m["calls_per_round"] for m in out["models"]] == [6, 6]
+    # The sliding layers (window 1024) keep their own pool and hold 1280 - 1024 = 256 tokens
+    # = 4 pages fewer: 16 pages a trace.
+    assert [m["local_trace_pages"] for m in out["models"]] == [16, 16]
+    # Global pools of 1613 pages: 78 * 20 + ceil(78 / 8) * 4 = 1600; 79 would need 1620.
+    # Local pools of 1298: 78 * 16 + 40 = 1288; 79 would need 1304. (One pool for all layers
+    # held 65.)
+    assert out["resident_traces"] == 78
+    assert [m["pool_pages"] for m in out["models"]] == [1613, 1613]
+    assert [m["local_pool_pages"] for m in out["models"]] == [1298, 1298]
+    assert [m["calls_per_round"] for m in out["models"]] == [7, 7]
     # The issue's "dense: 17" is 80 GB (10^9); 80 GiB leaves room for 19.
     assert out["dense_traces"] == 19
     assert gemma_plan(hf_meta, capsys, "--device-memory", "80GB")["dense_traces"] == 17
+
+
+def test_sliding_layers_pool_holds_the_window():
+    """trace_pages of the local pool: the pages from the one the newest token's window starts
+    in; pool_pages gives a model with both kinds of layers a pair, bytes split by layers."""
+    cfg = ModelConfig.gemma3_4b_it()
+    assert cfg.sliding_window == 1024
+    assert [memory.trace_pages(cfg, n, 64, local=True) for n in (1, 1024, 1088, 1089, 4096)] \
+        == [1, 16, 16, 17, 16]
+    assert memory.trace_pages(cfg, 4096, 64) == 64
+    local, whole = memory.page_bytes(cfg, jnp.bfloat16, 64, local=True), \
+        64 * memory.kv_bytes_per_token(cfg, jnp.bfloat16)
+    assert local + memory.page_bytes(cfg, jnp.bfloat16, 64) == whole
+    pools = memory.pool_pages([cfg], jnp.bfloat16, 2**33, 64, 4096, max_step_tokens=256)
+    assert isinstance(pools[0], tuple) and pools[0][1] < pools[0][0]
 
 
 def test_target_gemma_60_resident(hf_meta, capsys):

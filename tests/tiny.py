@@ -136,13 +136,22 @@ def chat_prompts(tok, questions: list[str] = QUESTIONS) -> list[list[int]]:
                 add_special_tokens=False)["input_ids"] for q in questions]
 
 
-def steer_pair(root: Path) -> tuple[Path, Path]:
-    """A small (2 layers) and a large (3 layers, wider) Qwen2 checkpoint with one tokenizer."""
+def steer_pair(root: Path, family: str = "qwen2") -> tuple[Path, Path]:
+    """A small (2 layers) and a large (3 layers, wider) Qwen2 checkpoint with one tokenizer;
+    with family="gemma3", two Gemma 3 models (window 4) of 4 and 6 layers, sliding and global
+    layers mixed as the real ones are."""
     small = root / "small"
     large = root / "large"
-    qwen2(small, tied=True, gqa=True, seed=11, layers=2, context=1024)
-    qwen2(large, tied=False, gqa=True, seed=12, layers=3, hidden=96, intermediate=160,
-          context=1024)
+    if family == "gemma3":
+        kinds = ["sliding_attention"] * 2 + ["full_attention"]
+        gemma3_text(small, seed=11, max_position_embeddings=1024, layer_types=kinds + kinds[:1],
+                    num_hidden_layers=4)
+        gemma3_text(large, seed=12, max_position_embeddings=1024, layer_types=kinds * 2,
+                    num_hidden_layers=6, hidden_size=96, intermediate_size=160)
+    else:
+        qwen2(small, tied=True, gqa=True, seed=11, layers=2, context=1024)
+        qwen2(large, tied=False, gqa=True, seed=12, layers=3, hidden=96, intermediate=160,
+              context=1024)
     tok = chat_tokenizer()
     for path in (small, large):
         tok.save_pretrained(path)

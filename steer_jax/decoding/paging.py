@@ -1,4 +1,4 @@
-"""Page bookkeeping for the paged KV cache, on device: reserve, release, evict.
+"""Page bookkeeping for the paged KV cache, on device: reserve, release, slide, evict.
 
 A row's held pages are a prefix of its page table (pages are added at the end and taken back from
 the end), so `held = count of non-null entries` and a row of n tokens needs ceil(n / page_size)
@@ -29,39 +29,100 @@ def pages_for(tokens: jax.Array, page_size: int) -> jax.Array:
     return -(-jnp.maximum(tokens, 0) // page_size)
 
 
-def held(cache: KVCache) -> jax.Array:
-    """[B] pages each row holds."""
-    return jnp.sum(cache.pages != NULL_PAGE, axis=1).astype(jnp.int32)
+def held(cache: KVCache, local: bool = False) -> jax.Array:
+    """[B] pages each row holds (of the sliding layers' pool with `local`)."""
+    pages = cache.pages_local if local else cache.pages
+    return jnp.sum(pages != NULL_PAGE, axis=1).astype(jnp.int32)
+
+
+def _pools(cache: KVCache) -> tuple[tuple[str, str], ...]:
+    """(page table, free mask) field names of each pool the cache has."""
+    return (("pages", "free"),) + ((("pages_local", "free_local"),) if cache.split else ())
+
+
+def new_pages(pages: jax.Array, length: jax.Array, upto: jax.Array, rows: jax.Array,
+              page_size: int) -> jax.Array:
+    """[B, M] which columns of page table `pages` the `rows` take pages for, to write slots
+    length..upto-1: those from the one the next write goes to, below pages_for(upto), that
+    hold no page yet (within the table). The columns below a row's next write are written
+    already, or were given back as no query sees them any more (`slide`)."""
+    col = jnp.arange(pages.shape[1])[None, :]
+    hi = pages_for(upto, page_size)[:, None]
+    return (rows[:, None] & (col >= (length // page_size)[:, None]) & (col < hi)
+            & (pages == NULL_PAGE))
+
+
+def _take(pages: jax.Array, free: jax.Array, new: jax.Array) -> tuple[jax.Array, jax.Array]:
+    # Lowest free ids first, to rows in row order and columns in order: the same requests get
+    # the same pages on every host.
+    free_ids = jnp.nonzero(free, size=free.shape[0], fill_value=NULL_PAGE)[0]
+    rank = jnp.clip(jnp.cumsum(new.reshape(-1)).reshape(new.shape) - 1, 0,
+                    free_ids.shape[0] - 1)
+    pages = jnp.where(new, free_ids[rank], pages)
+    taken = jnp.where(new, pages, free.shape[0])  # out of bounds: dropped
+    return pages, free.at[taken].set(False, mode="drop")
 
 
 def reserve(cache: KVCache, upto: jax.Array, rows: jax.Array) -> KVCache:
-    """The `rows` [B] get pages for their slots below `upto` [B] (within their page tables).
+    """The `rows` [B] get pages for their slots below `upto` [B] (within their page tables), in
+    every pool.
 
-    The caller has made sure the pool has them (`plan`'s count and `evict`); were it short, the
-    rows past the last free page would get the null page, so this is never called short.
+    The caller has made sure the pools have them (`plan`'s count and `evict`); were one short,
+    the rows past the last free page would get the null page, so this is never called short.
     """
-    width = cache.pages.shape[1]
-    have = held(cache)
-    need = jnp.where(rows, jnp.clip(pages_for(upto, cache.page_size), 0, width) - have, 0)
-    need = jnp.maximum(need, 0)
-    first = jnp.cumsum(need) - need  # each row's first rank among the free pages
-    free_ids = jnp.nonzero(cache.free, size=cache.free.shape[0], fill_value=NULL_PAGE)[0]
-    col = jnp.arange(width)[None, :]
-    new = (col >= have[:, None]) & (col < (have + need)[:, None])
-    rank = jnp.clip(first[:, None] + col - have[:, None], 0, free_ids.shape[0] - 1)
-    pages = jnp.where(new, free_ids[rank], cache.pages)
-    taken = jnp.where(new, pages, cache.free.shape[0])  # out of bounds: dropped
-    free = cache.free.at[taken].set(False, mode="drop")
-    return dataclasses.replace(cache, pages=pages, free=free)
+    changes = {}
+    for table, mask in _pools(cache):
+        pages, free = getattr(cache, table), getattr(cache, mask)
+        new = new_pages(pages, cache.length, upto, rows, cache.page_size)
+        changes[table], changes[mask] = _take(pages, free, new)
+    return dataclasses.replace(cache, **changes)
+
+
+def _give_back(cache: KVCache, table: str, mask: str, drop: jax.Array) -> dict[str, jax.Array]:
+    pages, free = getattr(cache, table), getattr(cache, mask)
+    drop = drop & (pages != NULL_PAGE)
+    freed = jnp.where(drop, pages, free.shape[0])
+    return {table: jnp.where(drop, NULL_PAGE, pages),
+            mask: free.at[freed].set(True, mode="drop")}
 
 
 def release(cache: KVCache, keep: jax.Array) -> KVCache:
-    """Each row keeps the pages for its first `keep` [B] tokens; the rest go back to the pool."""
+    """Each row keeps the pages for its first `keep` [B] tokens; the rest go back to the pool
+    (in every pool)."""
     col = jnp.arange(cache.pages.shape[1])[None, :]
-    drop = (col >= pages_for(keep, cache.page_size)[:, None]) & (cache.pages != NULL_PAGE)
-    freed = jnp.where(drop, cache.pages, cache.free.shape[0])
-    return dataclasses.replace(cache, pages=jnp.where(drop, NULL_PAGE, cache.pages),
-                               free=cache.free.at[freed].set(True, mode="drop"))
+    drop = col >= pages_for(keep, cache.page_size)[:, None]
+    changes = {}
+    for table, mask in _pools(cache):
+        changes.update(_give_back(cache, table, mask, drop))
+    return dataclasses.replace(cache, **changes)
+
+
+def window_start(floor: jax.Array, window: int, page_size: int) -> jax.Array:
+    """[B] the first page-table column a query at position `floor` [B] or later still sees
+    through a window of `window` tokens (it sees keys > position - window)."""
+    return jnp.maximum(floor - window + 1, 0) // page_size
+
+
+def slide(cache: KVCache, floor: jax.Array, window: int | None) -> KVCache:
+    """The sliding layers' pool takes back the pages no query at position `floor` [B] or later
+    sees. The caller guarantees that no row is rolled back or read below `floor` afterwards
+    (steer: a row's length and its trace's newest token at a round boundary). No-op for a cache
+    without a local pool."""
+    if not cache.split or window is None:
+        return cache
+    col = jnp.arange(cache.pages.shape[1])[None, :]
+    drop = col < window_start(jnp.minimum(floor, cache.length), window, cache.page_size)[:, None]
+    return dataclasses.replace(cache, **_give_back(cache, "pages_local", "free_local", drop))
+
+
+def readable_from(cache: KVCache) -> jax.Array:
+    """[B] the first position whose KV every layer still holds: 0 but where the sliding layers
+    gave pages back (`slide`); a row's length where it holds none."""
+    if not cache.split:
+        return jnp.zeros_like(cache.length)
+    held = cache.pages_local != NULL_PAGE
+    first = jnp.argmax(held, axis=1).astype(jnp.int32) * cache.page_size
+    return jnp.where(jnp.any(held, axis=1), first, cache.length)
 
 
 def trim(cache: KVCache) -> KVCache:
@@ -70,7 +131,8 @@ def trim(cache: KVCache) -> KVCache:
 
 
 def rollback(cache: KVCache, length: jax.Array) -> KVCache:
-    """Cut rows back to `length` tokens and return the pages past it."""
+    """Cut rows back to `length` tokens and return the pages past it. The caller makes sure the
+    sliding layers still hold the window of the new length (`sampler.rollback` checks)."""
     return trim(dataclasses.replace(cache, length=jnp.minimum(cache.length, length)))
 
 
@@ -81,16 +143,20 @@ def drop_rows(cache: KVCache, rows: jax.Array) -> KVCache:
 
 
 def evict(cache: KVCache, keep: jax.Array, short: jax.Array) -> tuple[KVCache, jax.Array]:
-    """Take back at least `short` pages from rows outside `keep`, most recently used first.
+    """Take back at least `short` pages from rows outside `keep`, most recently used first:
+    `short` a count for the global pool, or [2] counts (global, local) for a cache with a
+    local pool, which evicts until both are met.
 
     Returns the cache and which rows were evicted. The caller knows the others hold enough.
     """
-    have = held(cache)
-    candidate = ~keep & (have > 0)
+    short = jnp.atleast_1d(jnp.asarray(short, jnp.int32))
+    have = jnp.stack([held(cache, local) for local, _ in zip((False, True), _pools(cache))])
+    candidate = ~keep & (have[0] > 0)
     order = jnp.argsort(jnp.where(candidate, -cache.stamp, jnp.iinfo(jnp.int32).max),
                         stable=True)
-    before = jnp.cumsum(have[order]) - have[order]
-    chosen = jnp.zeros_like(keep).at[order].set(candidate[order] & (before < short))
+    before = jnp.cumsum(have[:, order], axis=1) - have[:, order]  # [pools, B]
+    covered = jnp.all(before >= short[: have.shape[0], None], axis=0)
+    chosen = jnp.zeros_like(keep).at[order].set(candidate[order] & ~covered)
     return drop_rows(cache, chosen), chosen
 
 

@@ -21,6 +21,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from steer_jax.decoding import paging
 from steer_jax.decoding.steps import VocabMasks
@@ -129,8 +130,22 @@ def append(params: Params, cfg: ModelConfig, cache: KVCache, tokens: jax.Array, 
     return cache, next_logits, measures
 
 
-def rollback(cache: KVCache, length: jax.Array) -> KVCache:
-    """Cut rows back to `length` tokens; the pages past it go back to the pool."""
+def rollback(cache: KVCache, length: jax.Array, window: int | None = None) -> KVCache:
+    """Cut rows back to `length` tokens; the pages past it go back to the pool.
+
+    A cache whose sliding layers gave pages back (`paging.slide`) can only go back as far as
+    their window still reaches: the query at the new length must see `window` tokens (the
+    model's `sliding_window`; without it, all of them). A rollback further back raises rather
+    than let attention read pages that other rows have written since.
+    """
+    if cache.split and not isinstance(length, jax.core.Tracer):
+        new = jnp.minimum(cache.length, length)
+        need = jnp.zeros_like(new) if window is None else jnp.maximum(new - window + 1, 0)
+        lost = (new < cache.length) & (new > 0) & (need < paging.readable_from(cache))
+        if bool(jnp.any(lost)):
+            rows = np.flatnonzero(np.asarray(lost)).tolist()
+            raise ValueError(f"rollback: rows {rows} would go back past the pages their sliding "
+                             "layers gave back (keep them, or read the rows again from 0)")
     return paging.rollback(cache, length)
 
 

@@ -44,35 +44,64 @@ class KVCache:
     mask is drawn from absolute positions. Pages are handed out and taken back by
     `steer_jax.decoding.paging`; `init` without a pool size gives every row its own pages up
     front, which is all a one-call user (generate, a forward pass) needs.
+
+    A model with both sliding-window and global layers keeps its sliding layers in a second
+    pool (`k_local`, `v_local`) with its own page table and free mask: a page id names a slot
+    range in every layer of its pool, so only a pool of windowed layers can give back the pages
+    below a row's window (`paging.slide`) while the global layers keep them. Token p then lives
+    in `pages_local[b, p // page_size]` while a query can still see it; the columns below hold
+    the null page. A model with one kind of layer has no local pool (the fields None): every
+    layer lives in `k`, `v`.
     """
 
-    k: jax.Array  # [layers, kv_heads, pages, page_size, head_dim]; inside a decode program over
-    # unstacked layers, a tuple of per-layer [kv_heads, pages, page_size, head_dim]
+    k: jax.Array  # [layers, kv_heads, pages, page_size, head_dim] (the global layers, or all);
+    # inside a decode program over unstacked layers, a tuple of per-layer arrays
     v: jax.Array
     pages: jax.Array  # [batch, pages_per_row] int32 page ids, a row's held pages first
     length: jax.Array  # [batch] int32: tokens held by each row; the next write goes to this slot
     free: jax.Array  # [pages] bool: which pool pages no row holds (the null page never is)
     stamp: jax.Array  # [batch] int32: the last call a row took part in (for eviction order)
+    k_local: jax.Array | None = None  # [sliding layers, kv_heads, pages_local, page_size, hd]
+    v_local: jax.Array | None = None
+    pages_local: jax.Array | None = None  # [batch, pages_per_row]: a row's held pages are a
+    # run of columns ending at its newest token, those below its window given back
+    free_local: jax.Array | None = None  # [pages_local] bool
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, slots: int, dtype: Any, *,
-             page_size: int | None = None, pool: int | None = None) -> KVCache:
+             page_size: int | None = None, pool: int | None = None,
+             pool_local: int | None = None) -> KVCache:
         """Rows of up to `slots` tokens. Without `pool`, every row gets its pages now (pages of
         `page_size` tokens; by default one page a row); with `pool`, a pool of that many pages
-        (besides the null page) and empty page tables, to be filled by `paging.reserve`."""
+        (besides the null page) and empty page tables, to be filled by `paging.reserve`.
+        A model with both kinds of layers gets a second pool for its sliding layers, of
+        `pool_local` pages (default: as many as the global pool)."""
         size = page_size or slots
         per_row = -(-slots // size)
-        n = batch * per_row if pool is None else pool
-        shape = (cfg.num_layers, cfg.num_kv_heads, n + 1, size, cfg.head_dim)
-        if pool is None:  # rows' pages interleaved, as rows growing side by side take them
-            pages = 1 + jnp.arange(batch * per_row, dtype=jnp.int32).reshape(per_row, batch).T
-            free = jnp.zeros((n + 1,), bool)
-        else:
-            pages = jnp.zeros((batch, per_row), jnp.int32)
-            free = jnp.ones((n + 1,), bool).at[NULL_PAGE].set(False)
+        local = local_layers(cfg)
+        n_global = cfg.num_layers - len(local) if local else cfg.num_layers
+
+        def one_pool(layers: int, n: int | None):
+            shape = (layers, cfg.num_kv_heads, (batch * per_row if n is None else n) + 1, size,
+                     cfg.head_dim)
+            if n is None:  # rows' pages interleaved, as rows growing side by side take them
+                pages = 1 + jnp.arange(batch * per_row, dtype=jnp.int32).reshape(per_row,
+                                                                                  batch).T
+                free = jnp.zeros((shape[2],), bool)
+            else:
+                pages = jnp.zeros((batch, per_row), jnp.int32)
+                free = jnp.ones((shape[2],), bool).at[NULL_PAGE].set(False)
+            return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), pages, free
+
+        k, v, pages, free = one_pool(n_global, pool)
         zeros = lambda: jnp.zeros((batch,), jnp.int32)  # noqa: E731 (two buffers: both donated)
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), pages, zeros(), free,
-                   zeros())
+        cache = cls(k, v, pages, zeros(), free, zeros())
+        if not local:
+            return cache
+        k_l, v_l, pages_l, free_l = one_pool(len(local), pool if pool_local is None
+                                             else pool_local)
+        return dataclasses.replace(cache, k_local=k_l, v_local=v_l, pages_local=pages_l,
+                                   free_local=free_l)
 
     @property
     def page_size(self) -> int:
@@ -83,15 +112,35 @@ class KVCache:
         """Tokens a row can hold: its page table's width in tokens."""
         return self.pages.shape[1] * self.page_size
 
+    @property
+    def split(self) -> bool:
+        """Whether the sliding layers have a pool of their own."""
+        return self.k_local is not None
+
     def per_layer(self) -> KVCache:
         """The layers as separate arrays, for a program that runs unstacked layers: reading a
         layer out of the stack copies it (on the CPU backend, every decode step, ~6% of one)."""
-        return dataclasses.replace(self, k=tuple(self.k), v=tuple(self.v))
+        out = dataclasses.replace(self, k=tuple(self.k), v=tuple(self.v))
+        if self.split:
+            out = dataclasses.replace(out, k_local=tuple(self.k_local),
+                                      v_local=tuple(self.v_local))
+        return out
 
     def stacked(self) -> KVCache:
         if not isinstance(self.k, tuple):
             return self
-        return dataclasses.replace(self, k=jnp.stack(self.k), v=jnp.stack(self.v))
+        out = dataclasses.replace(self, k=jnp.stack(self.k), v=jnp.stack(self.v))
+        if self.split:
+            out = dataclasses.replace(out, k_local=jnp.stack(self.k_local),
+                                      v_local=jnp.stack(self.v_local))
+        return out
+
+
+def local_layers(cfg: ModelConfig) -> tuple[int, ...]:
+    """The layers that keep their KV in a pool of their own (`KVCache.k_local`): the sliding
+    ones, where the model has both kinds (with one kind there is nothing to split)."""
+    local = tuple(i for i, s in enumerate(cfg.sliding_layers) if s)
+    return local if cfg.sliding_window and 0 < len(local) < cfg.num_layers else ()
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> Params:
@@ -245,22 +294,37 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array,
     distance = positions[:, :, None] - slots[None, None, :]  # [B, T, S]
     causal = distance >= 0
     windowed = causal & (distance < (cfg.sliding_window or cache.slots + 1))
-    # Where each new token goes: its row's page for that position, past the table nowhere
-    # (an index past the pool is dropped by the scatter).
-    size, width = cache.page_size, cache.pages.shape[1]
-    column = positions // size
-    page = jnp.take_along_axis(cache.pages, jnp.minimum(column, width - 1), axis=1)
-    page = jnp.where(column < width, page, cache.free.shape[0])[:, :, None]  # [B, T, 1]
-    offset = (positions % size)[:, :, None]
+    where_g = _write_at(cache.pages, cache.free, positions, cache.page_size)
+    where_l = (_write_at(cache.pages_local, cache.free_local, positions, cache.page_size)
+               if cache.split else None)
     heads = jnp.arange(cfg.num_kv_heads)[None, None, :]
     # The CPU kernels run where `load_model` packed the weights for them (float32, one CPU).
     cpu_kernel = panel_matmul.is_packed(params)
+    # Each layer's index in its pool: with a local pool, a sliding layer's rank among the
+    # sliding ones and a global layer's among the global ones; else its own index.
+    kinds = [bool(s) and cache.split for s in cfg.sliding_layers]
+    layers = len(cache.k) + (len(cache.k_local) if cache.split else 0)
+    if layers != cfg.num_layers or cache.split != bool(local_layers(cfg)):
+        raise ValueError(f"a KV cache of {layers} layers in {1 + cache.split} pools for a model "
+                         f"of {cfg.num_layers}: build it with KVCache.init")
+    rank = [sum(1 for j in range(i) if kinds[j] == kinds[i]) for i in range(cfg.num_layers)]
+
+    def put(c, new, i, where):  # new [B, T, K, hd] into layer i of pool c (a tuple, or stacked)
+        page, offset = where
+        at = (heads, page, offset)
+        new = new.astype(c[0].dtype if isinstance(c, tuple) else c.dtype)
+        if isinstance(c, tuple):  # per-layer arrays (`KVCache.per_layer`), i a Python int
+            return (*c[:i], c[i].at[at].set(new, mode="drop"), *c[i + 1:])
+        return c.at[(i, *at)].set(new, mode="drop")  # an index past the stack: dropped
+
+    def attend(q, pool_k, pool_v, i, table, mask):
+        return _attention(q, pool_k[i], pool_v[i], table, mask, positions, cfg, cpu_kernel)
 
     def layer(carry, xs):
-        # The whole pool rides in the carry and is updated in place: passing per-layer slices
+        # The whole pools ride in the carry and are updated in place: passing per-layer slices
         # as scan inputs/outputs would rewrite every layer's pool on every decode step.
-        x, k_all, v_all = carry
-        lp, i, sliding = xs
+        x, k_g, v_g, k_l, v_l = carry
+        lp, i_g, i_l, sliding = xs
         h = rms_norm(x, lp["attn_norm"], cfg)
         q, k, v = _dense(h, lp["q"]), _dense(h, lp["k"]), _dense(h, lp["v"])
         if cfg.qkv_bias:
@@ -270,21 +334,22 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array,
         cos = jnp.where(sliding, rope_l[0], rope_g[0])
         sin = jnp.where(sliding, rope_l[1], rope_g[1])
         q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-
-        def put(c, new):  # new [B, T, K, hd] into its pages, in layer i's pool
-            at = (heads, page, offset)
-            new = new.astype(c.dtype)
-            return c.at[at].set(new, mode="drop") if c.ndim == 4 else c.at[(i, *at)].set(
-                new, mode="drop")
-
-        if isinstance(k_all, tuple):  # per-layer arrays (`KVCache.per_layer`), i a Python int
-            k_i, v_i = put(k_all[i], k), put(v_all[i], v)
-            k_all, v_all = (*k_all[:i], k_i, *k_all[i + 1:]), (*v_all[:i], v_i, *v_all[i + 1:])
-        else:
-            k_all, v_all = put(k_all, k), put(v_all, v)
-            k_i, v_i = k_all[i], v_all[i]
-        attn = _attention(q, k_i, v_i, cache.pages, jnp.where(sliding, windowed, causal),
-                          positions, cfg, cpu_kernel)
+        # A layer writes the pool of its kind; the other pool's index is past its stack (the
+        # scan: a traced kind; the write is dropped) or None (unrolled: no write at all).
+        if i_g is not None:
+            k_g, v_g = put(k_g, k, i_g, where_g), put(v_g, v, i_g, where_g)
+        if i_l is not None:
+            k_l, v_l = put(k_l, k, i_l, where_l), put(v_l, v, i_l, where_l)
+        if i_l is None:  # no local pool, or an unrolled global layer
+            attn = attend(q, k_g, v_g, i_g, cache.pages, jnp.where(sliding, windowed, causal))
+        elif i_g is None:  # an unrolled sliding layer
+            attn = attend(q, k_l, v_l, i_l, cache.pages_local, windowed)
+        else:  # scanned over both kinds: attention over the pool of this layer's kind
+            attn = jax.lax.cond(
+                sliding, lambda: attend(q, k_l, v_l, jnp.minimum(i_l, len(k_l) - 1),
+                                        cache.pages_local, windowed),
+                lambda: attend(q, k_g, v_g, jnp.minimum(i_g, len(k_g) - 1), cache.pages,
+                               causal))
         out = _dense(attn, lp["o"], 2)
         if cfg.sandwich_norms:
             out = rms_norm(out, lp["post_attn_norm"], cfg)
@@ -292,22 +357,43 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array,
         out = _mlp(rms_norm(x, lp["mlp_norm"], cfg), lp, cfg)
         if cfg.sandwich_norms:
             out = rms_norm(out, lp["post_mlp_norm"], cfg)
-        return (x + out, k_all, v_all), None
+        return (x + out, k_g, v_g, k_l, v_l), None
 
     if isinstance(params["layers"], (list, tuple)):
         # Unstacked layers (`unstack_layers`): a Python loop reads each weight where it lies.
-        carry = (x, cache.k, cache.v)
+        carry = (x, cache.k, cache.v, cache.k_local, cache.v_local)
         for i, lp in enumerate(params["layers"]):
-            carry, _ = layer(carry, (lp, i, cfg.sliding_layers[i]))
-        x, k_new, v_new = carry
+            carry, _ = layer(carry, (lp, None if kinds[i] else rank[i],
+                                     rank[i] if kinds[i] else None, cfg.sliding_layers[i]))
     else:
-        sliding = jnp.asarray(np.array(cfg.sliding_layers, dtype=bool))
-        layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
         cache = cache.stacked()  # the scan indexes layers by a traced id
-        (x, k_new, v_new), _ = jax.lax.scan(layer, (x, cache.k, cache.v),
-                                            (params["layers"], layer_ids, sliding))
+        sliding = jnp.asarray(np.array(cfg.sliding_layers, dtype=bool))
+        n_g = cache.k.shape[0]
+        i_g = jnp.asarray([n_g if kinds[i] else rank[i] for i in range(cfg.num_layers)],
+                          jnp.int32)
+        i_l = None
+        if cache.split:
+            n_l = cache.k_local.shape[0]
+            i_l = jnp.asarray([rank[i] if kinds[i] else n_l for i in range(cfg.num_layers)],
+                              jnp.int32)
+        carry, _ = jax.lax.scan(layer, (x, cache.k, cache.v, cache.k_local, cache.v_local),
+                                (params["layers"], i_g, i_l, sliding))
+    x, k_g, v_g, k_l, v_l = carry
     hidden = rms_norm(x, params["final_norm"], cfg)
-    return hidden, dataclasses.replace(cache, k=k_new, v=v_new, length=cache.length + T)
+    return hidden, dataclasses.replace(cache, k=k_g, v=v_g, k_local=k_l, v_local=v_l,
+                                       length=cache.length + T)
+
+
+def _write_at(pages: jax.Array, free: jax.Array, positions: jax.Array,
+              size: int) -> tuple[jax.Array, jax.Array]:
+    """(page [B, T, 1], offset [B, T, 1]) where each new token goes in a pool with page table
+    `pages`: its row's page for that position, past the table nowhere (an index past the pool
+    is dropped by the scatter)."""
+    width = pages.shape[1]
+    column = positions // size
+    page = jnp.take_along_axis(pages, jnp.minimum(column, width - 1), axis=1)
+    page = jnp.where(column < width, page, free.shape[0])[:, :, None]
+    return page, (positions % size)[:, :, None]
 
 
 def unstack_layers(params: Params) -> Params:
