@@ -1,6 +1,6 @@
 """Paged KV caches: pages taken as a trace grows and given back when it shrinks or ends; attention
 over scattered pages equals a plain forward and transformers; a pool too small for every trace
-evicts and re-reads them to the same traces; rounds cut into sub-batches fit one mixture."""
+evicts and re-reads them to the same traces, and rounds cut into calls fit one mixture."""
 
 from __future__ import annotations
 
@@ -170,18 +170,10 @@ def _same_traces(a, b) -> None:
         np.testing.assert_allclose(x.confidences, y.confidences, rtol=1e-5)
 
 
-def test_rounds_cut_into_sub_batches_fit_one_mixture_over_every_trace(pair):
-    run, whole = pair
-    cut = run(gamma=0.5, batch_size=3)
-    _same_traces(cut, whole)
-    # Round 0: the small model's drafts of all 8 traces, then all 8 kept steps; not 3 + 3 + 2.
-    assert [len(m.confidences) for m in cut.mixtures if m.round == 0] == [8, 8]
-
-
 def test_a_pool_too_small_for_every_trace_evicts_rereads_and_writes_the_same_traces(pair):
-    """8 traces of up to 10 pages of 8 tokens in pools of 30: at most 2-3 stay resident, the
-    rest give their pages back and read their tokens again when next scheduled. Every round,
-    a trace that ended holds no page, and no page is lost or held twice."""
+    """8 traces of up to 10 pages of 8 tokens in pools of 30, in calls of 3: at most 2-3 stay
+    resident, the rest give their pages back and read their tokens again when next scheduled.
+    Every round, a trace that ended holds no page, and no page is lost or held twice."""
     run, whole = pair
     rounds = []
 
@@ -197,6 +189,8 @@ def test_a_pool_too_small_for_every_trace_evicts_rereads_and_writes_the_same_tra
 
     paged = run(gamma=0.5, batch_size=3, page_size=8, pool_pages=30, on_round=check)
     _same_traces(paged, whole)
+    # Calls of 3 traces, one mixture over all 8: round 0's drafts, then its kept steps.
+    assert [len(m.confidences) for m in paged.mixtures if m.round == 0] == [8, 8]
     assert rounds == list(range(1, len(rounds) + 1)) and rounds
     reread = sum(t.read["small"] for t in paged.traces) - sum(t.read["small"]
                                                               for t in whole.traces)
