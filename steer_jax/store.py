@@ -43,7 +43,8 @@ class RunConfigError(ValueError):
 
 
 class Preempted(Exception):
-    """A SIGTERM stopped the run after saving its round in flight; `resume` continues it."""
+    """A SIGTERM stopped the run after saving its state inside the round in flight; `resume`
+    continues it."""
 
 
 def _write_atomic(path: Path, text: str) -> None:
