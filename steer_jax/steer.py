@@ -812,19 +812,21 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
             w = dataclasses.replace(w, rejected=route(state.conf, w.to_small, group, params))
         elif opts.method in ("specreason", "rsd"):
             verify(sides[LARGE] if opts.method == "specreason" else sides[PRM], w.to_small, rnd)
-            w = flight
-            w = dataclasses.replace(w, score=jnp.where(w.rejected, jnp.nan, w.score))
+            w = dataclasses.replace(flight, score=jnp.where(flight.rejected, jnp.nan,
+                                                            flight.score))
         else:
             return
         flight = dataclasses.replace(w, reason=discard(w.rejected, w.reason),
                                      to_large=w.to_large | w.rejected)
 
-    # Each phase runs its calls over the rows of `flight` it has not served yet; a round resumed
-    # inside a phase skips the phases before it.
+    def small_reads(rnd: int) -> None:
+        if opts.source == "small" and opts.method == "steer":  # large steps on the small scale
+            read(sides[SMALL], flight.to_large, rnd)
+
+    # PHASES, in order. Each runs its calls over the rows of `flight` it has not served yet; a
+    # round resumed inside a phase skips the phases before it.
     phases = (lambda rnd: write(sides[SMALL], flight.to_small, rnd), check,
-              lambda rnd: write(sides[LARGE], flight.to_large, rnd),
-              lambda rnd: read(sides[SMALL], flight.to_large, rnd)
-              if opts.source == "small" and opts.method == "steer" else None)
+              lambda rnd: write(sides[LARGE], flight.to_large, rnd), small_reads)
     for rnd in range(first, M):
         if flight is None:  # a round resumed in flight runs to its end whatever else holds
             if not peers.any(bool(jnp.any(state.running))):

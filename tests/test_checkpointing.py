@@ -5,7 +5,8 @@ checkpoint holds traces and caches that several calls wrote.
 The runs use source="generator" (a mixture per writer), the routing state with the most parts to
 save; tests/test_distributed.py resumes a run on a mesh with the default source. In a
 multi-process run each process saves its own part's rounds without orbax (the last tests). A
-SIGTERM (a preemption notice) saves the round in flight whatever `checkpoint_every` says.
+SIGTERM (a preemption notice) saves the round in flight after the call in flight, whatever
+`checkpoint_every` says.
 """
 
 from __future__ import annotations
@@ -168,16 +169,18 @@ def _sigterm_at(round_: int):
 
 
 def test_sigterm_saves_the_round_in_flight_and_resume_continues(setup, tmp_path):
-    """No periodic checkpoints: the SIGTERM arriving after round 2 lets round 3 finish, saves
-    it, and stops; the resumed run writes the traces of one never stopped."""
+    """No periodic checkpoints: the SIGTERM arriving after round 2 lets round 3's first call
+    finish, saves the state there, and stops; the resumed run writes the traces of one never
+    stopped."""
     out = tmp_path / "out"
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(runner.Preempted, match="after round 3 of part 0, saved in .*round_00003"):
+    with pytest.raises(runner.Preempted, match="after call 1 of round 3 of part 0, saved in "
+                                               ".*round_00002_phase0_call00001;"):
         run(setup["cfg"], out, progress=_sigterm_at(2))
     assert signal.getsignal(signal.SIGTERM) is before  # the run's handler is gone again
-    assert [p.name for p in (out / ROUNDS).iterdir()] == ["round_00003"]
+    assert [p.name for p in (out / ROUNDS).iterdir()] == ["round_00002_phase0_call00001"]
     assert not (out / "summary.json").exists()
-    assert "round 4," in _resume(setup["cfg"], out)[0]
+    assert _resume(setup["cfg"], out)[0] == "steer: resuming round 3 after its call 1"
     assert (out / "traces.jsonl").read_text() == setup["whole"]
     assert (out / "rounds.jsonl").read_text() == setup["rounds"]
 

@@ -512,3 +512,22 @@ def test_a_run_resumed_inside_a_round_ends_as_the_whole_run(pair):
         resumed = _run(pair, gamma=0.5, batch_size=3, resume_from=states[i])
         assert resumed.traces == whole.traces and resumed.mixtures == whole.mixtures, where[i]
         assert resumed.executed_tokens == whole.executed_tokens, where[i]
+
+
+def test_specreason_resumed_inside_its_judge_calls_ends_as_the_whole_run(pair):
+    """The judge's scores and rejections so far travel in the state; the rejected steps are
+    thrown away once, after the phase's last call."""
+    states = []
+
+    def keep(state):
+        states.append(dataclasses.replace(state, trace=jax.tree.map(jnp.copy, state.trace),
+                                          caches=jax.tree.map(jnp.copy, state.caches)))
+
+    whole = _run(pair, method="specreason", batch_size=3, on_call=keep)
+    i = next(i for i, s in enumerate(states)
+             if s.round == 1 and s.within.phase == 1 and not s.within.shared)
+    assert bool(jnp.any(states[i].within.done)) and not np.isnan(
+        np.asarray(states[i].within.score)[np.asarray(states[i].within.done)]).any()
+    resumed = _run(pair, method="specreason", batch_size=3, resume_from=states[i])
+    assert resumed.traces == whole.traces and resumed.mixtures == whole.mixtures
+    assert resumed.executed_tokens == whole.executed_tokens
