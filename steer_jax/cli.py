@@ -190,11 +190,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name in ("run", "sweep"):
             p.add_argument("--resume", action="store_true",
                            help="continue a killed run from the parts it finished and its "
-                           "newest round checkpoint (out/parts/)")
+                           "newest checkpoint (out/parts/: a round, or where a SIGTERM stopped "
+                           "one)")
             p.add_argument("--checkpoint-every", type=int, default=None, metavar="K",
                            help="save the rounds in flight every K rounds, so a run killed "
                            "outright loses at most K rounds (a SIGTERM saves the round in "
-                           "flight and exits with status 143)")
+                           "flight after its call in flight and exits with status 143)")
 
     td = sub.add_parser("train-demo", help="train the demo's small/large pairs (optax, CPU)")
     td.add_argument("--out", default="models", help="folder for the demo-<family>-<size>/ dirs")

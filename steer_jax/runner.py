@@ -11,8 +11,9 @@ holds a slice of them and all fit each round's mixture together), decoded in cal
 A run survives preemption (steer_jax/store.py): every process's finished part is kept, and with
 `checkpoint_every` the rounds in flight are saved every K rounds; `resume` continues from both, to
 the same traces. A SIGTERM (a preempted VM, `scancel`, a pod being deleted) is not fatal inside
-`run`: the round in flight finishes, is saved whatever `checkpoint_every` says, and `run` raises
-`Preempted`; a second SIGTERM ends the process at once.
+`run`: the call in flight finishes (in a multi-process run, the phase of the round in flight: see
+`RoundCheckpoint`), the state inside the round is saved whatever `checkpoint_every` says, and
+`run` raises `Preempted`; a second SIGTERM ends the process at once.
 """
 
 from __future__ import annotations
@@ -72,11 +73,13 @@ FLOP_UNIT = 1e12  # the paper reports FLOPs per query in units of 1e12
 
 @contextlib.contextmanager
 def _sigterm_finishes_the_round(enabled: bool = True):
-    """Within, the first SIGTERM only sets the yielded event, which the round hook reads.
+    """Within, the first SIGTERM only sets the yielded event, which the checkpoint hook reads
+    after every call (one process) or between two phases of a round (several).
 
-    A preemption notice leaves seconds to tens of seconds: enough to finish a round and save
-    it, not to recompute the rounds since the last periodic checkpoint. Signals reach only the
-    main thread; elsewhere (a notebook's worker thread) the event is never set.
+    A preemption notice leaves seconds to tens of seconds: enough to finish a call and save,
+    not always a whole round (hundreds of traces, many calls), nor to recompute the rounds
+    since the last periodic checkpoint. Signals reach only the main thread; elsewhere (a
+    notebook's worker thread) the event is never set.
     """
     stop = threading.Event()
     if not enabled or threading.current_thread() is not threading.main_thread():
@@ -293,7 +296,8 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
     `progress(done, total, message)` hears of every round. Every process's finished part is
     kept under out/parts/; with `checkpoint_every=K` its rounds are also saved every K rounds.
     `resume=True` continues a killed run from both, to the traces an uninterrupted run writes.
-    With `out`, a SIGTERM makes the run save its round in flight and raise `Preempted`.
+    With `out`, a SIGTERM makes the run save its state after the call in flight (inside its
+    round) and raise `Preempted`.
     """
     from steer_jax.eval import extract_answer, grade, render_prompt
 
@@ -380,9 +384,13 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
                 if progress:
                     progress(rnd, opts.max_steps, f"{opts.method}: round {rnd}, {running} "
                              "traces running")
+            if progress and resume_from is not None and resume_from.within is not None:
+                progress(resume_from.round, opts.max_steps, f"{opts.method}: resuming round "
+                         f"{resume_from.round + 1} after its call {resume_from.within.calls}")
             part_extra = {k: (v[lo:hi] if k == "route_queries" else v) for k, v in extra.items()}
             result = steer(small, large, tokenizer, prompts[lo:hi], opts,
                            trace_ids=range(lo, hi), progress=report, on_round=rounds,
+                           on_call=rounds,
                            resume_from=resume_from, batch_size=cfg["batch"]["size"],
                            page_size=cfg["cache"]["page_size"], pool_pages=pools, peers=peers,
                            **part_extra)

@@ -22,6 +22,9 @@ mixtures stay on device.
 Between rounds the whole loop is one `RoundState` (trace state, every cache, the mixtures so far):
 `on_round` hears it after each round and `resume_from` continues from one, which is all a caller
 needs to checkpoint a run (runner.py writes it with orbax); this module knows nothing of files.
+Inside a round, the state also carries the round's progress (`RoundProgress`: its routing, the
+rows each phase has served): `on_call` hears it after every call, so a run can stop between two
+calls of a long round and continue from there.
 """
 
 from __future__ import annotations
@@ -207,18 +210,47 @@ class Fit:
     among: jax.Array  # [B] which of them took part
 
 
+# A round's work in order; every call of a round belongs to one of them. The round ends with its
+# mixture fit, which makes no call.
+PHASES = ("small writes", "check", "large writes", "small reads")
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RoundProgress:
+    """How far a round in flight has come: what it decided that its calls have since made
+    impossible to recompute (the small writes change the confidences the routing read, a
+    verifier's scores are gone once its cache rolls back), and which rows of its phase in flight
+    are done. [B] arrays."""
+
+    running: jax.Array  # the traces the round began with
+    to_small: jax.Array
+    to_large: jax.Array  # with the rejected small steps once the check phase is over
+    rejected: jax.Array  # the check phase's rejections so far
+    reason: jax.Array  # why each step written this round ended (dec.EOS, dec.FULL, 0)
+    score: jax.Array  # the verifier's scores so far (NaN: none)
+    done: jax.Array  # rows of phase `phase` whose calls have run
+    phase: int = dataclasses.field(metadata=dict(static=True))  # index into PHASES
+    calls: int = dataclasses.field(metadata=dict(static=True))  # the round's calls so far
+    # True between two phases: a point every process reaches, with the same phase (each makes
+    # its own number of calls, so only there can processes stop together).
+    shared: bool = dataclasses.field(default=False, metadata=dict(static=True))
+
+
 @dataclasses.dataclass(frozen=True)
 class RoundState:
     """Everything the round loop carries from one round to the next, so a run can stop after any
-    round and continue from it with the same result (the sampling keys are stateless)."""
+    round, or any call inside one, and continue from it with the same result (the sampling keys
+    are stateless)."""
 
-    round: int  # rounds done: the next one to run
+    round: int  # rounds done: the next one to run, or the one in flight with `within`
     trace: TraceState
     caches: tuple[KVCache, ...]  # small, large (and the PRM's for rsd)
     # The mixture the newest steps were judged under, which routes the next round: one, or one
     # per writer (SMALL, LARGE) with source="generator"; None before round 0.
     routing: gmm.GMMParams | tuple[gmm.GMMParams, ...] | None
     fits: tuple[Fit, ...]
+    within: RoundProgress | None = None  # set when stopped inside round `round`
 
 
 def _pow2(n: int, cap: int) -> int:
@@ -548,6 +580,7 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
           prm: Model | None = None, route_queries: Sequence[bool] | None = None,
           progress: Callable[[int, int], None] | None = None,
           on_round: Callable[[RoundState], None] | None = None,
+          on_call: Callable[[RoundState], None] | None = None,
           resume_from: RoundState | None = None, batch_size: int | None = None,
           page_size: int = 64,
           pool_pages: int | Sequence[int | tuple[int | None, int | None] | None] | None = None,
@@ -570,8 +603,10 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
 
     `on_round(state)` is called after every round with the loop's whole `RoundState` (a
     checkpoint hook: its caches are only valid during the call, as the next round donates them);
-    `resume_from`, such a state of a run with the same inputs, continues from it to the result an
-    uninterrupted run gives.
+    `on_call(state)` likewise inside each round, after every model call and between two phases
+    (`state.within` says where; with several processes only the latter come at the same point
+    in every process). `resume_from`, any such state of a run with the same inputs, continues
+    from it to the result an uninterrupted run gives.
     """
     opts = options or SteerOptions(**kwargs)
     if opts.method == "rsd" and (prm is None or "v_head" not in prm.params):
@@ -663,10 +698,11 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
     mixtures: list[Fit] = []
     prev_params: Any = None
     first = 0
+    flight: RoundProgress | None = None  # the round in flight's progress, between its phases
     if resume_from is not None:
         _check_resumable(resume_from, state, M)
         first, state, prev_params = resume_from.round, resume_from.trace, resume_from.routing
-        mixtures = list(resume_from.fits)
+        mixtures, flight = list(resume_from.fits), resume_from.within
     none = jnp.zeros(B, bool)
 
     def calls(side: _Side, rows: jax.Array, extra: int = 0, ahead: int = 0, normal: int = 1,
@@ -731,39 +767,53 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
                                          span=min(slots, -(-(end + 2) // step) * step),
                                          width=_pow2(max(widest, 16), CHUNK), stream=side.stream)
 
-    def write(side: _Side, rows: jax.Array) -> jax.Array:
-        nonlocal state
-        reason = jnp.zeros(B, jnp.int32)
-        for take, count, _, span in calls(side, rows, ahead=opts.max_step_tokens,
-                                          behind=lambda: state.total - 1):
+    def snapshot(rnd: int) -> RoundState:
+        return RoundState(rnd, state, tuple(side.cache for side in sides), prev_params,
+                          tuple(mixtures), flight)
+
+    def phase_calls(side: _Side, rows: jax.Array, rnd: int, **kw: Any):
+        """`calls` over the rows of the phase in flight that no call has served yet; after each
+        call (the caller's loop body), its rows count as done and `on_call` hears the state."""
+        nonlocal flight
+        for call in calls(side, rows & ~flight.done, **kw):
+            yield call
+            flight = dataclasses.replace(flight, done=flight.done | call[0],
+                                         calls=flight.calls + 1, shared=False)
+            if on_call:
+                on_call(snapshot(rnd))
+
+    def write(side: _Side, rows: jax.Array, rnd: int) -> None:
+        nonlocal state, flight
+        for take, count, _, span in phase_calls(side, rows, rnd, ahead=opts.max_step_tokens,
+                                                behind=lambda: state.total - 1):
             side.cache, state, r = _write(
                 side.model.params, side.cfg, side.cache, state, take, side.masks, seed, ids,
                 bucket=_bucket(count, cap), span=span, opts=spec, stream=side.stream,
                 stops=side.stops)
-            reason = reason + r  # the calls' rows are disjoint
-        return reason
+            # The calls' rows are disjoint, and the small and the large writers' too.
+            flight = dataclasses.replace(flight, reason=flight.reason + r)
 
-    def read(side: _Side, rows: jax.Array) -> None:
+    def read(side: _Side, rows: jax.Array, rnd: int) -> None:
         nonlocal state
         # The newest token stays pending; a row reads from the token before the step on.
-        for take, count, width, span in calls(side, rows, extra=-1, normal=opts.max_step_tokens,
-                                              behind=lambda: state.step_start - 1):
+        for take, count, width, span in phase_calls(side, rows, rnd, extra=-1,
+                                                    normal=opts.max_step_tokens,
+                                                    behind=lambda: state.step_start - 1):
             side.cache, state = _read(side.model.params, side.cfg, side.cache, state, take,
                                       side.masks, bucket=_bucket(count, cap), span=span,
                                       width=width, opts=spec, stream=side.stream)
 
-    def verify(side: _Side, rows: jax.Array) -> tuple[jax.Array, jax.Array]:
-        nonlocal state
-        rejected, score = none, jnp.full(B, jnp.nan)
+    def verify(side: _Side, rows: jax.Array, rnd: int) -> None:
+        nonlocal state, flight
         extra = 0 if suffix is None else len(suffix)
-        for take, count, width, span in calls(side, rows, extra=extra,
-                                              normal=opts.max_step_tokens + 1 + extra,
-                                              behind=lambda: state.step_start - 1):
+        for take, count, width, span in phase_calls(side, rows, rnd, extra=extra,
+                                                    normal=opts.max_step_tokens + 1 + extra,
+                                                    behind=lambda: state.step_start - 1):
             side.cache, state, r, sc = _verify(
                 side.model.params, side.cfg, side.cache, state, take, suffix, digits, threshold,
                 bucket=_bucket(count, cap), span=span, width=width, stream=side.stream)
-            rejected, score = rejected | r, jnp.where(take, sc, score)
-        return rejected, score
+            flight = dataclasses.replace(flight, rejected=flight.rejected | r,
+                                         score=jnp.where(take, sc, flight.score))
 
     def discard(rejected: jax.Array, reason: jax.Array) -> jax.Array:
         """Throw the rejected small steps away; each cache that read them rolls back."""
@@ -782,9 +832,8 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
         mixtures.append(Fit(rnd, who, params, conf, among))
         return params, peers.local(post)
 
-    for rnd in range(first, M):
-        if not peers.any(bool(jnp.any(state.running))):
-            break
+    def start(rnd: int) -> RoundProgress:
+        """Who writes round `rnd`'s steps, from the previous steps' confidences."""
         running = state.running
         if opts.method == "large_only":
             to_large = running
@@ -799,24 +848,48 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
                 to_large |= route(state.conf, among, group, prev_params[who])
         else:
             to_large = route(state.conf, running, group, prev_params)
-        to_small = running & ~to_large
-        reason = write(sides[SMALL], to_small)
-        score = jnp.full(B, jnp.nan)
+        return RoundProgress(running, running & ~to_large, to_large, none,
+                             jnp.zeros(B, jnp.int32), jnp.full(B, jnp.nan), none, 0, 0)
+
+    def check(rnd: int) -> None:
+        """Small steps the mixture (refine) or a verifier rejects go to the large model."""
+        nonlocal flight
+        w = flight
         if opts.method == "steer" and (opts.refine == "all" or (rnd == 0 and
                                                                 opts.refine == "first")):
-            params, _ = fit(to_small, rnd, "small-draft")
-            rejected = route(state.conf, to_small, group, params)
-            reason = discard(rejected, reason)
-            to_large = to_large | rejected
+            params, _ = fit(w.to_small, rnd, "small-draft")
+            w = dataclasses.replace(w, rejected=route(state.conf, w.to_small, group, params))
         elif opts.method in ("specreason", "rsd"):
-            rejected, score = verify(sides[LARGE] if opts.method == "specreason" else sides[PRM],
-                                     to_small)
-            score = jnp.where(rejected, jnp.nan, score)
-            reason = discard(rejected, reason)
-            to_large = to_large | rejected
-        reason = reason + write(sides[LARGE], to_large)
-        if opts.source == "small" and opts.method == "steer":
-            read(sides[SMALL], to_large)
+            verify(sides[LARGE] if opts.method == "specreason" else sides[PRM], w.to_small, rnd)
+            w = dataclasses.replace(flight, score=jnp.where(flight.rejected, jnp.nan,
+                                                            flight.score))
+        else:
+            return
+        flight = dataclasses.replace(w, reason=discard(w.rejected, w.reason),
+                                     to_large=w.to_large | w.rejected)
+
+    def small_reads(rnd: int) -> None:
+        if opts.source == "small" and opts.method == "steer":  # large steps on the small scale
+            read(sides[SMALL], flight.to_large, rnd)
+
+    # PHASES, in order. Each runs its calls over the rows of `flight` it has not served yet; a
+    # round resumed inside a phase skips the phases before it.
+    phases = (lambda rnd: write(sides[SMALL], flight.to_small, rnd), check,
+              lambda rnd: write(sides[LARGE], flight.to_large, rnd), small_reads)
+    for rnd in range(first, M):
+        if flight is None:  # a round resumed in flight runs to its end whatever else holds
+            if not peers.any(bool(jnp.any(state.running))):
+                break
+            flight = start(rnd)
+        for i, phase in enumerate(phases):
+            if i < flight.phase:
+                continue
+            phase(rnd)
+            flight = dataclasses.replace(flight, phase=i + 1, done=none, shared=True)
+            if on_call:
+                on_call(snapshot(rnd))
+        running, reason, score = flight.running, flight.reason, flight.score
+        flight = None
         if opts.source == "generator":
             per_writer = []
             post = jnp.zeros(B)
@@ -853,6 +926,15 @@ def _check_resumable(saved: RoundState, fresh: TraceState, max_steps: int) -> No
         raise ValueError("resume_from: its prompts have other lengths than this run's")
     if not 0 <= saved.round <= max_steps:
         raise ValueError(f"resume_from: round {saved.round} is outside 0..{max_steps}")
+    if saved.within is not None:
+        if saved.round >= max_steps or not 0 <= saved.within.phase <= len(PHASES):
+            raise ValueError(f"resume_from: inside round {saved.round}, phase "
+                             f"{saved.within.phase}: no such round or phase")
+        for f in dataclasses.fields(RoundProgress):
+            a = getattr(saved.within, f.name)
+            if hasattr(a, "shape") and a.shape != fresh.total.shape:
+                raise ValueError(f"resume_from: its round progress {f.name} is "
+                                 f"{list(a.shape)}, this run has {list(fresh.total.shape)}")
 
 
 @jax.jit

@@ -1,10 +1,12 @@
 """A run's checkpoint store: finished parts, and the rounds of the part in flight.
 
-A run survives preemption at two grains: every process's finished part is kept
-(out/parts/part_<p>.json), and with `checkpoint_every` its rounds are saved every K rounds
-(out/parts/rounds_<p>/round_<r>/: with orbax, or by each process itself in a multi-process run).
-The processes of one run fit every round's mixture together, so they stop and resume at the
-same round: a resumed run continues from the newest round that every process has.
+A run survives preemption at three grains: every process's finished part is kept
+(out/parts/part_<p>.json); with `checkpoint_every` its rounds are saved every K rounds
+(out/parts/rounds_<p>/round_<r>/: with orbax, or by each process itself in a multi-process run);
+and a SIGTERM saves the round in flight after the call in flight
+(round_<r>_phase<i>_call<c>/: round r in flight, its phase i, c calls made). The processes of
+one run fit every round's mixture together, so they stop and resume at the same point: a
+resumed run continues from the newest point that every process has.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from steer_jax.distributed import Peers
 from steer_jax.modeling.transformer import KVCache
 from steer_jax.routing.gmm import GMMParams
-from steer_jax.steer import (Fit, RoundMixture, RoundState, Step, SteerResult, Trace,
-                             TraceState)
+from steer_jax.steer import (Fit, RoundMixture, RoundProgress, RoundState, Step, SteerResult,
+                             Trace, TraceState)
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +43,8 @@ class RunConfigError(ValueError):
 
 
 class Preempted(Exception):
-    """A SIGTERM stopped the run after saving its round in flight; `resume` continues it."""
+    """A SIGTERM stopped the run after saving its state inside the round in flight; `resume`
+    continues it."""
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -129,13 +132,36 @@ class Parts:
 
 
 _ROUND_FORMAT = "steer_jax.round_checkpoint"
-_ROUND_DIR = re.compile(r"round_\d{5}")
+# round_<r>: after r rounds; round_<r>_phase<i>_call<c>: inside round r (see `_position`).
+_ROUND_DIR = re.compile(r"round_(\d{5})(?:_phase(\d)_call(\d{5}))?")
 # A multi-process run's rounds (see `RoundCheckpoint._save_on_host`): arrays, then the JSON.
 _HOST_ARRAYS, _HOST_META = "arrays.npz", "meta.json"
 
 
 def _fields(x: Any) -> dict[str, Any]:
     return {f.name: getattr(x, f.name) for f in dataclasses.fields(x)}
+
+
+# RoundProgress's host-side fields, kept in the JSON item; the rest are arrays.
+_PROGRESS_STATIC = ("phase", "calls", "shared")
+
+
+def _dir_name(state: RoundState) -> str:
+    w = state.within
+    return f"round_{state.round:05d}" + ("" if w is None else f"_phase{w.phase}_call{w.calls:05d}")
+
+
+def _position(name: str) -> tuple[int, int]:
+    """Where a saved state stands, in an order every process shares: (round, stage), stage 0
+    before the round's first call and 1 + i inside its phase i. The calls are left out: each
+    process makes its own number of them, and processes stop together only between phases."""
+    m = _ROUND_DIR.fullmatch(name)
+    return int(m[1]), 0 if m[2] is None else 1 + int(m[2])
+
+
+def _code(position: tuple[int, int]) -> int:
+    """A position as one integer (`Peers.smallest` compares integers)."""
+    return position[0] * 16 + position[1]
 
 
 class RoundCheckpoint:
@@ -148,8 +174,14 @@ class RoundCheckpoint:
     newest still be unreadable (a damaged copy, a full disk), the one before it is used.
 
     In a multi-process run each process saves its part by itself, without orbax (see
-    `_save_on_host`), and each part has its own directory, so no two processes write one. A
-    SIGTERM seen by any process stops them all after the same round (`peers`).
+    `_save_on_host`), and each part has its own directory, so no two processes write one.
+
+    A SIGTERM (`stop`) saves the state inside the round in flight, as steer's `on_call` hands it
+    over. One process stops after the call in flight. Several stop together, so the stop is
+    decided collectively (`peers`) at a point each of them reaches: between two phases of the
+    round (each process makes its own number of calls, so "after call c" is no such point).
+    Only a stop saves inside a round: a state holds every page pool, far too much to write
+    after every call.
     """
 
     def __init__(self, parts: Path, part: int, trace_ids: range, every: int | None,
@@ -169,11 +201,14 @@ class RoundCheckpoint:
             state=ocp.StandardCheckpointHandler(), meta=ocp.JsonCheckpointHandler()))
 
     def __call__(self, state: RoundState) -> None:
-        """steer's `on_round` hook: save every `every` rounds, and stop after saving once
-        `stop` is set."""
-        # Every process stops after the same round: they fit every mixture together.
+        """steer's `on_round` and `on_call` hook: save every `every` rounds, and stop after
+        saving once `stop` is set."""
+        inside = state.within is not None
+        if inside and not state.within.shared and len(self.peers.sizes) > 1:
+            return  # not a point every process reaches (see the class docstring)
+        # Every process stops at the same point: they fit every mixture together.
         stopping = self.peers.any(self.stop is not None and self.stop.is_set())
-        if not stopping and (not self.every or state.round % self.every):
+        if not stopping and (inside or not self.every or state.round % self.every):
             return
         routing = state.routing
         routing = [] if routing is None else [routing] if isinstance(routing, GMMParams) \
@@ -187,13 +222,18 @@ class RoundCheckpoint:
                   "fits": [{"params": jax.tree.map(np.asarray, _fields(f.params)),
                             "conf": np.asarray(f.conf), "among": np.asarray(f.among)}
                            for f in state.fits]}
+        within = None
+        if inside:
+            progress = _fields(state.within)
+            within = {k: progress.pop(k) for k in _PROGRESS_STATIC}
+            arrays["within"] = progress
         kind = "none" if state.routing is None else "one" \
             if isinstance(state.routing, GMMParams) else "per_writer"
-        meta = {**self.meta, "round": state.round, "routing": kind,
+        meta = {**self.meta, "round": state.round, "routing": kind, "within": within,
                 "fits": [[f.round, f.who] for f in state.fits],
                 "wall_s": self.wall_before + time.perf_counter() - self._started}
-        # Synchronous: the next round donates the caches these arrays are.
-        path = self.dir / f"round_{state.round:05d}"
+        # Synchronous: the next call donates the caches these arrays are.
+        path = self.dir / _dir_name(state)
         if jax.process_count() > 1:
             self._save_on_host(path, arrays, meta)
         else:
@@ -207,9 +247,10 @@ class RoundCheckpoint:
             if old not in keep:
                 shutil.rmtree(old)
         if stopping:
-            raise Preempted(f"stopped by SIGTERM after round {state.round} of part "
-                            f"{self.meta['part']}, saved in {path}; run again with resume "
-                            "to continue")
+            where = f"round {state.round}" if not inside else \
+                f"call {state.within.calls} of round {state.round + 1}"
+            raise Preempted(f"stopped by SIGTERM after {where} of part {self.meta['part']}, "
+                            f"saved in {path}; run again with resume to continue")
 
     @staticmethod
     def _save_on_host(path: Path, arrays: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -261,9 +302,9 @@ class RoundCheckpoint:
                        if _ROUND_DIR.fullmatch(p.name) and ocp.step.is_path_finalized(p)),
                       reverse=True)
 
-    def _newest_readable(self, at_most: int | None = None) -> RoundState | None:
+    def _newest_readable(self, at_most: tuple[int, int] | None = None) -> RoundState | None:
         for path in self._complete():
-            if at_most is not None and int(path.name[len("round_"):]) > at_most:
+            if at_most is not None and _position(path.name) > at_most:
                 continue
             try:
                 return self._restore(path)
@@ -275,20 +316,24 @@ class RoundCheckpoint:
         return None
 
     def latest(self) -> RoundState | None:
-        """The newest readable round of this part that every process has, or None.
+        """The newest readable state of this part that every process has, or None.
 
-        The processes save the same rounds, but a kill may land between two processes' saves
-        of one round: each finds its newest readable round, and all take the oldest of those.
+        The processes save at the same points (rounds, or a stop between two phases), but a
+        kill may land between two processes' saves of one: each finds its newest readable
+        state, and all take the oldest of those.
         """
         newest = self._newest_readable()
-        agreed = self.peers.smallest(-1 if newest is None else newest.round)
+        mine = None if newest is None else _position(_dir_name(newest))
+        agreed = self.peers.smallest(-1 if mine is None else _code(mine))
         if agreed < 0:
             return None
-        if newest.round != agreed:
-            newest = self._newest_readable(at_most=agreed)
-            if newest is None or newest.round != agreed:
-                raise RunConfigError(f"cannot resume: every process has round {agreed}, but "
-                                     f"{self.dir} holds no readable copy of it")
+        if _code(mine) != agreed:
+            at_most = divmod(agreed, 16)
+            newest = self._newest_readable(at_most=at_most)
+            if newest is None or _code(_position(_dir_name(newest))) != agreed:
+                raise RunConfigError(f"cannot resume: every process has round {at_most[0]} "
+                                     f"(stage {at_most[1]}), but {self.dir} holds no readable "
+                                     "copy of it")
         return newest
 
     def clear(self) -> None:
@@ -329,15 +374,18 @@ class RoundCheckpoint:
         # Arrays of a one-device run come back through the host and go to the default device
         # uncommitted, as a fresh run's are, so the resumed rounds reuse its compiled programs.
         on_device = lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x  # noqa: E731
-        a = {**a, **jax.tree.map(on_device, {k: a[k] for k in ("trace", "caches", "routing")})}
+        a = {**a, **jax.tree.map(on_device, {k: a[k] for k in ("trace", "caches", "routing",
+                                                                "within") if k in a})}
         kind, routing = meta["routing"], [GMMParams(**p) for p in a["routing"]]
+        within = meta.get("within")  # absent in rounds saved before rounds could be stopped in
         self.wall_before = meta["wall_s"]
         return RoundState(
             round=meta["round"], trace=TraceState(**a["trace"]),
             caches=tuple(KVCache(**c) for c in a["caches"]),
             routing=None if kind == "none" else routing[0] if kind == "one" else tuple(routing),
             fits=tuple(Fit(r, who, GMMParams(**f["params"]), f["conf"], f["among"])
-                       for (r, who), f in zip(meta["fits"], a["fits"])))
+                       for (r, who), f in zip(meta["fits"], a["fits"])),
+            within=None if within is None else RoundProgress(**a["within"], **within))
 
     def _target(self, leaf: Any) -> Any:
         """Where a saved array goes back to: the layout it was saved in, on this run's mesh

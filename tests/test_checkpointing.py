@@ -5,11 +5,14 @@ checkpoint holds traces and caches that several calls wrote.
 The runs use source="generator" (a mixture per writer), the routing state with the most parts to
 save; tests/test_distributed.py resumes a run on a mesh with the default source. In a
 multi-process run each process saves its own part's rounds without orbax (the last tests). A
-SIGTERM (a preemption notice) saves the round in flight whatever `checkpoint_every` says.
+SIGTERM (a preemption notice) saves the round in flight after the call in flight, whatever
+`checkpoint_every` says.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -18,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -165,16 +169,18 @@ def _sigterm_at(round_: int):
 
 
 def test_sigterm_saves_the_round_in_flight_and_resume_continues(setup, tmp_path):
-    """No periodic checkpoints: the SIGTERM arriving after round 2 lets round 3 finish, saves
-    it, and stops; the resumed run writes the traces of one never stopped."""
+    """No periodic checkpoints: the SIGTERM arriving after round 2 lets round 3's first call
+    finish, saves the state there, and stops; the resumed run writes the traces of one never
+    stopped."""
     out = tmp_path / "out"
     before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(runner.Preempted, match="after round 3 of part 0, saved in .*round_00003"):
+    with pytest.raises(runner.Preempted, match="after call 1 of round 3 of part 0, saved in "
+                                               ".*round_00002_phase0_call00001;"):
         run(setup["cfg"], out, progress=_sigterm_at(2))
     assert signal.getsignal(signal.SIGTERM) is before  # the run's handler is gone again
-    assert [p.name for p in (out / ROUNDS).iterdir()] == ["round_00003"]
+    assert [p.name for p in (out / ROUNDS).iterdir()] == ["round_00002_phase0_call00001"]
     assert not (out / "summary.json").exists()
-    assert "round 4," in _resume(setup["cfg"], out)[0]
+    assert _resume(setup["cfg"], out)[0] == "steer: resuming round 3 after its call 1"
     assert (out / "traces.jsonl").read_text() == setup["whole"]
     assert (out / "rounds.jsonl").read_text() == setup["rounds"]
 
@@ -199,6 +205,108 @@ def test_a_second_sigterm_is_not_caught():
             assert caught == ["outer", "outer"] and not stop.is_set()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+_steer = importlib.import_module("steer_jax.steer")  # the module (the package exports steer())
+
+
+def _record(monkeypatch, events: list) -> None:
+    """Every model call, and every state the checkpoint hook is shown, in `events`."""
+    for name in ("_write", "_read", "_verify"):
+        def call(*args, _f=getattr(_steer, name), **kwargs):
+            events.append("call")
+            return _f(*args, **kwargs)
+        monkeypatch.setattr(_steer, name, call)
+    hook = store.RoundCheckpoint.__call__
+
+    def seen(self, state):
+        w = state.within
+        events.append(("round", state.round) if w is None else (state.round, w.calls, w.shared))
+        hook(self, state)
+    monkeypatch.setattr(store.RoundCheckpoint, "__call__", seen)
+
+
+@pytest.fixture(scope="module")
+def stopped_inside(setup, tmp_path_factory):
+    """A run stopped by a SIGTERM that arrives as the first call of round 2 (index 1) ends:
+    the round's 4 traces make at least two calls of at most 3."""
+    out = tmp_path_factory.mktemp("inside") / "out"
+    hook = store.RoundCheckpoint.__call__
+
+    def sigterm(self, state):
+        w = state.within
+        if w is not None and (state.round, w.calls, w.shared) == (1, 1, False):
+            ours = signal.getsignal(signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.time() + 5  # the handler runs in this thread, once Python looks
+            while signal.getsignal(signal.SIGTERM) is ours and time.time() < deadline:
+                time.sleep(0.001)
+        hook(self, state)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(store.RoundCheckpoint, "__call__", sigterm)
+        with pytest.raises(runner.Preempted, match=r"after call 1 of round 2 of part 0, saved in "
+                                                   r".*round_00001_phase\d_call00001;"):
+            run(setup["cfg"], out)
+    return out
+
+
+def test_sigterm_inside_a_round_saves_it_there_and_resume_makes_only_the_calls_left(
+        setup, stopped_inside, tmp_path, monkeypatch):
+    """Calls of 3 rows over 4 traces: each phase of a round runs in one or two calls. The
+    SIGTERM stops the run after the call in flight, not the round; the resumed run begins with
+    the rest of that round and writes the traces and mixtures of a run never stopped."""
+    saved = [p.name for p in (stopped_inside / ROUNDS).iterdir()]
+    assert len(saved) == 1 and saved[0].startswith("round_00001_phase")
+    out = tmp_path / "out"
+    shutil.copytree(stopped_inside, out)
+    events: list = []
+    _record(monkeypatch, events)
+    messages = _resume(setup["cfg"], out)
+    assert messages[0] == "steer: resuming round 2 after its call 1"
+    assert "round 2," in messages[1]  # then the end of that round
+    # Its first work is round 2's second call; the calls it makes before round 2 ends are
+    # the round's calls less the one the stopped run made.
+    first_round = events[:events.index(("round", 2))]
+    after_calls = [e for e in first_round if e != "call" and not e[2]]
+    assert after_calls[0] == (1, 2, False), first_round
+    assert first_round.count("call") == after_calls[-1][1] - 1 >= 1, first_round
+    assert (out / "traces.jsonl").read_text() == setup["whole"]
+    assert (out / "rounds.jsonl").read_text() == setup["rounds"]
+
+
+def test_several_processes_stop_inside_a_round_only_between_phases(setup, stopped_inside,
+                                                                      tmp_path, monkeypatch):
+    """Processes make their own numbers of calls, so a stop is decided together only between
+    two phases; each saves its part through the host, and `latest` agrees on the phase."""
+    cfg, _ = validate(setup["cfg"])
+    path = next((stopped_inside / ROUNDS).iterdir())
+    state = store.RoundCheckpoint(stopped_inside / "parts", 0, range(0, 4), None, cfg,
+                                  None)._restore(path)
+    assert state.round == 1 and state.within.calls == 1 and not state.within.shared
+    parts = tmp_path / "parts"
+    monkeypatch.setattr(runner.jax, "process_count", lambda: 2)
+    monkeypatch.setattr(distributed.Peers, "any", lambda self, flag: flag)
+    monkeypatch.setattr(distributed.Peers, "smallest", lambda self, value: value)
+    stop = threading.Event()
+    stop.set()
+    rounds = store.RoundCheckpoint(parts, 0, range(0, 4), None, cfg, None, stop,
+                                   distributed.Peers((4, 4), 0))
+    rounds(state)  # after a call: another process may be anywhere in its calls
+    assert not (parts / "rounds_00000").exists()
+    between = dataclasses.replace(state, within=dataclasses.replace(state.within, shared=True))
+    with pytest.raises(runner.Preempted, match="after call 1 of round 2"):
+        rounds(between)
+    back = rounds.latest()
+    assert (parts / "rounds_00000" / path.name / store._HOST_META).is_file()
+    assert back.round == 1 and (back.within.phase, back.within.calls, back.within.shared) == \
+        (state.within.phase, 1, True)
+    for a, b in zip(jax.tree.leaves((state.within, state.trace, state.caches)),
+                    jax.tree.leaves((back.within, back.trace, back.caches))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # A process whose newest save is the whole round before: every process takes that.
+    assert store._position(path.name) > store._position("round_00001") \
+        > store._position("round_00000_phase4_call00009")
 
 
 def test_a_preempted_sweep_resumes_to_the_sweep_never_stopped(setup, tmp_path):

@@ -491,3 +491,43 @@ def test_sweep_writes_a_run_per_gamma_and_a_table(pair, shared_data, tmp_path):
     assert summaries[0].large_step_fraction == 0.0 and summaries[1].large_step_fraction == 1.0
     table = (tmp_path / "sweep.md").read_text().splitlines()
     assert len(table) == 4 and table[2].startswith("| 0 |") and table[3].startswith("| 1 |")
+
+
+def test_a_run_resumed_inside_a_round_ends_as_the_whole_run(pair):
+    """Calls of 3 rows: a round's phases each run in several calls. A run resumed from a state
+    after any call (here one inside the small writes of round 1, one inside the large writes of
+    round 2, one between two phases) makes only the calls left and ends as the whole run."""
+    states = []
+
+    def keep(state):
+        states.append(dataclasses.replace(state, trace=jax.tree.map(jnp.copy, state.trace),
+                                          caches=jax.tree.map(jnp.copy, state.caches)))
+
+    whole = _run(pair, gamma=0.5, batch_size=3, on_call=keep)
+    where = [(s.round, s.within.phase, s.within.calls, s.within.shared) for s in states]
+    picks = [where.index((1, 0, 1, False)), where.index(next(w for w in where if w[:2] == (2, 1))),
+             next(i for i, w in enumerate(where) if w[:2] == (2, 2) and not w[3])]
+    assert where[picks[1]][3] and where[picks[2]][2] > where[picks[1]][2], where
+    for i in picks:
+        resumed = _run(pair, gamma=0.5, batch_size=3, resume_from=states[i])
+        assert resumed.traces == whole.traces and resumed.mixtures == whole.mixtures, where[i]
+        assert resumed.executed_tokens == whole.executed_tokens, where[i]
+
+
+def test_specreason_resumed_inside_its_judge_calls_ends_as_the_whole_run(pair):
+    """The judge's scores and rejections so far travel in the state; the rejected steps are
+    thrown away once, after the phase's last call."""
+    states = []
+
+    def keep(state):
+        states.append(dataclasses.replace(state, trace=jax.tree.map(jnp.copy, state.trace),
+                                          caches=jax.tree.map(jnp.copy, state.caches)))
+
+    whole = _run(pair, method="specreason", batch_size=3, on_call=keep)
+    i = next(i for i, s in enumerate(states)
+             if s.round == 1 and s.within.phase == 1 and not s.within.shared)
+    assert bool(jnp.any(states[i].within.done)) and not np.isnan(
+        np.asarray(states[i].within.score)[np.asarray(states[i].within.done)]).any()
+    resumed = _run(pair, method="specreason", batch_size=3, resume_from=states[i])
+    assert resumed.traces == whole.traces and resumed.mixtures == whole.mixtures
+    assert resumed.executed_tokens == whole.executed_tokens
