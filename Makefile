@@ -49,6 +49,7 @@ bench: $(STAMP)
 	JAX_PLATFORMS=cpu $(PY) benchmarks/decode.py
 	JAX_PLATFORMS=cpu $(PY) benchmarks/matmul16.py
 	JAX_PLATFORMS=cpu $(PY) benchmarks/gmm.py
+	JAX_PLATFORMS=cpu $(PY) benchmarks/paging.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
