@@ -1,8 +1,9 @@
 """Page bookkeeping for the paged KV cache, on device: reserve, release, slide, evict.
 
-A row's held pages are a prefix of its page table (pages are added at the end and taken back from
-the end), so `held = count of non-null entries` and a row of n tokens needs ceil(n / page_size)
-pages. Pages are handed out lowest free id first, to rows in row order: the same requests get the
+A row's pages in the global layers' pool are a prefix of its page table (pages are added at the
+end and taken back from the end), so a row of n tokens holds ceil(n / page_size) of them; in the
+sliding-window layers' pool (Gemma) the pages below its window are given back too (`slide`), so
+there it holds a stretch of columns, the window's. Pages are handed out lowest free id first, to rows in row order: the same requests get the
 same pages whatever the host, so a run's bookkeeping is as deterministic as its tokens.
 
 Eviction takes back every page of the rows chosen, which then hold nothing (length 0): the engine
