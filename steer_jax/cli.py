@@ -141,7 +141,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     import json
 
-    from steer_jax.memory import format_plan, parse_bytes, plan_from_config, plan_json
+    from steer_jax.memory import parse_bytes
+    from steer_jax.plan import format_plan, plan_from_config, plan_json
     from steer_jax.runner import load_config
 
     memory = parse_bytes(args.device_memory)

@@ -274,7 +274,7 @@ def test_sharded_steer_gives_identical_traces(steer_pair, sharded_steer, mesh_sh
 
 @pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_sharded_mixture_fit_equals_one_device(mesh_shape):
-    from steer_jax.steer import _mixture
+    from steer_jax.calls import _mixture
 
     rng = np.random.default_rng(0)
     B, groups = 64, 4

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import AbstractMesh
 
-from steer_jax import memory
+from steer_jax import memory, plan
 from steer_jax.cli import main
 from steer_jax.distributed import param_shardings
 from steer_jax.modeling.config import ModelConfig, num_params, param_shapes
@@ -102,7 +102,7 @@ def test_resident_in_pool_by_hand():
 
 
 def engine_round(pool: int, held: list[int], new: int, cap: int) -> tuple[list[int], bool]:
-    """`steer._plan`'s rule as arithmetic: each call takes rows in order while their new pages
+    """`calls._plan`'s rule as arithmetic: each call takes rows in order while their new pages
     fit the free ones, if that is >= 1/8 of the rows all of whose pages fit the pool (at most
     `cap`); else it would evict. Returns each call's rows and whether any call evicted."""
     calls, left, evicted = [], len(held), False
@@ -137,7 +137,7 @@ def test_plan_by_hand():
     b = ModelConfig.from_hf_config(tiny_config(layers=3, kv_heads=4))
     weights = memory.weight_bytes(a, "float32") + memory.weight_bytes(b, "float32")
     mem = 10 * 2**20
-    p = memory.plan([a, b], "float32", mem, names=["small", "large"], page_size=16,
+    p = plan.plan([a, b], "float32", mem, names=["small", "large"], page_size=16,
                     prompt_tokens=30, mean_tokens=50, max_step_tokens=20, max_new_tokens=60,
                     benchmark_size=1000)
     usable = int(0.9 * mem) - weights
@@ -157,11 +157,11 @@ def test_plan_by_hand():
     assert p.sub_batches == -(-1000 // p.resident_traces)
     # A call reserves within the trace's page table (longest prompt + max_new + 2, rounded to
     # 64): 62 + 62 + 2 -> 128 slots, so at 124 tokens only 4 more.
-    q = memory.plan([a, b], "float32", mem, page_size=16, prompt_tokens=62, mean_tokens=62,
+    q = plan.plan([a, b], "float32", mem, page_size=16, prompt_tokens=62, mean_tokens=62,
                     max_step_tokens=20, max_new_tokens=62)
     assert q.call_tokens == 4 and [m.call_pages for m in q.models] == [0, 0]
     with pytest.raises(ValueError, match="max_new_tokens"):
-        memory.plan([a], "float32", mem, mean_tokens=61, max_new_tokens=60)
+        plan.plan([a], "float32", mem, mean_tokens=61, max_new_tokens=60)
 
 
 @pytest.mark.parametrize("name", ["qwen2_5_math_1_5b_instruct", "qwen2_5_math_7b_instruct",
@@ -237,7 +237,7 @@ def test_cli_tiny_json(tmp_path, capsys):
     run = tiny_run(tmp_path, cache={"page_size": 16})
     out = json.loads(run_cli(capsys, run, "--device-memory", "10MiB", "--mean-tokens", 50,
                              "--prompt-tokens", 30, "--json"))
-    p = memory.plan([read_config(tmp_path / "small"), read_config(tmp_path / "large")],
+    p = plan.plan([read_config(tmp_path / "small"), read_config(tmp_path / "large")],
                     "float32", 10 * 2**20, page_size=16, prompt_tokens=30, mean_tokens=50,
                     max_step_tokens=20, max_new_tokens=60)
     for key in ("resident_traces", "dense_traces", "usable_bytes", "page_size",
