@@ -156,6 +156,24 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_plan(sub: argparse._SubParsersAction) -> None:
+    pl = sub.add_parser("plan", help="KV pages and traces that fit on a device, from the models' "
+                        "config.json alone (no weights)")
+    pl.add_argument("config", help="YAML run config")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key, e.g. --set small=/path/to/checkpoint")
+    pl.add_argument("--device-memory", default="80GiB", help="memory of one device, e.g. "
+                    "80GiB, 141GB, 16GiB")
+    pl.add_argument("--devices", type=int, default=1,
+                    help="devices on the 'model' axis, each of --device-memory")
+    pl.add_argument("--mean-tokens", type=int, default=1024,
+                    help="generated tokens per trace for the resident count")
+    pl.add_argument("--prompt-tokens", type=int, default=256, help="prompt length when the "
+                    "tokenizer or benchmark.path cannot be read")
+    pl.add_argument("--json", action="store_true", help="print one JSON object")
+    pl.set_defaults(func=_plan)
+
+
 def _report(args: argparse.Namespace) -> int:
     from steer_jax.eval import main_report
 
@@ -219,21 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     conv.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     conv.set_defaults(func=_convert)
 
-    pl = sub.add_parser("plan", help="KV pages and traces that fit on a device, from the models' "
-                        "config.json alone (no weights)")
-    pl.add_argument("config", help="YAML run config")
-    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a config key, e.g. --set small=/path/to/checkpoint")
-    pl.add_argument("--device-memory", default="80GiB", help="memory of one device, e.g. "
-                    "80GiB, 141GB, 16GiB")
-    pl.add_argument("--devices", type=int, default=1,
-                    help="devices on the 'model' axis, each of --device-memory")
-    pl.add_argument("--mean-tokens", type=int, default=1024,
-                    help="generated tokens per trace for the resident count")
-    pl.add_argument("--prompt-tokens", type=int, default=256, help="prompt length when the "
-                    "tokenizer or benchmark.path cannot be read")
-    pl.add_argument("--json", action="store_true", help="print one JSON object")
-    pl.set_defaults(func=_plan)
+    _add_plan(sub)
 
     rep = sub.add_parser("report", help="tables and plots from run directories", add_help=False)
     rep.add_argument("rest", nargs=argparse.REMAINDER)
