@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from steer_jax.steer import SteerOptions
 
 SMALL, LARGE, PRM = 0, 1, 2  # the models' streams: sampling keys, bill columns, cache order
+ENDED = -1  # `TraceState.author` of a trace whose step ended and waits for its boundary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,22 +53,28 @@ class TraceState:
     """Everything about the traces, on device; [B] per trace, [B, M] per step record."""
 
     tokens: jax.Array  # [B, S] prompt then kept steps
+    measure: jax.Array  # [B, S] the confidence measure of each written token, as its writer saw it
     total: jax.Array  # [B] tokens in the trace
     prompt_len: jax.Array  # [B]
     running: jax.Array  # [B]
     stop: jax.Array  # [B] 0 running, 1 eos, 2 max_steps, 3 max_new_tokens, 4 cache_full
+    step: jax.Array  # [B] index of the step being written (the steps recorded so far)
     step_start: jax.Array  # [B] where the newest step begins
-    conf: jax.Array  # [B] confidence of the newest step
-    writer: jax.Array  # [B] who wrote the newest step
+    author: jax.Array  # [B] who writes the step in flight; ENDED once it ended, until routed
+    ended_by: jax.Array  # [B] why the newest step ended (dec.DELIMITER, EOS, ...; 0 in flight)
+    conf: jax.Array  # [B] confidence of the newest step that ended
+    writer: jax.Array  # [B] who wrote the newest step that ended
     rec_model: jax.Array  # [B, M] -1 for no step
     rec_len: jax.Array  # [B, M]
     rec_conf: jax.Array  # [B, M]
     rec_post: jax.Array  # [B, M]
     rec_score: jax.Array  # [B, M] the verifier's score of a kept small step (NaN: none)
+    rec_at: jax.Array  # [B, M] the round (boundary) at which the step ended
     generated: jax.Array  # [B, 2] kept tokens per model
     discarded: jax.Array  # [B]
     read: jax.Array  # [B, 3] appended tokens per model (small, large, prm)
     executed: jax.Array  # [3] rows x positions computed per model
+    iterations: jax.Array  # [3] decode iterations (positions stepped) per model
 
 
 # ---- one model's work on a bucket of rows -------------------------------------------------------
@@ -105,38 +112,49 @@ def _unseen(state: TraceState, idx: jax.Array, seen: jax.Array, width: int) -> j
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",), static_argnames=(
-    "cfg", "bucket", "span", "opts", "stream", "stops"))
+    "cfg", "bucket", "span", "opts", "chunk", "stream", "stops"))
 def _write(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array, masks: VocabMasks,
            seed: jax.Array, trace_ids: jax.Array, *, bucket: int, span: int, opts: StepSpec,
-           stream: int, stops: dec.Stops):
+           chunk: int, stream: int, stops: dec.Stops):
     """The routed `rows`, each lagging only its pending token (`catch_up` saw to the rest),
-    feed it and write one step each."""
+    feed it and write up to `chunk` tokens of their step each; a step that ends gets its
+    confidence, from the measures its tokens were written with (over whichever calls wrote
+    them: a continued step is scored as one written at once), and its author turns ENDED."""
     idx, active, sub = _gather(cache, rows, bucket, span)
-    seen, total = sub.length, state.total[idx]
+    seen, total, start = sub.length, state.total[idx], state.step_start[idx]
     n_append = jnp.where(active, 1, 0)
     budget = opts.max_new_tokens - (total - state.prompt_len[idx])
+    cap = jnp.minimum(budget, opts.max_step_tokens - (total - start))  # the step's tokens left
     out = dec.decode(params, cfg, sub, _unseen(state, idx, seen, 1), n_append, active, seed,
-                        trace_ids[idx], masks, jnp.minimum(budget, opts.max_step_tokens), stream,
-                        sampler=dec.make_sampler(opts.temperature, opts.top_p),
-                        max_tokens=opts.max_step_tokens, stops=stops)
-    conf = dec.step_confidence(out.measures, out.tokens, out.n, measure=opts.confidence,
-                               is_math=masks.is_math if opts.aggregate == "math" else None)
+                     trace_ids[idx], masks, cap, stream, total - start,
+                     sampler=dec.make_sampler(opts.temperature, opts.top_p), max_tokens=chunk,
+                     stops=stops)
     n_new = jnp.where(active, out.n, 0)
-    slot = total[:, None] + jnp.arange(opts.max_step_tokens)[None]
-    slot = jnp.where(jnp.arange(opts.max_step_tokens)[None] < n_new[:, None], slot,
-                     state.tokens.shape[1])  # out of bounds: dropped
+    ended = active & ((out.reason != dec.MAX_TOKENS) | (out.n >= cap))
+    S = state.tokens.shape[1]
+    slot = total[:, None] + jnp.arange(chunk)[None]
+    slot = jnp.where(jnp.arange(chunk)[None] < n_new[:, None], slot, S)  # out of bounds: dropped
     tokens = state.tokens.at[idx[:, None], slot].set(out.tokens, mode="drop")
-    sel = lambda x, new: x.at[idx].set(jnp.where(active, new, x[idx]))  # noqa: E731
-    executed = bucket * jnp.max(n_new)
+    measure = state.measure.at[idx[:, None], slot].set(
+        out.measures[..., dec.MEASURES.index(opts.confidence)], mode="drop")
+    L = opts.max_step_tokens
+    at = jnp.minimum(start[:, None] + jnp.arange(L)[None], S - 1)
+    conf = dec.mean_confidence(jnp.take_along_axis(measure[idx], at, axis=1),
+                               jnp.take_along_axis(tokens[idx], at, axis=1),
+                               total + n_new - start,
+                               is_math=masks.is_math if opts.aggregate == "math" else None)
+    sel = lambda x, new: x.at[idx].set(jnp.where(ended, new, x[idx]))  # noqa: E731
     state = dataclasses.replace(
-        state, tokens=tokens, total=state.total.at[idx].add(n_new),
-        step_start=sel(state.step_start, total), conf=sel(state.conf, conf),
-        writer=sel(state.writer, jnp.full_like(total, stream)),
+        state, tokens=tokens, measure=measure, total=state.total.at[idx].add(n_new),
+        conf=sel(state.conf, conf), writer=sel(state.writer, jnp.full_like(total, stream)),
+        author=sel(state.author, jnp.full_like(total, ENDED)),
+        ended_by=sel(state.ended_by, out.reason),
         generated=state.generated.at[idx, stream].add(n_new),
-        read=state.read.at[idx, stream].add(n_append),
-        executed=state.executed.at[stream].add(executed))
-    reason = jnp.zeros_like(state.stop).at[idx].set(jnp.where(active, out.reason, 0))
-    return _scatter(cache, idx, active, out.cache), state, reason
+        # A continued step's pending token is its own last one, billed as generated already.
+        read=state.read.at[idx, stream].add(jnp.where(total == start, n_append, 0)),
+        executed=state.executed.at[stream].add(bucket * jnp.max(n_new)),
+        iterations=state.iterations.at[stream].add(jnp.max(n_new)))
+    return _scatter(cache, idx, active, out.cache), state
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "bucket", "span", "width", "stream"),
@@ -290,11 +308,13 @@ def _slide(cache: KVCache, floor: jax.Array, *, window: int | None) -> KVCache:
 # ---- routing, on device -------------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnames=("groups",))
-def _mixture(conf: jax.Array, among: jax.Array, group: jax.Array, *, groups: int):
-    """Fit one mixture per group over `among`; each trace's posterior under its group's fit."""
+def _mixture(conf: jax.Array, among: jax.Array, group: jax.Array,
+             init: gmm.GMMParams | None = None, *, groups: int):
+    """Fit one mixture per group over `among` (`init`: the fit it refits, a start); each
+    trace's posterior under its group's fit."""
     member = (group[None, :] == jnp.arange(groups)[:, None]) & among[None, :]  # [K, B]
     scores = jnp.broadcast_to(conf, member.shape)
-    params = gmm.fit(scores, member)
+    params = gmm.fit(scores, member, init=init)
     post = gmm.posterior_confident(params, scores)
     return params, jnp.take_along_axis(post, group[None, :], axis=0)[0]
 
@@ -316,28 +336,42 @@ def _route(conf: jax.Array, among: jax.Array, group: jax.Array, params: gmm.GMMP
 
 
 @jax.jit
-def _discard(state: TraceState, rejected: jax.Array, reason: jax.Array):
-    """Throw away the newest (small) step of the rejected rows; they keep their pending token."""
+def _discard(state: TraceState, rejected: jax.Array) -> TraceState:
+    """Throw away the newest (small) step of the rejected rows; they keep their pending token,
+    and the large model writes that step again."""
     n = jnp.where(rejected, state.total - state.step_start, 0)
-    state = dataclasses.replace(
+    return dataclasses.replace(
         state, total=state.total - n, generated=state.generated.at[:, SMALL].add(-n),
-        discarded=state.discarded + n)
-    return state, jnp.where(rejected, 0, reason)
+        discarded=state.discarded + n, author=jnp.where(rejected, LARGE, state.author),
+        ended_by=jnp.where(rejected, 0, state.ended_by))
 
 
 @functools.partial(jax.jit, static_argnames=("max_steps", "max_new_tokens", "slots"))
-def _end_round(state: TraceState, running: jax.Array, reason: jax.Array, post: jax.Array,
-               score: jax.Array, rnd: jax.Array, *, max_steps: int, max_new_tokens: int, slots: int) -> TraceState:
-    """Record the round's steps; end traces at EOS, max_steps, max_new_tokens or a full cache."""
+def _end_steps(state: TraceState, ended: jax.Array, post: jax.Array, score: jax.Array,
+               at: jax.Array, *, max_steps: int, max_new_tokens: int, slots: int) -> TraceState:
+    """Record the `ended` rows' steps (each at its own step index, in round `at`); end traces
+    at EOS, max_steps, max_new_tokens or a full cache."""
     n = state.total - state.step_start
-    rec = lambda arr, v: arr.at[:, rnd].set(jnp.where(running, v, arr[:, rnd]))  # noqa: E731
-    stop = jnp.where(reason == dec.EOS, 1, 0)
-    stop = jnp.where((stop == 0) & (rnd + 1 >= max_steps), 2, stop)
+    col = jnp.where(ended, state.step, max_steps)  # out of bounds: dropped
+    rows = jnp.arange(n.shape[0])
+    rec = lambda arr, v: arr.at[rows, col].set(v, mode="drop")  # noqa: E731
+    stop = jnp.where(state.ended_by == dec.EOS, 1, 0)
+    stop = jnp.where((stop == 0) & (state.step + 1 >= max_steps), 2, stop)
     stop = jnp.where((stop == 0) & (state.total - state.prompt_len >= max_new_tokens), 3, stop)
-    stop = jnp.where((stop == 0) & ((reason == dec.FULL) | (state.total >= slots - 2)), 4, stop)
-    stop = jnp.where(running, stop, state.stop)
+    stop = jnp.where((stop == 0) & ((state.ended_by == dec.FULL) | (state.total >= slots - 2)),
+                     4, stop)
+    stop = jnp.where(ended, stop, state.stop)
     return dataclasses.replace(
         state, rec_model=rec(state.rec_model, state.writer), rec_len=rec(state.rec_len, n),
         rec_conf=rec(state.rec_conf, state.conf), rec_post=rec(state.rec_post, post),
-        rec_score=rec(state.rec_score, score),
-        stop=stop, running=running & (stop == 0))
+        rec_score=rec(state.rec_score, score), rec_at=rec(state.rec_at, jnp.full_like(n, at)),
+        stop=stop, running=state.running & (stop == 0), step=state.step + ended)
+
+
+@jax.jit
+def _assign(state: TraceState, rows: jax.Array, to_large: jax.Array) -> TraceState:
+    """`rows` begin a new step, written by the large model where `to_large`, else the small."""
+    return dataclasses.replace(
+        state, author=jnp.where(rows, jnp.where(to_large, LARGE, SMALL), state.author),
+        step_start=jnp.where(rows, state.total, state.step_start),
+        ended_by=jnp.where(rows, 0, state.ended_by))

@@ -49,7 +49,7 @@ SCHEMA: dict[str, tuple[str, ...] | None] = {
     "sampling": ("temperature", "top_p", "seed"),
     "steer": ("gamma", "max_steps", "max_step_tokens", "max_new_tokens", "delimiter",
               "confidence", "aggregate", "source", "groups", "refine", "policy", "percentile",
-              "threshold"),
+              "threshold", "schedule", "chunk"),
     "batch": ("size",),
     "cache": ("page_size", "pages"),
     "specreason": ("threshold",),
@@ -284,7 +284,7 @@ def pool_sizes(cfg: dict[str, Any], models: Sequence[Any],
 
 
 def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple | None = None,
-        progress: Callable[[int, int, str], None] | None = None,
+        progress: Callable[[int, int | None, str], None] | None = None,
         resume: bool = False, checkpoint_every: int | None = None) -> Summary | None:
     """Run one config end to end; with `out`, write summary.json, traces.jsonl and rounds.jsonl.
 
@@ -381,9 +381,9 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
                                          mesh_of(small.params), stop, peers)
             resume_from = rounds.latest() if rounds is not None and resume else None
             def report(rnd: int, running: int) -> None:
-                if progress:
-                    progress(rnd, opts.max_steps, f"{opts.method}: round {rnd}, {running} "
-                             "traces running")
+                if progress:  # continuous rounds are chunk boundaries: their count is open
+                    progress(rnd, opts.max_steps if opts.schedule == "rounds" else None,
+                             f"{opts.method}: round {rnd}, {running} traces running")
             if progress and resume_from is not None and resume_from.within is not None:
                 progress(resume_from.round, opts.max_steps, f"{opts.method}: resuming round "
                          f"{resume_from.round + 1} after its call {resume_from.within.calls}")

@@ -38,9 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from steer_jax import distributed
-from steer_jax.calls import (LARGE, PRM, SMALL, StepSpec, TraceState, _advance, _discard, _drop,
-                             _end_round, _evict, _mixture, _plan, _read, _rollback, _route,
-                             _slide, _verify, _write)
+from steer_jax.calls import (ENDED, LARGE, PRM, SMALL, StepSpec, TraceState, _advance, _assign,
+                             _discard, _drop, _end_steps, _evict, _mixture, _plan, _read,
+                             _rollback, _route, _slide, _verify, _write)
 from steer_jax.decoding import sampler as dec
 from steer_jax.decoding.generate import check_prompts
 from steer_jax.decoding.steps import vocab_masks
@@ -48,6 +48,7 @@ from steer_jax.modeling.transformer import KVCache, Model
 from steer_jax.routing import gmm
 MODEL_NAMES = ("small", "large", "prm")
 CHUNK = 64  # catch-up reads go in chunks of this many tokens (see `catch_up`)
+CHUNK_TOKENS = 32  # steer.chunk's default under the continuous schedule
 METHODS = ("steer", "small_only", "large_only", "specreason", "rsd", "query_router")
 # SpecReason's judge instruction (our wording of its criteria), asked after each small step.
 JUDGE_PROMPT = ("Evaluate the last reasoning step above only for factual correctness and logical "
@@ -61,6 +62,8 @@ class SteerOptions:
 
     method: Literal["steer", "small_only", "large_only", "specreason", "rsd",
                     "query_router"] = "steer"
+    schedule: Literal["rounds", "continuous"] = "rounds"
+    chunk: int | None = None  # tokens a write call decodes (None: a whole step in rounds, else 32)
     gamma: float = 0.5
     max_steps: int = 64
     max_step_tokens: int = 256
@@ -87,6 +90,9 @@ class SteerOptions:
                                  f"got {getattr(self, name)!r}")
 
         choice("method", METHODS)
+        choice("schedule", ("rounds", "continuous"))
+        if self.chunk is not None and (not isinstance(self.chunk, int) or self.chunk < 1):
+            raise ValueError(f"steer.chunk must be a positive integer or null, got {self.chunk!r}")
         choice("confidence", dec.MEASURES)
         choice("aggregate", ("all", "math"))
         choice("source", ("small", "generator"))
@@ -152,6 +158,9 @@ class SteerResult:
     mixtures: list[RoundMixture]
     executed_tokens: dict[str, int]  # rows actually computed x positions, padding included
     params: dict[str, int]
+    iterations: dict[str, int] = dataclasses.field(default_factory=dict)  # decode positions
+    # stepped by each model's write calls, one after another (their sum bounds the wall-clock
+    # where a step costs the same for any number of rows)
 
 
 STOPS = ("running", "eos", "max_steps", "max_new_tokens", "cache_full")
@@ -176,16 +185,12 @@ PHASES = ("small writes", "check", "large writes", "small reads")
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class RoundProgress:
-    """How far a round in flight has come: what it decided that its calls have since made
-    impossible to recompute (the small writes change the confidences the routing read, a
-    verifier's scores are gone once its cache rolls back), and which rows of its phase in flight
-    are done. [B] arrays."""
+    """How far a round in flight has come: what its calls have since made impossible to
+    recompute (a verifier's scores are gone once its cache rolls back), and which rows of its
+    phase in flight are done. [B] arrays. Who writes which step is in the trace state."""
 
     running: jax.Array  # the traces the round began with
-    to_small: jax.Array
-    to_large: jax.Array  # with the rejected small steps once the check phase is over
     rejected: jax.Array  # the check phase's rejections so far
-    reason: jax.Array  # why each step written this round ended (dec.EOS, dec.FULL, 0)
     score: jax.Array  # the verifier's scores so far (NaN: none)
     done: jax.Array  # rows of phase `phase` whose calls have run
     phase: int = dataclasses.field(metadata=dict(static=True))  # index into PHASES
@@ -394,6 +399,11 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
     group = jnp.asarray(np.arange(run_size) * opts.groups // run_size, jnp.int32)
     M = opts.max_steps
     spec = StepSpec.of(opts)
+    # Rounds: every phase runs until each of its steps ended, so every running trace ends one
+    # step a round. Continuous: a phase is one call of `chunk` tokens per trace.
+    barrier = opts.schedule == "rounds"
+    chunk = min(opts.chunk or (opts.max_step_tokens if barrier else CHUNK_TOKENS),
+                opts.max_step_tokens)
     level = jnp.float32({"posterior": opts.gamma, "percentile": opts.percentile,
                          "threshold": opts.threshold}[opts.policy])
     def route(conf: jax.Array, among: jax.Array, group: jax.Array, params: Any) -> jax.Array:
@@ -405,20 +415,22 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
         tokens[i, : len(p)] = p
     lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
     state = TraceState(
-        tokens=jnp.asarray(tokens), total=lengths, prompt_len=lengths,
-        running=jnp.ones(B, bool), stop=jnp.zeros(B, jnp.int32), step_start=lengths,
-        conf=jnp.zeros(B, jnp.float32), writer=jnp.zeros(B, jnp.int32),
-        rec_model=jnp.full((B, M), -1, jnp.int32), rec_len=jnp.zeros((B, M), jnp.int32),
-        rec_conf=jnp.zeros((B, M), jnp.float32), rec_post=jnp.zeros((B, M), jnp.float32),
-        rec_score=jnp.full((B, M), jnp.nan, jnp.float32),
-        generated=jnp.zeros((B, 2), jnp.int32), discarded=jnp.zeros(B, jnp.int32),
-        read=jnp.zeros((B, 3), jnp.int32), executed=jnp.zeros(3, jnp.int32))
+        tokens=jnp.asarray(tokens), measure=jnp.zeros((B, slots), jnp.float32), total=lengths,
+        prompt_len=lengths, running=jnp.ones(B, bool), stop=jnp.zeros(B, jnp.int32),
+        step=jnp.zeros(B, jnp.int32), step_start=lengths, author=jnp.full(B, ENDED, jnp.int32),
+        ended_by=jnp.zeros(B, jnp.int32), conf=jnp.zeros(B, jnp.float32),
+        writer=jnp.zeros(B, jnp.int32), rec_model=jnp.full((B, M), -1, jnp.int32),
+        rec_len=jnp.zeros((B, M), jnp.int32), rec_conf=jnp.zeros((B, M), jnp.float32),
+        rec_post=jnp.zeros((B, M), jnp.float32), rec_score=jnp.full((B, M), jnp.nan, jnp.float32),
+        rec_at=jnp.zeros((B, M), jnp.int32), generated=jnp.zeros((B, 2), jnp.int32),
+        discarded=jnp.zeros(B, jnp.int32), read=jnp.zeros((B, 3), jnp.int32),
+        executed=jnp.zeros(3, jnp.int32), iterations=jnp.zeros(3, jnp.int32))
     mixtures: list[Fit] = []
     prev_params: Any = None
     first = 0
     flight: RoundProgress | None = None  # the round in flight's progress, between its phases
     if resume_from is not None:
-        _check_resumable(resume_from, state, M)
+        _check_resumable(resume_from, state)
         first, state, prev_params = resume_from.round, resume_from.trace, resume_from.routing
         mixtures, flight = list(resume_from.fits), resume_from.within
     none = jnp.zeros(B, bool)
@@ -500,16 +512,21 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
             if on_call:
                 on_call(snapshot(rnd))
 
-    def write(side: _Side, rows: jax.Array, rnd: int) -> None:
+    def write(side: _Side, rnd: int) -> None:
+        """The model's steps in flight, `chunk` tokens a call; under a barrier (rounds), again
+        until each of them ended."""
         nonlocal state, flight
-        for take, count, _, span in phase_calls(side, rows, rnd, ahead=opts.max_step_tokens,
-                                                behind=lambda: state.total - 1):
-            side.cache, state, r = _write(
-                side.model.params, side.cfg, side.cache, state, take, side.masks, seed, ids,
-                bucket=_bucket(count, cap), span=span, opts=spec, stream=side.stream,
-                stops=side.stops)
-            # The calls' rows are disjoint, and the small and the large writers' too.
-            flight = dataclasses.replace(flight, reason=flight.reason + r)
+        while True:
+            for take, count, _, span in phase_calls(
+                    side, flight.running & (state.author == side.stream), rnd, ahead=chunk,
+                    behind=lambda: state.total - 1):
+                side.cache, state = _write(
+                    side.model.params, side.cfg, side.cache, state, take, side.masks, seed, ids,
+                    bucket=_bucket(count, cap), span=span, opts=spec, chunk=chunk,
+                    stream=side.stream, stops=side.stops)
+            if not (barrier and bool(jnp.any(flight.running & (state.author == side.stream)))):
+                return
+            flight = dataclasses.replace(flight, done=none)
 
     def read(side: _Side, rows: jax.Array, rnd: int) -> None:
         nonlocal state
@@ -533,72 +550,108 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
             flight = dataclasses.replace(flight, rejected=flight.rejected | r,
                                          score=jnp.where(take, sc, flight.score))
 
-    def discard(rejected: jax.Array, reason: jax.Array) -> jax.Array:
+    def discard(rejected: jax.Array) -> None:
         """Throw the rejected small steps away; each cache that read them rolls back."""
         nonlocal state
-        state, reason = _discard(state, rejected, reason)
+        state = _discard(state, rejected)
         # Small and judge keep the token before the step pending; the PRM keeps it read.
         for side in sides:
             keep = state.total if side.stream == PRM else state.total - 1
             # No further back than the round's start: the sliding layers still see it.
             side.cache = _rollback(side.cache, jnp.where(rejected, keep, slots))
-        return reason
 
-    def fit(among: jax.Array, rnd: int, who: str):
+    def fit(among: jax.Array, rnd: int, who: str, init: Any = None):
         conf, among = peers.gather(state.conf), peers.gather(among)
-        params, post = _mixture(conf, among, group, groups=opts.groups)
+        params, post = _mixture(conf, among, group, None if barrier else init,
+                                groups=opts.groups)
         mixtures.append(Fit(rnd, who, params, conf, among))
         return params, peers.local(post)
 
-    def start(rnd: int) -> RoundProgress:
-        """Who writes round `rnd`'s steps, from the previous steps' confidences."""
+    def to_large() -> jax.Array:
+        """Which running traces' next step the large model writes: by the method's rule, or
+        (steer) by the policy on their newest step's confidence, under the mixture that step
+        was judged by. Ranked among every running trace with a step (a percentile sees all)."""
         running = state.running
         if opts.method == "large_only":
-            to_large = running
-        elif opts.method == "query_router":
-            to_large = running & fixed_large
-        elif opts.method in ("small_only", "specreason", "rsd") or rnd == 0:
-            to_large = none
-        elif opts.source == "generator":  # each previous step judged under its writer's mixture
-            to_large = none
-            for who in (SMALL, LARGE):
-                among = running & (state.writer == who)
-                to_large |= route(state.conf, among, group, prev_params[who])
-        else:
-            to_large = route(state.conf, running, group, prev_params)
-        return RoundProgress(running, running & ~to_large, to_large, none,
-                             jnp.zeros(B, jnp.int32), jnp.full(B, jnp.nan), none, 0, 0)
+            return running
+        if opts.method == "query_router":
+            return running & fixed_large
+        if opts.method != "steer" or prev_params is None:
+            return none
+        scored = running & (state.step > 0)
+        if opts.source == "small":
+            return route(state.conf, scored, group, prev_params)
+        out = none  # each newest step judged under its writer's mixture
+        for who in (SMALL, LARGE):
+            out |= route(state.conf, scored & (state.writer == who), group, prev_params[who])
+        return out
 
     def check(rnd: int) -> None:
         """Small steps the mixture (refine) or a verifier rejects go to the large model."""
         nonlocal flight
-        w = flight
-        if opts.method == "steer" and (opts.refine == "all" or (rnd == 0 and
-                                                                opts.refine == "first")):
-            params, _ = fit(w.to_small, rnd, "small-draft")
-            w = dataclasses.replace(w, rejected=route(state.conf, w.to_small, group, params))
+        drafts = flight.running & (state.author == ENDED) & (state.writer == SMALL)
+        if opts.method == "steer" and opts.refine == "first":
+            drafts &= state.step == 0
+        if not peers.any(bool(jnp.any(drafts))):
+            return
+        if opts.method == "steer" and opts.refine != "none":
+            # Continuous: the drafts that ended at one boundary are few, and the short ones
+            # first; they are judged among the newest step of every running trace.
+            pool = drafts if barrier else drafts | (flight.running & (state.step > 0))
+            params, _ = fit(pool, rnd, "small-draft", prev_params if opts.source == "small"
+                            else None)
+            flight = dataclasses.replace(flight, rejected=route(state.conf, pool, group, params)
+                                         & drafts)
         elif opts.method in ("specreason", "rsd"):
-            verify(sides[LARGE] if opts.method == "specreason" else sides[PRM], w.to_small, rnd)
-            w = dataclasses.replace(flight, score=jnp.where(flight.rejected, jnp.nan,
-                                                            flight.score))
+            verify(sides[LARGE] if opts.method == "specreason" else sides[PRM], drafts, rnd)
+            flight = dataclasses.replace(flight, score=jnp.where(flight.rejected, jnp.nan,
+                                                                 flight.score))
         else:
             return
-        flight = dataclasses.replace(w, reason=discard(w.rejected, w.reason),
-                                     to_large=w.to_large | w.rejected)
+        discard(flight.rejected)
 
     def small_reads(rnd: int) -> None:
         if opts.source == "small" and opts.method == "steer":  # large steps on the small scale
-            read(sides[SMALL], flight.to_large, rnd)
+            read(sides[SMALL], flight.running & (state.author == ENDED)
+                 & (state.writer == LARGE), rnd)
+
+    def finish(rnd: int) -> None:
+        """The round's end: one mixture over the newest step of every running trace; the steps
+        that ended are recorded under it, and their traces routed to their next step."""
+        nonlocal state, prev_params
+        ended = flight.running & (state.author == ENDED)
+        pool = flight.running & (ended | (state.step > 0))
+        if opts.source == "generator":
+            per_writer, post = [], jnp.zeros(B)
+            for who in (SMALL, LARGE):
+                among = pool & (state.writer == who)
+                params, p = fit(among, rnd, MODEL_NAMES[who],
+                                None if prev_params is None else prev_params[who])
+                per_writer.append(params)
+                post = jnp.where(among, p, post)
+            prev_params = tuple(per_writer)
+        else:
+            prev_params, post = fit(pool, rnd, "all", prev_params)
+        state = _end_steps(state, ended, post, flight.score, jnp.int32(rnd), max_steps=M,
+                           max_new_tokens=opts.max_new_tokens, slots=slots)
+        state = _assign(state, ended & state.running, to_large())
+        for side in sides:  # a trace that ended gives its pages back
+            side.cache = _drop(side.cache, ended & ~state.running)
+            if side.cache.split:  # later rounds go back no further than their newest token
+                side.cache = _slide(side.cache, state.total - 1, window=side.cfg.sliding_window)
 
     # PHASES, in order. Each runs its calls over the rows of `flight` it has not served yet; a
     # round resumed inside a phase skips the phases before it.
-    phases = (lambda rnd: write(sides[SMALL], flight.to_small, rnd), check,
-              lambda rnd: write(sides[LARGE], flight.to_large, rnd), small_reads)
-    for rnd in range(first, M):
+    phases = (lambda rnd: write(sides[SMALL], rnd), check,
+              lambda rnd: write(sides[LARGE], rnd), small_reads)
+    if resume_from is None:
+        state = _assign(state, state.running, to_large())
+    rnd = first
+    while True:
         if flight is None:  # a round resumed in flight runs to its end whatever else holds
             if not peers.any(bool(jnp.any(state.running))):
                 break
-            flight = start(rnd)
+            flight = RoundProgress(state.running, none, jnp.full(B, jnp.nan), none, 0, 0)
         for i, phase in enumerate(phases):
             if i < flight.phase:
                 continue
@@ -606,34 +659,18 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
             flight = dataclasses.replace(flight, phase=i + 1, done=none, shared=True)
             if on_call:
                 on_call(snapshot(rnd))
-        running, reason, score = flight.running, flight.reason, flight.score
+        finish(rnd)
         flight = None
-        if opts.source == "generator":
-            per_writer = []
-            post = jnp.zeros(B)
-            for who in (SMALL, LARGE):
-                among = running & (state.writer == who)
-                params, p = fit(among, rnd, MODEL_NAMES[who])
-                per_writer.append(params)
-                post = jnp.where(among, p, post)
-            prev_params = tuple(per_writer)
-        else:
-            prev_params, post = fit(running, rnd, "all")
-        state = _end_round(state, running, reason, post, score, rnd, max_steps=M,
-                           max_new_tokens=opts.max_new_tokens, slots=slots)
-        for side in sides:  # a trace that ended gives its pages back
-            side.cache = _drop(side.cache, running & ~state.running)
-            if side.cache.split:  # later rounds go back no further than their newest token
-                side.cache = _slide(side.cache, state.total - 1, window=side.cfg.sliding_window)
+        rnd += 1
         if on_round:
-            on_round(RoundState(rnd + 1, state, tuple(side.cache for side in sides), prev_params,
+            on_round(RoundState(rnd, state, tuple(side.cache for side in sides), prev_params,
                                 tuple(mixtures)))
         if progress:
-            progress(rnd + 1, int(jnp.sum(state.running)))
+            progress(rnd, int(jnp.sum(state.running)))
     return _collect(state, mixtures, tokenizer, opts, sides, np.asarray(ids))
 
 
-def _check_resumable(saved: RoundState, fresh: TraceState, max_steps: int) -> None:
+def _check_resumable(saved: RoundState, fresh: TraceState) -> None:
     """A state to resume from must be of these prompts and options; say what differs."""
     for f in dataclasses.fields(TraceState):
         a, b = getattr(saved.trace, f.name), getattr(fresh, f.name)
@@ -642,10 +679,10 @@ def _check_resumable(saved: RoundState, fresh: TraceState, max_steps: int) -> No
                              f"{list(a.shape)}, this run's is {b.dtype}{list(b.shape)}")
     if not np.array_equal(np.asarray(saved.trace.prompt_len), np.asarray(fresh.prompt_len)):
         raise ValueError("resume_from: its prompts have other lengths than this run's")
-    if not 0 <= saved.round <= max_steps:
-        raise ValueError(f"resume_from: round {saved.round} is outside 0..{max_steps}")
+    if saved.round < 0:
+        raise ValueError(f"resume_from: round {saved.round} is negative")
     if saved.within is not None:
-        if saved.round >= max_steps or not 0 <= saved.within.phase <= len(PHASES):
+        if not 0 <= saved.within.phase <= len(PHASES):
             raise ValueError(f"resume_from: inside round {saved.round}, phase "
                              f"{saved.within.phase}: no such round or phase")
         for f in dataclasses.fields(RoundProgress):
@@ -668,7 +705,7 @@ def _collect(state: TraceState, mixtures: list[Fit], tokenizer: Any, opts: Steer
             steps.append(Step(text=tokenizer.decode(s.tokens[b, start:start + n].tolist()),
                               model=MODEL_NAMES[s.rec_model[b, m]], tokens=n,
                               confidence=float(s.rec_conf[b, m]),
-                              posterior=float(s.rec_post[b, m]), round=m,
+                              posterior=float(s.rec_post[b, m]), round=int(s.rec_at[b, m]),
                               score=None if np.isnan(s.rec_score[b, m])
                               else float(s.rec_score[b, m])))
             start += n
@@ -688,5 +725,7 @@ def _collect(state: TraceState, mixtures: list[Fit], tokenizer: Any, opts: Steer
             mix.append(RoundMixture(m.round, g, m.who, p.weights[g].tolist(),
                                     p.means[g].tolist(), p.variances[g].tolist(),
                                     conf[members].tolist()))
-    return SteerResult(traces, mix, {MODEL_NAMES[i]: int(s.executed[i]) for i in range(len(sides))},
-                       {MODEL_NAMES[i]: sides[i].model.num_params for i in range(len(sides))})
+    names = [MODEL_NAMES[i] for i in range(len(sides))]
+    return SteerResult(traces, mix, {n: int(s.executed[i]) for i, n in enumerate(names)},
+                       {n: sides[i].model.num_params for i, n in enumerate(names)},
+                       {n: int(s.iterations[i]) for i, n in enumerate(names)})

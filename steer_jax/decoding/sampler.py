@@ -170,7 +170,7 @@ class Stops:
 
 
 def _record(state: DecodeState, token: jax.Array, measures: jax.Array, stops: Stops,
-            masks: VocabMasks | None, limit: jax.Array) -> DecodeState:
+            masks: VocabMasks | None, limit: jax.Array, offset: jax.Array) -> DecodeState:
     """Write each running row's new token; decide which rows stop."""
     B, N = state.tokens.shape
     live = ~state.done
@@ -185,7 +185,7 @@ def _record(state: DecodeState, token: jax.Array, measures: jax.Array, stops: St
     reason = jnp.where(n >= limit, MAX_TOKENS, reason)
     if stops.step_mode and masks is not None:
         prev = state.pending
-        reason = jnp.where(masks.step_ends(prev, token, state.n > 0), DELIMITER, reason)
+        reason = jnp.where(masks.step_ends(prev, token, state.n + offset > 0), DELIMITER, reason)
     if stops.eos_ids:
         reason = jnp.where(jnp.isin(token, jnp.asarray(stops.eos_ids)), EOS, reason)
     reason = jnp.where(live, reason, state.reason)
@@ -198,14 +198,18 @@ def _record(state: DecodeState, token: jax.Array, measures: jax.Array, stops: St
 def decode(params: Params, cfg: ModelConfig, cache: KVCache, tokens: jax.Array, n: jax.Array,
            active: jax.Array, seed: jax.Array, trace_ids: jax.Array, masks: VocabMasks | None,
            limit: jax.Array | None = None, stream: jax.Array | int = 0,
+           offset: jax.Array | None = None,
            *, sampler: Sampler, max_tokens: int, stops: Stops) -> DecodeState:
     """Append tokens[b, :n[b]], then generate up to `max_tokens` for the `active` rows.
 
     Inactive rows append nothing and generate nothing; `limit` [B] caps each row's new tokens
     below `max_tokens`. Each active row needs n >= 1 (at least its pending token). The returned
-    cache holds every token but each row's last, which stays pending.
+    cache holds every token but each row's last, which stays pending. `offset` [B]: tokens the
+    row's step already has (a step continued from an earlier call), the last of them the
+    pending token; a delimiter split over two tokens is then seen across the calls.
     """
     B = tokens.shape[0]
+    offset = jnp.zeros((B,), jnp.int32) if offset is None else offset
     limit = jnp.full((B,), max_tokens, jnp.int32) if limit is None else jnp.minimum(
         limit, max_tokens)
     n = jnp.where(active, n, 0)
@@ -214,14 +218,15 @@ def decode(params: Params, cfg: ModelConfig, cache: KVCache, tokens: jax.Array, 
     if isinstance(params["layers"], (list, tuple)):
         cache = cache.per_layer()
     cache, next_logits, _ = append(params, cfg, cache, tokens, n, scores=False)
-    state = DecodeState(cache, jnp.zeros((B,), jnp.int32),
+    # The pending token starts as the last one appended: a continued step's previous token.
+    state = DecodeState(cache, last_valid(tokens[:, :, None], n)[:, 0],
                         jnp.zeros((B, max_tokens), jnp.int32),
                         jnp.zeros((B, max_tokens, len(MEASURES)), jnp.float32),
                         jnp.zeros((B,), jnp.int32), ~active, jnp.full((B,), RUNNING, jnp.int32))
 
     def pick(state: DecodeState, lg: jax.Array) -> DecodeState:
         token = sample(sampler, lg, row_keys(seed, trace_ids, state.cache.length, stream))
-        return _record(state, token, token_measures(lg), stops, masks, limit)
+        return _record(state, token, token_measures(lg), stops, masks, limit, offset)
 
     def cond(state: DecodeState) -> jax.Array:
         return ~jnp.all(state.done)
@@ -251,7 +256,12 @@ def step_confidence(measures: jax.Array, tokens: jax.Array, n: jax.Array, *, mea
                     is_math: jax.Array | None = None) -> jax.Array:
     """Mean of one measure over each row's first n tokens; over its math tokens when `is_math` is
     given and the row has any, else over all of them. Rows with n = 0 get NaN."""
-    values = measures[..., MEASURES.index(measure)]
+    return mean_confidence(measures[..., MEASURES.index(measure)], tokens, n, is_math)
+
+
+def mean_confidence(values: jax.Array, tokens: jax.Array, n: jax.Array,
+                    is_math: jax.Array | None = None) -> jax.Array:
+    """`step_confidence` over one measure's values [..., N]."""
     valid = jnp.arange(tokens.shape[-1]) < n[..., None]
     if is_math is not None:
         math = valid & is_math[tokens]

@@ -347,6 +347,24 @@ def _run_em(z, w, u, done, *, tol, max_passes, reg, tiny, spread=None):
     return u, ll, done, n_it
 
 
+def _with_start(init: GMMParams, loc: Array, scale: Array, lw_c: Array, mu_c: Array,
+                var_c: Array, keep: Array, reg: float):
+    """The candidate starts with `init` (mapped to the group's standardized units) appended; it
+    takes part where it is a proper two-component fit with finite parameters."""
+    w = jnp.asarray(init.weights, lw_c.dtype)
+    safe = jnp.where(scale > 0, scale, 1)[..., None]
+    mu = (jnp.asarray(init.means, mu_c.dtype) - loc[..., None]) / safe
+    var = jnp.maximum(jnp.asarray(init.variances, var_c.dtype) / (safe * safe),
+                      max(reg, _INIT_VAR_FLOOR))
+    ok = (~init.degenerate & jnp.all(w > 0, -1) & jnp.all(jnp.isfinite(mu), -1)
+          & jnp.all(jnp.isfinite(var), -1))
+    lw = jnp.log(jnp.where(ok[..., None], w, 0.5))
+    mu, var = jnp.where(ok[..., None], mu, 0), jnp.where(ok[..., None], var, 1)
+    cat = lambda a, b: jnp.concatenate([a, b[..., None, :]], -2)  # noqa: E731
+    return (cat(lw_c, lw), cat(mu_c, mu), cat(var_c, var),
+            jnp.concatenate([keep, ok[..., None]], -1))
+
+
 def _best(u: Array, ll: Array) -> Array:
     """The start with the highest likelihood (the first on ties), [..., 1, 5]."""
     best = jnp.argmax(ll, axis=-1)[..., None, None]
@@ -361,6 +379,7 @@ def fit(
     tol: float = 1e-6,
     reg: float = 1e-6,
     explore_bins: int = 128,
+    init: GMMParams | None = None,
 ) -> GMMParams:
     """Fits a two-component 1-D Gaussian mixture per group by EM; jittable, shardable.
 
@@ -375,6 +394,9 @@ def fit(
         from one SQUAREM cycle to the next.
       reg: variance floor, relative to the group's variance.
       explore_bins: size of the histogram on which the candidate starts are explored.
+      init: optional earlier fit of the same groups (``[..., 2]``); it joins the candidate starts,
+        so a refit over data that moved a little starts where the last fit ended when that is
+        still the best start, and cannot end worse than a fit without it.
 
     ``reg`` and ``explore_bins`` must be Python numbers (static under ``jax.jit``); ``max_iters``
     and ``tol`` may also be traced values.
@@ -422,6 +444,8 @@ def fit(
     # Splits that cut off only a point or two start EM at a spike; the central split (at the
     # mean) is always kept so that a non-degenerate group has at least one start.
     keep = (n_small >= jnp.maximum(_MIN_SIDE, _MIN_SIDE_FRAC * n_e)[..., None]) | (thresholds == 0)
+    if init is not None:
+        lw_c, mu_c, var_c, keep = _with_start(init, loc, scale, lw_c, mu_c, var_c, keep, reg)
     skip = ~keep | degenerate[..., None]
     u, ll, _, _ = _run_em(
         z_e, w_e, _pack(lw_c, mu_c, var_c), skip,
