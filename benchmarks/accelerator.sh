@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What only an accelerator can measure, in one call (a lent GPU's time is short): decode
 # throughput against transformers at the 40M shape and at Qwen2.5-1.5B's (and paged at
-# batch 256, through JAX's Pallas paged kernel), the mixture fit
+# batch 256, through JAX's Pallas paged kernel), STEER's schedules at real step lengths and
+# Qwen2.5-Math 1.5B/7B shapes (benchmarks/scale.py), the mixture fit
 # against scikit-learn, and the HF-equivalence tests run on the accelerator instead of the CPU.
 # Uses the machine's own jax/torch/transformers (its Python, not this repo's venv); wheels for
 # anything missing may sit in .whl/. Logs go to $OUT (or a temporary folder).
@@ -50,6 +51,11 @@ step decode_1.5b_f32 150 python3 benchmarks/decode.py \
 # page a row (the old dense layout, on the XLA path) in the same run.
 step decode_1.5b_bf16_paged_b256 240 python3 benchmarks/decode.py --dtype bfloat16 \
     --shape Qwen2.5-1.5B-Instruct --batch 256 --new 128 --page-size 64
+# The scale workload at Qwen2.5-Math 1.5B/7B shapes (random weights that write steps of the stated
+# length law, bfloat16), batch 256: STEER rounds and continuous against one unbarriered generate
+# of the 7B. Where a step costs about the same for 70 rows as for 256, iterations are the clock.
+step scale_math_b256 420 python3 benchmarks/scale.py --shape Qwen2.5-Math-1.5B/7B --traces 256 \
+    --repeats 1 --only large_only_rounds,steer_rounds,steer_continuous
 step gmm 60 python3 benchmarks/gmm.py --repeats 10
 # The tests pin JAX to the CPU unless JAX_PLATFORMS says otherwise.
 step tests_gpu 150 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider \

@@ -250,8 +250,10 @@ def _merge(results: list[SteerResult]) -> SteerResult:
     """The processes' parts as one result: their traces in order, the bill summed; every part
     holds the same mixtures (fitted together over all traces), so the first part's are kept."""
     executed = {m: sum(r.executed_tokens[m] for r in results) for m in results[0].executed_tokens}
+    # The processes step at once: the run's iterations are its busiest process's.
+    iterations = {m: max(r.iterations.get(m, 0) for r in results) for m in executed}
     return SteerResult([t for r in results for t in r.traces], results[0].mixtures, executed,
-                       results[0].params)
+                       results[0].params, iterations)
 
 
 def _all_parts(parts: Parts, n_proc: int) -> bool:

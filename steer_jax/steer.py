@@ -1,4 +1,5 @@
-"""STEER: lock-step rounds in which every running trace gets one reasoning step from one model.
+"""STEER: rounds in which every running trace gets one reasoning step from one model, or
+(schedule `continuous`) a trace routed as soon as its step ends.
 
 Round 0: the small model writes step 0 for every trace; the confidence mixture is fitted over them
 and the unconfident ones are thrown away and rewritten by the large model. Round i >= 1: a trace's
@@ -6,6 +7,15 @@ step comes from the small model when the posterior of its previous step's confid
 gamma, else from the large model. The baselines are the same rounds with another rule for who
 writes (`small_only`, `large_only`, `query_router`: fixed per query) or who may veto a small step
 (`specreason`: the large model's judge score; `rsd`: a process reward model's value).
+
+One loop runs both schedules. A write call decodes at most `chunk` tokens of each of its rows'
+steps; a step in flight (its author, index and per-token measures) lives in the trace state, so it
+continues in the next call and is scored, when it ends, as if written at once. Rounds put a
+barrier at each boundary: a model's calls repeat until every step of the round ended, so the
+chunk changes no trace. Continuous rounds are one call per trace and model: a step ends at the
+first boundary after it is done, its trace is recorded and routed there, under a mixture refitted
+over the newest step confidence of every running trace (warm-started from the last fit), and a
+trace mid-step carries on.
 
 Both models keep a KV cache for every trace and a `seen` length (their cache length). A model that
 writes first reads what the other model wrote since it last looked; the small model also reads
@@ -123,7 +133,7 @@ class Step:
     tokens: int
     confidence: float
     posterior: float
-    round: int
+    round: int  # the round it ended in (rounds: its index; continuous: its chunk boundary)
     score: float | None = None  # specreason's judge digit or rsd's PRM value for a small step
 
 

@@ -75,7 +75,8 @@ def _part_from_json(text: str) -> tuple[SteerResult, float]:
     r = d["result"]
     traces = [Trace(**{**t, "steps": [Step(**s) for s in t["steps"]]}) for t in r["traces"]]
     mixtures = [RoundMixture(**m) for m in r["mixtures"]]
-    return SteerResult(traces, mixtures, r["executed_tokens"], r["params"]), d["wall_s"]
+    return SteerResult(traces, mixtures, r["executed_tokens"], r["params"],
+                       r.get("iterations", {})), d["wall_s"]
 
 
 _POOLS = "pools.json"  # out/parts/: the page pools cache.pages null resolved to

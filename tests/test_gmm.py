@@ -316,3 +316,28 @@ def test_tiny_n(n):
     for leaf in jax.tree.leaves(params):
         assert not np.any(np.isnan(np.asarray(leaf)))
     assert not np.any(np.isnan(np.asarray(LOGLIK(params, np.zeros((2, n), np.float32)))))
+
+
+def test_a_refit_warm_started_from_the_last_fit_is_no_worse_than_a_cold_one(reference):
+    """Continuous STEER refits at every boundary over data that moved a little (a tenth of the
+    traces have a new newest step): the last fit joins the starts. It must never end below the
+    cold fit, nor below scikit-learn's best of 10; a degenerate last fit is ignored."""
+    params, _ = reference
+    rng = np.random.default_rng(3)
+    moved = DATA.copy()
+    for row, (kind, seed) in zip(moved, LABELS):
+        idx = rng.choice(N, N // 10, replace=False)
+        row[idx] = sample(kind, N // 10, seed + 100)
+    warm, cold = FIT(moved, ONES, init=params), FIT(moved, ONES)
+    ll_warm, ll_cold = np.asarray(LOGLIK(warm, moved)), np.asarray(LOGLIK(cold, moved))
+    assert np.all(ll_warm >= ll_cold - 1e-5), (ll_warm, ll_cold)
+    for i, x in enumerate(moved):
+        ref = GaussianMixture(2, n_init=10, tol=1e-6, max_iter=5000,
+                              random_state=0).fit(x[:, None].astype(np.float64))
+        assert ll_warm[i] >= ref.score(x[:, None].astype(np.float64)) - 1e-3, LABELS[i]
+    # A one-component (degenerate) last fit is no start: the fit is the cold one.
+    one = dataclasses.replace(params, weights=jnp.broadcast_to(jnp.asarray([0.0, 1.0]),
+                                                               params.weights.shape),
+                              degenerate=jnp.ones_like(params.degenerate))
+    same = FIT(moved, ONES, init=one)
+    np.testing.assert_array_equal(np.asarray(same.means), np.asarray(cold.means))
