@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from scipy import stats
+from scipy.special import xlogy
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -58,7 +59,8 @@ def steps_p_value(traces: list[list[int]], reasons: list[str], tokenizer,
     complete = sum(len(W.split_steps(t, tokenizer)) for t in traces)
     eos = reasons.count("eos")
     q, q_hat = law.eos_prob, eos / complete
-    g = 2 * (eos * math.log(q_hat / q) + (complete - eos) * math.log((1 - q_hat) / (1 - q)))
+    rest = complete - eos  # xlogy: 0 * log 0 = 0, when no trace (or every step) ended by EOS
+    g = 2 * (xlogy(eos, q_hat / q) + xlogy(rest, (1 - q_hat) / (1 - q)))
     return float(stats.chi2.sf(g, 1))
 
 
