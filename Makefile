@@ -29,13 +29,13 @@ train-demo: $(STAMP)
 
 # One pytest process per test file: a single process over the whole suite accumulates thousands of
 # compiled XLA programs and once segfaulted inside the CPU compiler near the end; fresh processes
-# keep each one small. Two run at once, the four slowest files first, each printing its output
+# keep each one small. Two run at once, the five slowest files first, each printing its output
 # when done: the files mostly compile, on one core each; one at a time the suite took 28 minutes
 # on an AVX2 development machine, two at a time 17. Every file runs even after a failure; the exit
 # status reports any. All of them share one fresh compilation cache (tests/conftest.py says why),
 # removed at the end.
 TEST_JOBS ?= 2
-SLOW_TESTS := tests/test_steer.py tests/test_distributed.py tests/test_checkpointing.py \
+SLOW_TESTS := tests/test_steer.py tests/test_distributed.py tests/test_checkpointing.py tests/test_continuous.py \
 	tests/test_demo_models.py
 test: $(STAMP)
 	@cache=$$(mktemp -d); \

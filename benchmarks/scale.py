@@ -54,7 +54,8 @@ def _law(args: argparse.Namespace) -> StepLengths:
 
 
 def _unbarriered(large, qs, args) -> tuple[dict[str, Any], list[list[int]]]:
-    out = generate(large, qs, args.max_new_tokens, temperature=0.7, seed=args.seed)
+    # The large model's sampling stream in a STEER run: large_only draws these very tokens.
+    out = generate(large, qs, args.max_new_tokens, temperature=0.7, seed=args.seed, stream=1)
     n = [len(t) for t in out.tokens]
     rows = len(qs) * max(n)  # every row stays in the batch until the longest is done
     return dict(iterations={"large": max(n)}, tokens=sum(n), longest=max(n),
@@ -96,6 +97,7 @@ def main() -> None:
     ap.add_argument("--rows", default="16,64,256", help="decode-step timings ('' for none)")
     ap.add_argument("--only", default="", help="comma-separated runs to make (the peer always)")
     ap.add_argument("--json", action="store_true", help="print one JSON object only")
+    ap.add_argument("--save", help="also write that JSON object to this file")
     args = ap.parse_args()
     law = _law(args)
     small, large, tok = build_pair(args.shape, law, args.seed)
@@ -137,6 +139,8 @@ def main() -> None:
         weights=law.weights, means=law.means, mean_steps=law.mean_steps, stated=stated,
         measured=measured), params={"small": small.num_params, "large": large.num_params},
         decode_step_s=rows, **results)
+    if args.save:
+        Path(args.save).write_text(json.dumps(report, indent=1) + "\n")
     if args.json:
         print(json.dumps(report))
         return

@@ -39,7 +39,7 @@ def _peer(cfg: dict, models: tuple) -> dict:
                for ex in examples]
     start = time.perf_counter()
     out = generate(large, prompts, opts.max_new_tokens, temperature=opts.temperature,
-                   top_p=opts.top_p, seed=opts.seed)
+                   top_p=opts.top_p, seed=opts.seed, stream=1)
     wall = time.perf_counter() - start
     right = [grade(bench["name"], tok.decode(t, skip_special_tokens=True), ex)
              for t, ex in zip(out.tokens, examples)]

@@ -160,6 +160,7 @@ class RoundMixture:
     means: list[float]
     variances: list[float]
     confidences: list[float]
+    n: int = 0  # how many confidences it was fitted on
 
 
 @dataclasses.dataclass(frozen=True)
@@ -599,12 +600,15 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
     def check(rnd: int) -> None:
         """Small steps the mixture (refine) or a verifier rejects go to the large model."""
         nonlocal flight
+        refine = opts.method == "steer" and opts.refine != "none"
+        if not (refine or opts.method in ("specreason", "rsd")):
+            return
         drafts = flight.running & (state.author == ENDED) & (state.writer == SMALL)
-        if opts.method == "steer" and opts.refine == "first":
+        if refine and opts.refine == "first":
             drafts &= state.step == 0
         if not peers.any(bool(jnp.any(drafts))):
             return
-        if opts.method == "steer" and opts.refine != "none":
+        if refine:
             # Continuous: the drafts that ended at one boundary are few, and the short ones
             # first; they are judged among the newest step of every running trace.
             pool = drafts if barrier else drafts | (flight.running & (state.step > 0))
@@ -612,12 +616,10 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
                             else None)
             flight = dataclasses.replace(flight, rejected=route(state.conf, pool, group, params)
                                          & drafts)
-        elif opts.method in ("specreason", "rsd"):
+        else:
             verify(sides[LARGE] if opts.method == "specreason" else sides[PRM], drafts, rnd)
             flight = dataclasses.replace(flight, score=jnp.where(flight.rejected, jnp.nan,
                                                                  flight.score))
-        else:
-            return
         discard(flight.rejected)
 
     def small_reads(rnd: int) -> None:
@@ -734,7 +736,7 @@ def _collect(state: TraceState, mixtures: list[Fit], tokenizer: Any, opts: Steer
             members = among & (np.arange(len(conf)) * opts.groups // len(conf) == g)
             mix.append(RoundMixture(m.round, g, m.who, p.weights[g].tolist(),
                                     p.means[g].tolist(), p.variances[g].tolist(),
-                                    conf[members].tolist()))
+                                    conf[members].tolist(), int(members.sum())))
     names = [MODEL_NAMES[i] for i in range(len(sides))]
     return SteerResult(traces, mix, {n: int(s.executed[i]) for i, n in enumerate(names)},
                        {n: sides[i].model.num_params for i, n in enumerate(names)},

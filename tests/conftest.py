@@ -69,6 +69,19 @@ def hf_meta(shared_data: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """The tiny STEER pair (tiny.steer_pair) loaded in float32, its tokenizer and chat prompts."""
+    import tiny
+    from steer_jax import load_model, load_tokenizer
+
+    small_dir, large_dir = tiny.steer_pair(tmp_path_factory.mktemp("pair"))
+    tok = load_tokenizer(small_dir)
+    return dict(small=load_model(small_dir, "float32"), large=load_model(large_dir, "float32"),
+                tok=tok, prompts=tiny.chat_prompts(tok), small_dir=small_dir,
+                large_dir=large_dir)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Tiny HF checkpoints on disk and their torch models, built once per session."""

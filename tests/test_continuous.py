@@ -7,35 +7,13 @@ the barrier, a step ends at the first boundary after it is done and its trace is
 
 from __future__ import annotations
 
-import dataclasses
-
-import jax
-import jax.numpy as jnp
 import pytest
 
 import tiny
-from steer_jax import load_model, load_tokenizer, steer
 
-SHORT = dict(max_steps=4, max_step_tokens=12, max_new_tokens=40, temperature=0.7, seed=1)
+SHORT = tiny.SHORT
 CONT = dict(schedule="continuous", chunk=4)
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    small_dir, large_dir = tiny.steer_pair(tmp_path_factory.mktemp("pair"))
-    tok = load_tokenizer(small_dir)
-    return dict(small=load_model(small_dir, "float32"), large=load_model(large_dir, "float32"),
-                tok=tok, prompts=tiny.chat_prompts(tok))
-
-
-def _run(pair, **kw):
-    return steer(pair["small"], pair["large"], pair["tok"], pair["prompts"], **{**SHORT, **kw})
-
-
-def _copy(state):
-    # Copies: the next call donates the caches a hook is shown.
-    return dataclasses.replace(state, trace=jax.tree.map(jnp.copy, state.trace),
-                               caches=jax.tree.map(jnp.copy, state.caches))
+_run = tiny.run
 
 
 @pytest.mark.parametrize("chunk", [1, 5])
@@ -99,17 +77,6 @@ def test_baselines_run_continuous(pair, method):
     if method == "query_router":
         assert all({s.model for s in t.steps} == {"large" if i % 2 == 0 else "small"}
                    for i, t in enumerate(res.traces))
-
-
-def test_continuous_resumed_at_a_boundary_or_inside_one_ends_as_the_whole_run(pair):
-    rounds, calls = [], []
-    whole = _run(pair, batch_size=3, on_round=lambda s: rounds.append(_copy(s)),
-                 on_call=lambda s: calls.append(_copy(s)), **CONT)
-    inside = next(s for s in calls if s.round == 3 and s.within.phase == 0 and s.within.calls)
-    for state in (rounds[2], inside):
-        resumed = _run(pair, batch_size=3, resume_from=state, **CONT)
-        assert resumed.traces == whole.traces and resumed.mixtures == whole.mixtures
-        assert resumed.executed_tokens == whole.executed_tokens
 
 
 def test_bad_schedule_or_chunk_is_named():

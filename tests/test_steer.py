@@ -2,35 +2,23 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 import math
 import shutil
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 import tiny
-from steer_jax import generate, load_model, load_tokenizer, steer
+from steer_jax import generate, load_model, steer
 from steer_jax.runner import (RunConfigError, load_config, load_models, run, summarize,
                                validate)
 from steer_jax.steer import SteerOptions
 
-SHORT = dict(max_steps=4, max_step_tokens=12, max_new_tokens=40, temperature=0.7, seed=1)
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-    small_dir, large_dir = tiny.steer_pair(tmp_path_factory.mktemp("pair"))
-    tok = load_tokenizer(small_dir)
-    prompts = tiny.chat_prompts(tok)
-    return dict(small=load_model(small_dir, "float32"), large=load_model(large_dir, "float32"),
-                tok=tok, prompts=prompts, small_dir=small_dir, large_dir=large_dir)
+SHORT = tiny.SHORT
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +28,7 @@ def baselines(pair):
     return {m: run_(m) for m in ("small_only", "large_only")}
 
 
-def _run(pair, **kw):
-    return steer(pair["small"], pair["large"], pair["tok"], pair["prompts"], **{**SHORT, **kw})
+_run = tiny.run
 
 
 def test_gamma_zero_is_small_only_and_gamma_one_is_large_only(pair, baselines):
@@ -108,25 +95,6 @@ def test_options_run(pair, kw):
     assert all(t.steps and t.stop in ("eos", "max_steps", "max_new_tokens") for t in res.traces)
     for t in res.traces:
         assert sum(s.tokens for s in t.steps) == len(t.tokens)
-
-
-def test_a_run_resumed_from_a_round_state_ends_as_the_whole_run(pair):
-    states = []
-
-    def keep(state):
-        # Copies: the next round donates the caches this hook is shown.
-        states.append(dataclasses.replace(state, trace=jax.tree.map(jnp.copy, state.trace),
-                                          caches=jax.tree.map(jnp.copy, state.caches)))
-
-    whole = _run(pair, gamma=0.5, on_round=keep)
-    assert [s.round for s in states] == list(range(1, len(states) + 1))
-    assert len(states) >= 3 and any(s.model == "large" for t in whole.traces for s in t.steps)
-    resumed = _run(pair, gamma=0.5, resume_from=states[1])
-    assert resumed.traces == whole.traces and resumed.mixtures == whole.mixtures
-    assert resumed.executed_tokens == whole.executed_tokens
-    with pytest.raises(ValueError, match="resume_from: the small model's cache"):
-        steer(pair["small"], pair["large"], pair["tok"], pair["prompts"][:4],
-              resume_from=states[1], gamma=0.5, **SHORT)
 
 
 def test_traces_do_not_depend_on_the_batch(pair):
@@ -491,43 +459,3 @@ def test_sweep_writes_a_run_per_gamma_and_a_table(pair, shared_data, tmp_path):
     assert summaries[0].large_step_fraction == 0.0 and summaries[1].large_step_fraction == 1.0
     table = (tmp_path / "sweep.md").read_text().splitlines()
     assert len(table) == 4 and table[2].startswith("| 0 |") and table[3].startswith("| 1 |")
-
-
-def test_a_run_resumed_inside_a_round_ends_as_the_whole_run(pair):
-    """Calls of 3 rows: a round's phases each run in several calls. A run resumed from a state
-    after any call (here one inside the small writes of round 1, one inside the large writes of
-    round 2, one between two phases) makes only the calls left and ends as the whole run."""
-    states = []
-
-    def keep(state):
-        states.append(dataclasses.replace(state, trace=jax.tree.map(jnp.copy, state.trace),
-                                          caches=jax.tree.map(jnp.copy, state.caches)))
-
-    whole = _run(pair, gamma=0.5, batch_size=3, on_call=keep)
-    where = [(s.round, s.within.phase, s.within.calls, s.within.shared) for s in states]
-    picks = [where.index((1, 0, 1, False)), where.index(next(w for w in where if w[:2] == (2, 1))),
-             next(i for i, w in enumerate(where) if w[:2] == (2, 2) and not w[3])]
-    assert where[picks[1]][3] and where[picks[2]][2] > where[picks[1]][2], where
-    for i in picks:
-        resumed = _run(pair, gamma=0.5, batch_size=3, resume_from=states[i])
-        assert resumed.traces == whole.traces and resumed.mixtures == whole.mixtures, where[i]
-        assert resumed.executed_tokens == whole.executed_tokens, where[i]
-
-
-def test_specreason_resumed_inside_its_judge_calls_ends_as_the_whole_run(pair):
-    """The judge's scores and rejections so far travel in the state; the rejected steps are
-    thrown away once, after the phase's last call."""
-    states = []
-
-    def keep(state):
-        states.append(dataclasses.replace(state, trace=jax.tree.map(jnp.copy, state.trace),
-                                          caches=jax.tree.map(jnp.copy, state.caches)))
-
-    whole = _run(pair, method="specreason", batch_size=3, on_call=keep)
-    i = next(i for i, s in enumerate(states)
-             if s.round == 1 and s.within.phase == 1 and not s.within.shared)
-    assert bool(jnp.any(states[i].within.done)) and not np.isnan(
-        np.asarray(states[i].within.score)[np.asarray(states[i].within.done)]).any()
-    resumed = _run(pair, method="specreason", batch_size=3, resume_from=states[i])
-    assert resumed.traces == whole.traces and resumed.mixtures == whole.mixtures
-    assert resumed.executed_tokens == whole.executed_tokens

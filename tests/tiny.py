@@ -158,6 +158,25 @@ def steer_pair(root: Path, family: str = "qwen2") -> tuple[Path, Path]:
     return small, large
 
 
+# Short traces on the tiny pair: four rounds of at most 12 tokens, 40 in all.
+SHORT = dict(max_steps=4, max_step_tokens=12, max_new_tokens=40, temperature=0.7, seed=1)
+
+
+def run(pair: dict, **kw):
+    """STEER on the `pair` fixture's models and prompts, SHORT unless `kw` says otherwise."""
+    from steer_jax import steer
+
+    return steer(pair["small"], pair["large"], pair["tok"], pair["prompts"], **{**SHORT, **kw})
+
+
+def copied(state):
+    """A RoundState a hook is shown, with copies of the arrays the next call donates."""
+    import dataclasses
+
+    return dataclasses.replace(state, trace=jax.tree.map(lambda x: x.copy(), state.trace),
+                               caches=jax.tree.map(lambda x: x.copy(), state.caches))
+
+
 def prm(path: Path, seed: int = 13) -> tuple[tf.Qwen2ForCausalLM, torch.Tensor, torch.Tensor]:
     """A Qwen2 process reward model in the Skywork-o1-Open-PRM layout: the causal LM's tensors
     plus `v_head.summary.{weight,bias}`. Returns the torch model and the head's weight and bias."""

@@ -48,14 +48,16 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              trace_ids: Sequence[int] | None = None, stop_at_step: bool = False, *,
              tokenizer: Any = None, delimiter: str = "\n\n", confidence: engine.Measure =
-             "max_logit", aggregate: str = "all", page_size: int | None = None) -> GenerateResult:
+             "max_logit", aggregate: str = "all", page_size: int | None = None,
+             stream: int = 0) -> GenerateResult:
     """Generate for a ragged batch of token-id prompts in one compiled program.
 
     In step mode (`stop_at_step`) each row stops at the step delimiter, EOS or `max_new_tokens`,
     and `step_confidence` is the mean `confidence` measure over the step's tokens (`aggregate`
     "math": over its math tokens, falling back to all). Step mode needs the tokenizer (loaded
     from the model's directory when not given). The KV cache holds each row in pages of
-    `page_size` tokens (default: one page a row).
+    `page_size` tokens (default: one page a row). `stream` folds into the sampling keys as a
+    STEER run's model index does (1: the large model's), so a generate can draw its tokens.
     """
     cfg = model.config
     if max_new_tokens < 1:
@@ -89,7 +91,7 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     state = engine.decode(
         model.params, cfg, cache, jnp.asarray(tokens), jnp.asarray(lengths),
         jnp.ones((B,), bool), jnp.asarray(seed, jnp.int32), jnp.asarray(ids, jnp.int32), masks,
-        sampler=sampler, max_tokens=max_new_tokens,
+        stream=stream, sampler=sampler, max_tokens=max_new_tokens,
         stops=engine.Stops(cfg.eos_token_ids, stop_at_step))
     step_conf = None
     if stop_at_step:
