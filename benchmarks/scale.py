@@ -41,6 +41,7 @@ from workload import (SHAPES, StepLengths, build_pair, decode_step_seconds,  # n
                       prompts, split_steps, summarize)
 
 from steer_jax import generate, steer  # noqa: E402
+from steer_jax.calls import release_programs  # noqa: E402
 
 PEER = "large_only_unbarriered"
 
@@ -118,10 +119,12 @@ def main() -> None:
         runs = {k: v for k, v in runs.items() if k in keep}
     results, texts = {}, {}
     for name, fn in runs.items():
+        release_programs()  # each run compiles its own (a process holds ~200: calls.py)
         for _ in range(args.repeats):
             start = time.perf_counter()
             results[name], texts[name] = fn()
             results[name]["wall_s"] = time.perf_counter() - start
+            print(f"{name}: {results[name]['wall_s']:.1f} s", file=sys.stderr, flush=True)
     peer = results[PEER]
     for r in results.values():
         r["vs_peer"] = r["wall_s"] / peer["wall_s"]

@@ -375,3 +375,29 @@ def _assign(state: TraceState, rows: jax.Array, to_large: jax.Array) -> TraceSta
         state, author=jnp.where(rows, jnp.where(to_large, LARGE, SMALL), state.author),
         step_start=jnp.where(rows, state.total, state.step_start),
         ended_by=jnp.where(rows, 0, state.ended_by))
+
+
+# ---- compiled programs ----------------------------------------------------------------------------
+
+_PROGRAMS = (_write, _advance, _read, _verify, _plan, _evict, _drop, _rollback, _slide, _mixture,
+             _route, _discard, _end_steps, _assign)
+# XLA's CPU client maps each program's code as a few hundred memory regions (a STEER call's
+# program: ~290), and Linux allows a process 65530 (vm.max_map_count): past ~200 programs the
+# next compile fails with "Cannot allocate memory". Continuous runs of thousands of positions
+# make new shapes as their traces grow.
+CPU_PROGRAMS = 128
+
+
+def compiled_programs() -> int:
+    """How many programs the loop's device functions hold compiled."""
+    return sum(f._cache_size() for f in _PROGRAMS)
+
+
+def release_programs(limit: int = 0) -> bool:
+    """Drop every compiled program of the loop's device functions when they hold more than
+    `limit` (the shapes of a run's later rounds are mostly new ones anyway); whether it did."""
+    if compiled_programs() <= limit:
+        return False
+    for f in _PROGRAMS:
+        f.clear_cache()
+    return True

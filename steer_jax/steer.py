@@ -48,9 +48,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from steer_jax import distributed
-from steer_jax.calls import (ENDED, LARGE, PRM, SMALL, StepSpec, TraceState, _advance, _assign,
-                             _discard, _drop, _end_steps, _evict, _mixture, _plan, _read,
-                             _rollback, _route, _slide, _verify, _write)
+from steer_jax.calls import (CPU_PROGRAMS, ENDED, LARGE, PRM, SMALL, StepSpec, TraceState,
+                             _advance, _assign, _discard, _drop, _end_steps, _evict, _mixture,
+                             _plan, _read, _rollback, _route, _slide, _verify, _write,
+                             release_programs)
 from steer_jax.decoding import sampler as dec
 from steer_jax.decoding.generate import check_prompts
 from steer_jax.decoding.steps import vocab_masks
@@ -231,23 +232,23 @@ def _pow2(n: int, cap: int) -> int:
     return min(cap, 1 << max(0, int(n) - 1).bit_length())
 
 
-def _ladder(n: int, floor: int = 1) -> int:
-    """n rounded up to one of eight sizes per power of two (padding under an eighth), in steps of
-    at least `floor`."""
-    step = max(floor, 1 << max(0, int(n - 1).bit_length() - 4))
+def _ladder(n: int, floor: int = 1, sizes: int = 8) -> int:
+    """n rounded up to one of `sizes` (a power of two) sizes per power of two (padding under
+    1/sizes), in steps of at least `floor`."""
+    step = max(floor, 1 << max(0, int(n - 1).bit_length() - sizes.bit_length()))
     return -(-int(n) // step) * step
 
 
-def _width(lag: int) -> int:
+def _width(lag: int, sizes: int = 8) -> int:
     """Positions a call reads per row: exactly 1 for the common case (only the pending token:
     the model wrote the step before), else `_ladder` in steps of 8 (a SpecReason judge read of
     ~270 positions ran as 512 with powers of two). Padding positions are not free: each is a
     query against every cache slot (large_only on the demo pair took a fifth longer with every
     write padded from 1 to 16 positions)."""
-    return 1 if lag <= 1 else _ladder(lag, 8)
+    return 1 if lag <= 1 else _ladder(lag, 8, sizes)
 
 
-def _bucket(n: int, cap: int) -> int:
+def _bucket(n: int, cap: int, sizes: int = 8) -> int:
     """Rows a call compiles for: powers of two up to 16, then `_ladder`.
 
     Padding is then under an eighth of the call's rows (powers of two alone ran 300 routed rows
@@ -255,7 +256,28 @@ def _bucket(n: int, cap: int) -> int:
     large model's calls, a third of the batch, are where padding costs most. A finer ladder
     costs compiled programs, but a call's cache span moves every round anyway.
     """
-    return _pow2(n, cap) if n <= 16 else min(cap, _ladder(n))
+    return _pow2(n, cap) if n <= 16 else min(cap, _ladder(n, 1, sizes))
+
+
+def _span(end: int, slots: int, page_size: int, sizes: int | None = None) -> int:
+    """Cache slots a call attends over: its furthest slot rounded up to whole 64-slot steps
+    (whole pages), with `sizes`, to one of that many step counts per power of two."""
+    step = -(-64 // page_size) * page_size
+    units = -(-(end + 2) // step)
+    return min(slots, (units if sizes is None else _ladder(units, 1, sizes)) * step)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Shapes:
+    """How finely a schedule's calls pick their compiled shapes. Rounds make one call per
+    model and phase; continuous rounds are a chunk long, so the rows, spans and read widths
+    change every few dozen positions, and every new combination is a compile (on a TPU,
+    seconds to a minute; on a CPU, mapped code: 256 traces of 1024 tokens ran out of the
+    kernel's 65530 memory maps). Continuous calls take fewer sizes and pay more padding."""
+
+    rows: int = 8
+    widths: int = 8
+    spans: int | None = None
 
 
 # ---- the round loop -----------------------------------------------------------------------------
@@ -415,6 +437,7 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
     barrier = opts.schedule == "rounds"
     chunk = min(opts.chunk or (opts.max_step_tokens if barrier else CHUNK_TOKENS),
                 opts.max_step_tokens)
+    shapes = _Shapes() if barrier else _Shapes(rows=4, widths=2, spans=2)
     level = jnp.float32({"posterior": opts.gamma, "percentile": opts.percentile,
                          "threshold": opts.threshold}[opts.policy])
     def route(conf: jax.Array, among: jax.Array, group: jax.Array, params: Any) -> jax.Array:
@@ -481,8 +504,8 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
                 take, stats = _plan(side.cache, reach, state.total + extra, take, cap=cap,
                                     **side.window(local_span))
                 widest = int(np.asarray(stats)[1])
-            step = -(-64 // side.cache.page_size) * side.cache.page_size
-            yield take, count, _width(widest), min(slots, -(-(end + 2) // step) * step)
+            yield take, count, _width(widest, shapes.widths), _span(
+                end, slots, side.cache.page_size, shapes.spans)
             left = left & ~take
 
     def catch_up(side: _Side, rows: jax.Array, until: jax.Array) -> None:
@@ -501,11 +524,11 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
             count, widest, end = (int(x) for x in np.asarray(stats)[:3])
             if count == 0:
                 return
-            step = -(-64 // side.cache.page_size) * side.cache.page_size
             # Widths 16, 32 or CHUNK: these calls are small, and every width is a program.
             side.cache, state = _advance(side.model.params, side.cfg, side.cache, state, take,
-                                         until, bucket=_bucket(count, cap),
-                                         span=min(slots, -(-(end + 2) // step) * step),
+                                         until, bucket=_bucket(count, cap, shapes.rows),
+                                         span=_span(end, slots, side.cache.page_size,
+                                                    shapes.spans),
                                          width=_pow2(max(widest, 16), CHUNK), stream=side.stream)
 
     def snapshot(rnd: int) -> RoundState:
@@ -533,7 +556,7 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
                     behind=lambda: state.total - 1):
                 side.cache, state = _write(
                     side.model.params, side.cfg, side.cache, state, take, side.masks, seed, ids,
-                    bucket=_bucket(count, cap), span=span, opts=spec, chunk=chunk,
+                    bucket=_bucket(count, cap, shapes.rows), span=span, opts=spec, chunk=chunk,
                     stream=side.stream, stops=side.stops)
             if not (barrier and bool(jnp.any(flight.running & (state.author == side.stream)))):
                 return
@@ -546,7 +569,7 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
                                                     normal=opts.max_step_tokens,
                                                     behind=lambda: state.step_start - 1):
             side.cache, state = _read(side.model.params, side.cfg, side.cache, state, take,
-                                      side.masks, bucket=_bucket(count, cap), span=span,
+                                      side.masks, bucket=_bucket(count, cap, shapes.rows), span=span,
                                       width=width, opts=spec, stream=side.stream)
 
     def verify(side: _Side, rows: jax.Array, rnd: int) -> None:
@@ -557,7 +580,7 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
                                                     behind=lambda: state.step_start - 1):
             side.cache, state, r, sc = _verify(
                 side.model.params, side.cfg, side.cache, state, take, suffix, digits, threshold,
-                bucket=_bucket(count, cap), span=span, width=width, stream=side.stream)
+                bucket=_bucket(count, cap, shapes.rows), span=span, width=width, stream=side.stream)
             flight = dataclasses.replace(flight, rejected=flight.rejected | r,
                                          score=jnp.where(take, sc, flight.score))
 
@@ -674,6 +697,8 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
         finish(rnd)
         flight = None
         rnd += 1
+        if jax.default_backend() == "cpu":
+            release_programs(CPU_PROGRAMS)
         if on_round:
             on_round(RoundState(rnd, state, tuple(side.cache for side in sides), prev_params,
                                 tuple(mixtures)))
