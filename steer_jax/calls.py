@@ -382,10 +382,10 @@ def _assign(state: TraceState, rows: jax.Array, to_large: jax.Array) -> TraceSta
 _PROGRAMS = (_write, _advance, _read, _verify, _plan, _evict, _drop, _rollback, _slide, _mixture,
              _route, _discard, _end_steps, _assign)
 # XLA's CPU client maps each program's code as a few hundred memory regions (a STEER call's
-# program: ~290), and Linux allows a process 65530 (vm.max_map_count): past ~200 programs the
-# next compile fails with "Cannot allocate memory". Continuous runs of thousands of positions
-# make new shapes as their traces grow.
-CPU_PROGRAMS = 128
+# program: ~290), and Linux allows a process vm.max_map_count of them (65530 by default): a
+# continuous run of 256 traces over 1024 positions compiled past that, and the next compile failed
+# with "Cannot allocate memory". The loop drops its programs when the process holds 3/4 of it.
+MAPS = "/proc/self/maps"
 
 
 def compiled_programs() -> int:
@@ -401,3 +401,14 @@ def release_programs(limit: int = 0) -> bool:
     for f in _PROGRAMS:
         f.clear_cache()
     return True
+
+
+def maps_nearly_full() -> bool:
+    """Whether this process holds 3/4 of the memory maps Linux allows it (False elsewhere)."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            allowed = int(f.read())
+        with open(MAPS, "rb") as f:
+            return sum(1 for _ in f) > 0.75 * allowed
+    except OSError:
+        return False

@@ -48,10 +48,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from steer_jax import distributed
-from steer_jax.calls import (CPU_PROGRAMS, ENDED, LARGE, PRM, SMALL, StepSpec, TraceState,
+from steer_jax.calls import (ENDED, LARGE, PRM, SMALL, StepSpec, TraceState,
                              _advance, _assign, _discard, _drop, _end_steps, _evict, _mixture,
                              _plan, _read, _rollback, _route, _slide, _verify, _write,
-                             release_programs)
+                             maps_nearly_full, release_programs)
 from steer_jax.decoding import sampler as dec
 from steer_jax.decoding.generate import check_prompts
 from steer_jax.decoding.steps import vocab_masks
@@ -348,7 +348,9 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
     `rsd` needs `prm`, a reward model with a value head; `query_router` needs `route_queries`,
     one decision per prompt (True: the large model answers it).
 
-    Each round fits its mixture once over every running trace. A model's work in a round runs
+    Each round fits its mixture once over every running trace; under `schedule="continuous"` a
+    round is one call of `chunk` tokens per model, and a trace is routed in the round its step
+    ends. A model's work in a round runs
     in calls of at most `batch_size` rows (default: all), over a paged KV cache of `page_size`
     tokens a page. `pool_pages` (one count, or one per model: small, large, PRM; a model's
     count may be a pair: its global layers' pool, its sliding layers' pool) bounds each
@@ -697,8 +699,8 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
         finish(rnd)
         flight = None
         rnd += 1
-        if jax.default_backend() == "cpu":
-            release_programs(CPU_PROGRAMS)
+        if jax.default_backend() == "cpu" and maps_nearly_full():
+            release_programs()
         if on_round:
             on_round(RoundState(rnd, state, tuple(side.cache for side in sides), prev_params,
                                 tuple(mixtures)))
