@@ -164,8 +164,8 @@ def _print(rep: dict[str, Any], args: argparse.Namespace) -> None:
     for name, sec in rep["decode_step_s"].items():
         print(f"decode step, {name}: " + ", ".join(f"{r} rows {1e3 * s:.1f} ms"
                                                    for r, s in sec.items()))
-    print("| run | iterations (small/large) | x longest trace (max; sum) | tokens | executed/useful "
-          "token-rows (small; large) | large steps | FLOPs | wall-clock | vs " + PEER + " |")
+    print("| run | iterations (small/large) | x longest trace (max; sum) | tokens | "
+          "executed/useful token-rows (small; large) | large steps | FLOPs | wall-clock | vs " + PEER + " |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name in (PEER, "large_only_rounds", "large_only_continuous", "steer_rounds",
                  "steer_continuous"):

@@ -377,7 +377,7 @@ def _assign(state: TraceState, rows: jax.Array, to_large: jax.Array) -> TraceSta
         ended_by=jnp.where(rows, 0, state.ended_by))
 
 
-# ---- compiled programs ----------------------------------------------------------------------------
+# ---- compiled programs --------------------------------------------------------------------------
 
 _PROGRAMS = (_write, _advance, _read, _verify, _plan, _evict, _drop, _rollback, _slide, _mixture,
              _route, _discard, _end_steps, _assign)

@@ -571,8 +571,8 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
                                                     normal=opts.max_step_tokens,
                                                     behind=lambda: state.step_start - 1):
             side.cache, state = _read(side.model.params, side.cfg, side.cache, state, take,
-                                      side.masks, bucket=_bucket(count, cap, shapes.rows), span=span,
-                                      width=width, opts=spec, stream=side.stream)
+                                      side.masks, bucket=_bucket(count, cap, shapes.rows),
+                                      span=span, width=width, opts=spec, stream=side.stream)
 
     def verify(side: _Side, rows: jax.Array, rnd: int) -> None:
         nonlocal state, flight
