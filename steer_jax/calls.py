@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import TYPE_CHECKING
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +21,6 @@ from steer_jax.decoding import sampler as dec
 from steer_jax.decoding.steps import VocabMasks
 from steer_jax.modeling.transformer import KVCache, forward, logits
 from steer_jax.routing import gmm, policy
-
-if TYPE_CHECKING:
-    from steer_jax.steer import SteerOptions
 
 SMALL, LARGE, PRM = 0, 1, 2  # the models' streams: sampling keys, bill columns, cache order
 ENDED = -1  # `TraceState.author` of a trace whose step ended and waits for its boundary
@@ -42,7 +39,8 @@ class StepSpec:
     top_p: float
 
     @classmethod
-    def of(cls, opts: SteerOptions) -> StepSpec:
+    def of(cls, opts: Any) -> StepSpec:
+        """From a `steer.SteerOptions` (any object with these fields)."""
         return cls(opts.max_step_tokens, opts.max_new_tokens, opts.confidence, opts.aggregate,
                    opts.temperature, opts.top_p)
 
@@ -393,14 +391,11 @@ def compiled_programs() -> int:
     return sum(f._cache_size() for f in _PROGRAMS)
 
 
-def release_programs(limit: int = 0) -> bool:
-    """Drop every compiled program of the loop's device functions when they hold more than
-    `limit` (the shapes of a run's later rounds are mostly new ones anyway); whether it did."""
-    if compiled_programs() <= limit:
-        return False
+def release_programs() -> None:
+    """Drop every compiled program of the loop's device functions (the shapes of a run's later
+    rounds are mostly new ones anyway)."""
     for f in _PROGRAMS:
         f.clear_cache()
-    return True
 
 
 def maps_nearly_full() -> bool:

@@ -53,7 +53,7 @@ def test_a_trace_is_routed_at_the_boundary_its_step_ended(pair):
         assert all(b - a >= -(-s.tokens // 4) for a, b, s in zip(ends, ends[1:], t.steps[1:]))
         for prev, nxt in zip(t.steps, t.steps[1:]):
             assert (nxt.model == "large") == (prev.posterior < 0.5), (prev, nxt)
-    # Boundaries beat rounds: the traces end in fewer positions stepped than with a barrier.
+    # A continuous round is a chunk long: a run has more of them than a trace has steps.
     assert len(rounds) > SHORT["max_steps"]
 
 
