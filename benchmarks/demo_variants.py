@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from steer_jax.demo import run_demo
-from steer_jax.runner import load_config
+from steer_jax.run_config import load_config
 
 VARIANTS = {
     "small_only": {"method": "small_only"},

@@ -22,7 +22,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from steer_jax.runner import load_config, run
+from steer_jax.run_config import load_config
+from steer_jax.runner import run
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,7 +23,8 @@ from pathlib import Path
 from steer_jax import generate
 from steer_jax.eval import grade, render_prompt
 from steer_jax.modeling.loading import load_model, load_tokenizer
-from steer_jax.runner import examples_of, load_config, run, validate
+from steer_jax.run_config import examples_of, load_config, validate
+from steer_jax.runner import run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"qwen2": "configs/demo.yaml", "gemma3": "configs/demo-gemma3.yaml"}

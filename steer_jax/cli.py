@@ -57,7 +57,8 @@ PREEMPTED = 143
 
 
 def _run(args: argparse.Namespace) -> int:
-    from steer_jax.runner import Preempted, load_config, run
+    from steer_jax.run_config import load_config
+    from steer_jax.runner import Preempted, run
 
     config = load_config(args.config, args.set)
     try:
@@ -76,7 +77,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from steer_jax.runner import Preempted, load_config, sweep
+    from steer_jax.run_config import load_config
+    from steer_jax.runner import Preempted
+    from steer_jax.sweeps import sweep
 
     config = load_config(args.config, args.set)
     gammas = [float(g) for g in args.gammas.split(",")]
@@ -94,7 +97,8 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _train_router(args: argparse.Namespace) -> int:
-    from steer_jax.runner import load_config, train_router_from_config
+    from steer_jax.run_config import load_config
+    from steer_jax.train_router import train_router_from_config
 
     with _progress_bar() as progress:
         out = train_router_from_config(load_config(args.config, args.set), args.out, progress)
@@ -126,7 +130,7 @@ def _demo(args: argparse.Namespace) -> int:
     from steer_jax.demo import run_demo
     from steer_jax.eval.report import report
     from steer_jax.eval.runs import expand_run_dirs
-    from steer_jax.runner import load_config
+    from steer_jax.run_config import load_config
 
     config = load_config(args.config, args.set)
     with _progress_bar() as progress:
@@ -143,7 +147,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     from steer_jax.memory import parse_bytes
     from steer_jax.plan import format_plan, plan_from_config, plan_json
-    from steer_jax.runner import load_config
+    from steer_jax.run_config import load_config
 
     memory = parse_bytes(args.device_memory)
     for flag, value, least in (("--devices", args.devices, 1), ("--mean-tokens",

@@ -50,7 +50,8 @@ def run_demo(config: dict[str, Any], out: str | Path = "runs/demo", *,
              progress: Callable[[int, int, str], None] | None = None) -> dict[str, Any]:
     """Every run of `runs` (default RUNS) on `config`'s pair; returns {name: Summary}."""
     from steer_jax.modeling.loading import load_tokenizer
-    from steer_jax.runner import check_tokenizers, load_models, run, validate
+    from steer_jax.run_config import check_tokenizers, validate
+    from steer_jax.runner import load_models, run
 
     runs = RUNS if runs is None else runs
     for change in runs.values():  # every variant is checked before the first one runs
@@ -63,8 +64,8 @@ def run_demo(config: dict[str, Any], out: str | Path = "runs/demo", *,
     if warm_up:
         # Each run once unrecorded first: the timed run then finds every program it needs (each
         # bucket size routing asks for) compiled. A smaller warm-up would compile other buckets.
-        # Not SpecReason: its judge reads (~250 tokens a step) make a pass take ~100 s, most of
-        # it compute, and a second pass would put make demo over its 5 minutes.
+        # Not SpecReason: its judge reads (a judge prompt a step) make its pass mostly compute,
+        # and a second one would put make demo over its 5 minutes.
         for name, change in runs.items():
             if change.get("method") == "specreason":
                 continue

@@ -36,7 +36,8 @@ import jax
 import jax.numpy as jnp
 
 from steer_jax.distributed import RULES, _param_axes
-from steer_jax.modeling.config import ModelConfig, param_shapes
+from steer_jax.modeling.config import ModelConfig
+from steer_jax.modeling.transformer import param_shapes
 from steer_jax.modeling.transformer import local_layers
 
 DEFAULT_PAGE_SIZE = 64

@@ -16,7 +16,8 @@ from steer_jax.memory import (DEFAULT_PAGE_SIZE, DENSE_ROUND, MEMORY_FRACTION, _
                               _per_trace, _split, calls_per_round, check_page_size,
                               dense_trace_bytes, flat_pools, kv_bytes_per_token, pool_pages,
                               pools_of, resident_in_pool, weight_bytes)
-from steer_jax.modeling.config import ModelConfig, num_params
+from steer_jax.modeling.config import ModelConfig
+from steer_jax.modeling.transformer import num_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +157,7 @@ def _prompt_lengths(config: dict[str, Any]) -> tuple[list[int] | None, int | Non
 
     from steer_jax.eval import render_prompt
     from steer_jax.eval.benchmarks import DEMO, canonical_name
-    from steer_jax.runner import examples_of
+    from steer_jax.run_config import examples_of
 
     bench = config.get("benchmark") or {}
     name = bench.get("name")
@@ -184,7 +185,7 @@ def _prompt_lengths(config: dict[str, Any]) -> tuple[list[int] | None, int | Non
 
 def plan_from_config(config: dict[str, Any], device_memory: int, *, devices: int = 1,
                      mean_tokens: int = 1024, prompt_tokens: int = 256) -> MemoryPlan:
-    """`plan` for a run config (as `runner.load_config` returns it): the models' config.json
+    """`plan` for a run config (as `run_config.load_config` returns it): the models' config.json
     only, its dtype, `steer.max_step_tokens`, `steer.max_new_tokens`, `cache.page_size`, and
     the benchmark's prompts when the tokenizer and `benchmark.path` are readable (else
     `prompt_tokens` for every trace). The RSD reward model counts as a third model."""

@@ -30,44 +30,20 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
-import yaml
 
 from steer_jax import memory
 from steer_jax.decoding.generate import check_prompts
 from steer_jax.distributed import Peers, mesh_of
 from steer_jax.modeling.loading import load_model, load_tokenizer, read_config
+from steer_jax.run_config import RunConfigError, check_tokenizers, examples_of, validate
 from steer_jax.steer import SteerOptions, SteerResult, steer
-from steer_jax.store import (Parts, Preempted, RoundCheckpoint, RunConfigError,  # noqa: F401
-                             _write_atomic)  # Preempted and RunConfigError: part of run's API
+from steer_jax.store import Parts, Preempted, RoundCheckpoint, _write_atomic  # noqa: F401
+
+__all__ = ["Preempted", "RunConfigError", "Summary", "load_models", "run", "summarize",
+           "write_run"]
 
 log = logging.getLogger(__name__)
 
-# The config schema: section -> allowed keys (None: a scalar top-level key).
-SCHEMA: dict[str, tuple[str, ...] | None] = {
-    "small": None, "large": None, "method": None, "dtype": None, "scan_layers": None,
-    "benchmark": ("name", "path", "offset", "limit"),
-    "sampling": ("temperature", "top_p", "seed"),
-    "steer": ("gamma", "max_steps", "max_step_tokens", "max_new_tokens", "delimiter",
-              "confidence", "aggregate", "source", "groups", "refine", "policy", "percentile",
-              "threshold", "schedule", "chunk"),
-    "batch": ("size",),
-    "cache": ("page_size", "pages"),
-    "specreason": ("threshold",),
-    "rsd": ("prm", "threshold"),
-    "router": ("path", "train"),
-    "mesh": ("data", "model"),
-    "distributed": ("coordinator", "num_processes", "process_id", "auto"),
-}
-DEFAULTS: dict[str, Any] = {
-    "method": "steer", "dtype": "bfloat16", "scan_layers": None,
-    "benchmark": {"path": None, "offset": 0, "limit": None},
-    "sampling": {"temperature": 0.7, "top_p": 1.0, "seed": 0},
-    "steer": {}, "batch": {"size": None}, "cache": {"page_size": 64, "pages": None},
-    "specreason": {"threshold": 7}, "rsd": {"prm": None, "threshold": 0.7},
-    "router": {"path": None, "train": None},
-    "mesh": {},
-    "distributed": {},
-}
 FLOP_UNIT = 1e12  # the paper reports FLOPs per query in units of 1e12
 
 
@@ -117,103 +93,6 @@ class Summary:
     # Where it ran: platform, processes and each process's mesh. Sharded sums round differently,
     # so confidences (never tokens or routing, in the tests) differ in the last bits by layout.
     layout: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-
-def load_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """Read a YAML config (safe_load) and apply `key.sub=value` overrides (values parsed as YAML)."""
-    path = Path(path)
-    try:
-        config = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise RunConfigError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as e:
-        raise RunConfigError(f"{path} is not readable YAML: {e}") from e
-    if not isinstance(config, dict):
-        raise RunConfigError(f"{path} must hold a mapping of config keys")
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise RunConfigError(f"override {item!r} is not of the form key=value")
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise RunConfigError(f"override {item!r}: {p} is not a section")
-        node[leaf] = yaml.safe_load(value)
-    return config
-
-
-def validate(config: dict[str, Any]) -> tuple[dict[str, Any], SteerOptions]:
-    """Defaults filled in, every key and value checked; the STEER options built from it."""
-    unknown = [k for k in config if k not in SCHEMA]
-    for section, keys in SCHEMA.items():
-        value = config.get(section)
-        if keys is not None and value is not None:
-            if not isinstance(value, dict):
-                raise RunConfigError(f"config section {section!r} must be a mapping")
-            unknown += [f"{section}.{k}" for k in value if k not in keys]
-    if unknown:
-        raise RunConfigError(f"unknown config keys: {', '.join(sorted(unknown))}")
-    cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in DEFAULTS.items()}
-    for k, v in config.items():
-        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
-    for key in ("small", "large"):
-        if not cfg.get(key):
-            raise RunConfigError(f"config key {key!r} (a local checkpoint directory) is missing")
-    if not cfg["benchmark"].get("name"):
-        raise RunConfigError("config key 'benchmark.name' is missing")
-    if not (cfg["scan_layers"] is None or isinstance(cfg["scan_layers"], bool)):
-        raise RunConfigError("scan_layers must be true, false or null (null: unrolled except on "
-                             f"TPUs), got {cfg['scan_layers']!r}")
-    size = cfg["batch"]["size"]
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise RunConfigError(f"batch.size must be a positive integer or null, got {size!r}")
-    try:
-        memory.check_page_size(cfg["cache"]["page_size"])
-    except ValueError as e:
-        raise RunConfigError(str(e)) from e
-    pages = cfg["cache"]["pages"]
-    if pages is not None and (isinstance(pages, bool) or not isinstance(pages, int) or pages < 1):
-        raise RunConfigError(f"cache.pages (pages in each model's pool) must be a positive "
-                             f"integer or null (as many as fit in memory), got {pages!r}")
-    try:
-        opts = SteerOptions(method=cfg["method"], **cfg["steer"], **cfg["sampling"],
-                            judge_threshold=cfg["specreason"]["threshold"],
-                            prm_threshold=cfg["rsd"]["threshold"])
-    except (TypeError, ValueError) as e:
-        raise RunConfigError(str(e)) from e
-    if opts.method == "rsd" and not cfg["rsd"]["prm"]:
-        raise RunConfigError("method 'rsd' needs rsd.prm, a local process reward model directory")
-    if opts.method == "query_router" and not cfg["router"]["path"]:
-        raise RunConfigError("method 'query_router' needs router.path (made by "
-                             "`steer-jax train-router`)")
-    return cfg, opts
-
-
-def load_models(cfg: dict[str, Any], mesh: Any = None) -> tuple[Any, Any]:
-    """A validated config's small and large models, as its `dtype` and `scan_layers` say."""
-    return tuple(load_model(cfg[k], cfg["dtype"], scan_layers=cfg["scan_layers"], mesh=mesh)
-                 for k in ("small", "large"))
-
-
-def examples_of(spec: dict[str, Any]) -> list:
-    """A benchmark slice: `limit` examples from `offset` on (so train and test can split a file)."""
-    from steer_jax.eval import load_benchmark
-
-    offset, limit = spec.get("offset") or 0, spec.get("limit")
-    examples = load_benchmark(spec["name"], spec.get("path"))[offset:]
-    return examples if limit is None else examples[:limit]
-
-
-def check_tokenizers(small: Any, large: Any, small_path: str, large_path: str) -> None:
-    """STEER passes token ids between the models: their vocabularies must be the same."""
-    a, b = small.get_vocab(), large.get_vocab()
-    if a != b:
-        diff = sorted(set(a.items()) ^ set(b.items()))[:3]
-        raise RunConfigError(f"the tokenizers of {small_path} and {large_path} differ "
-                             f"({len(a)} vs {len(b)} tokens; e.g. {diff}): STEER needs one "
-                             "vocabulary")
 
 
 def summarize(result: SteerResult, correct: list[bool], opts: SteerOptions, benchmark: str,
@@ -301,8 +180,6 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
     With `out`, a SIGTERM makes the run save its state after the call in flight (inside its
     round) and raise `Preempted`.
     """
-    from steer_jax.eval import extract_answer, grade, render_prompt
-
     cfg, opts = validate(config)
     if checkpoint_every is not None:
         if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) \
@@ -318,6 +195,37 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
             raise RunConfigError("a multi-process run needs an output directory that every "
                                  "process can reach")
         initialize(cfg)  # before anything touches a device
+    tokenizer, examples, prompts = _inputs(cfg, opts, models)
+    small, large, extra, mesh = _models(cfg, opts, models, tokenizer, prompts)
+    parts = Parts(out, cfg, resume)
+    n_proc, me = jax.process_count(), jax.process_index()
+    _barrier(n_proc, "steer-jax: parts folder ready")
+    saved = _steer_part(cfg, opts, parts, (small, large, tokenizer), extra, prompts, mesh,
+                        resume=resume, checkpoint_every=checkpoint_every, progress=progress)
+    _barrier(n_proc, "steer-jax: all parts written")
+    if me != 0:
+        return None  # process 0 gathers and writes
+    done = [saved] + [parts.load(p) for p in range(1, n_proc)]
+    result = _merge([r for r, _ in done])
+    wall = max(w for _, w in done)  # the processes ran side by side
+    if parts.dir is not None:
+        for p in range(n_proc):
+            RoundCheckpoint(parts.dir, p, range(0), None, cfg, None).clear()
+    return _graded_summary(cfg, opts, result, examples, wall, mesh, out)
+
+
+def load_models(cfg: dict[str, Any], mesh: Any = None) -> tuple[Any, Any]:
+    """A validated config's small and large models, as its `dtype` and `scan_layers` say."""
+    return tuple(load_model(cfg[k], cfg["dtype"], scan_layers=cfg["scan_layers"], mesh=mesh)
+                 for k in ("small", "large"))
+
+
+def _inputs(cfg: dict[str, Any], opts: SteerOptions, models: tuple | None
+            ) -> tuple[Any, list, list[list[int]]]:
+    """The tokenizer, the benchmark slice and its prompts, each checked against both models'
+    configs (vocabulary, context) before any weight is read."""
+    from steer_jax.eval import render_prompt
+
     configs = (read_config(cfg["small"]), read_config(cfg["large"]))  # fail fast on bad dirs
     if models is None:
         tokenizer, tok_large = load_tokenizer(cfg["small"]), load_tokenizer(cfg["large"])
@@ -333,12 +241,19 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
                       min(c.max_position_embeddings for c in configs), opts.max_new_tokens)
     except ValueError as e:
         raise RunConfigError(f"{bench['name']}: {e}") from e
+    return tokenizer, examples, prompts
+
+
+def _models(cfg: dict[str, Any], opts: SteerOptions, models: tuple | None, tokenizer: Any,
+            prompts: list[list[int]]) -> tuple[Any, Any, dict[str, Any], Any]:
+    """The two models (read shard by shard when there is a mesh), what the method needs beside
+    them (the PRM, the router's decisions), and the mesh."""
     mesh = None
     if cfg["mesh"]:  # weights over a ('data', 'model') mesh of this host's devices
         from steer_jax.distributed import mesh_from_config, shard_model
 
         mesh = mesh_from_config(cfg)
-    if models is None:  # read shard by shard when there is a mesh
+    if models is None:
         small, large = load_models(cfg, mesh)
     else:
         small, large = models[0], models[1]
@@ -355,10 +270,18 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
 
         router = load_router(cfg["router"]["path"])
         extra["route_queries"] = route(router, prompt_features(small, prompts)).tolist()
-    parts = Parts(out, cfg, resume)
+    return small, large, extra, mesh
+
+
+def _steer_part(cfg: dict[str, Any], opts: SteerOptions, parts: Parts, models: tuple,
+                extra: dict[str, Any], prompts: list[list[int]], mesh: Any, *, resume: bool,
+                checkpoint_every: int | None, progress: Callable | None) -> tuple[SteerResult,
+                                                                                  float]:
+    """This process's slice of the traces, steered (or read back from its finished part): the
+    result and its wall-clock, rounds before a resume included."""
+    small, large, tokenizer = models
     # Each process holds a contiguous slice of the traces; they fit every mixture together.
     n_proc, me = jax.process_count(), jax.process_index()
-    _barrier(n_proc, "steer-jax: parts folder ready")
     peers = Peers.of_run(len(prompts))
     lo, hi = peers.offset, peers.offset + peers.sizes[me]
     models_held = [small, large, *([extra["prm"]] if "prm" in extra else [])]
@@ -373,46 +296,46 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
             progress(0, opts.max_steps, f"KV page pools ({names}): {pools} pages of "
                      f"{cfg['cache']['page_size']} tokens")
     saved = parts.load(me)
+    if saved is not None and _all_parts(parts, n_proc):
+        return saved
     # Without an output folder there is nowhere to save a round: a SIGTERM ends the run as usual.
     with _sigterm_finishes_the_round(enabled=parts.dir is not None) as stop:
-        if saved is None or not _all_parts(parts, n_proc):
-            start = time.perf_counter()
-            rounds = None
-            if parts.dir is not None:
-                rounds = RoundCheckpoint(parts.dir, me, range(lo, hi), checkpoint_every, cfg,
-                                         mesh_of(small.params), stop, peers)
-            resume_from = rounds.latest() if rounds is not None and resume else None
-            def report(rnd: int, running: int) -> None:
-                if progress:  # continuous rounds are chunk boundaries: their count is open
-                    progress(rnd, opts.max_steps if opts.schedule == "rounds" else None,
-                             f"{opts.method}: round {rnd}, {running} traces running")
-            if progress and resume_from is not None and resume_from.within is not None:
-                progress(resume_from.round, opts.max_steps, f"{opts.method}: resuming round "
-                         f"{resume_from.round + 1} after its call {resume_from.within.calls}")
-            part_extra = {k: (v[lo:hi] if k == "route_queries" else v) for k, v in extra.items()}
-            result = steer(small, large, tokenizer, prompts[lo:hi], opts,
-                           trace_ids=range(lo, hi), progress=report, on_round=rounds,
-                           on_call=rounds,
-                           resume_from=resume_from, batch_size=cfg["batch"]["size"],
-                           page_size=cfg["cache"]["page_size"], pool_pages=pools, peers=peers,
-                           **part_extra)
-            saved = (result, time.perf_counter() - start + (rounds.wall_before if rounds
-                                                             else 0.0))
-            parts.save(me, *saved)
-    _barrier(n_proc, "steer-jax: all parts written")
-    if me != 0:
-        return None  # process 0 gathers and writes
-    done = [saved] + [parts.load(p) for p in range(1, n_proc)]
-    result = _merge([r for r, _ in done])
-    wall = max(w for _, w in done)  # the processes ran side by side
-    if parts.dir is not None:
-        for p in range(n_proc):
-            RoundCheckpoint(parts.dir, p, range(0), None, cfg, None).clear()
-    answers = [extract_answer(bench["name"], t.output) for t in result.traces]
-    correct = [grade(bench["name"], t.output, ex) for t, ex in zip(result.traces, examples)]
+        start = time.perf_counter()
+        rounds = None
+        if parts.dir is not None:
+            rounds = RoundCheckpoint(parts.dir, me, range(lo, hi), checkpoint_every, cfg,
+                                     mesh_of(small.params), stop, peers)
+        resume_from = rounds.latest() if rounds is not None and resume else None
+
+        def report(rnd: int, running: int) -> None:
+            if progress:  # continuous rounds are chunk boundaries: their count is open
+                progress(rnd, opts.max_steps if opts.schedule == "rounds" else None,
+                         f"{opts.method}: round {rnd}, {running} traces running")
+
+        if progress and resume_from is not None and resume_from.within is not None:
+            progress(resume_from.round, opts.max_steps, f"{opts.method}: resuming round "
+                     f"{resume_from.round + 1} after its call {resume_from.within.calls}")
+        part_extra = {k: (v[lo:hi] if k == "route_queries" else v) for k, v in extra.items()}
+        result = steer(small, large, tokenizer, prompts[lo:hi], opts, trace_ids=range(lo, hi),
+                       progress=report, on_round=rounds, on_call=rounds, resume_from=resume_from,
+                       batch_size=cfg["batch"]["size"], page_size=cfg["cache"]["page_size"],
+                       pool_pages=pools, peers=peers, **part_extra)
+        saved = (result, time.perf_counter() - start + (rounds.wall_before if rounds else 0.0))
+        parts.save(me, *saved)
+    return saved
+
+
+def _graded_summary(cfg: dict[str, Any], opts: SteerOptions, result: SteerResult,
+                    examples: list, wall: float, mesh: Any, out: str | Path | None) -> Summary:
+    """Every trace graded, the bill summed, and (with `out`) the run's files written."""
+    from steer_jax.eval import extract_answer, grade
+
+    name = cfg["benchmark"]["name"]
+    answers = [extract_answer(name, t.output) for t in result.traces]
+    correct = [grade(name, t.output, ex) for t, ex in zip(result.traces, examples)]
     summary = dataclasses.replace(
-        summarize(result, correct, opts, bench["name"], wall),
-        layout={"platform": jax.default_backend(), "processes": n_proc,
+        summarize(result, correct, opts, name, wall),
+        layout={"platform": jax.default_backend(), "processes": jax.process_count(),
                 "mesh": None if mesh is None else dict(mesh.shape)})
     if out is not None:
         write_run(Path(out), summary, result, examples, answers, correct)
@@ -434,69 +357,3 @@ def write_run(out: Path, summary: Summary, result: SteerResult, examples: list, 
     _write_atomic(out / "summary.json", json.dumps(dataclasses.asdict(summary), indent=2) + "\n")
 
 
-def sweep(config: dict[str, Any], gammas: Sequence[float], out: str | Path,
-          progress: Callable[[int, int, str], None] | None = None, *, resume: bool = False,
-          checkpoint_every: int | None = None) -> list[Summary]:
-    """STEER at each gamma (models loaded once); one run directory per value and a table.
-
-    `resume` and `checkpoint_every` are `run`'s, for each value: a resumed sweep reads the
-    values it finished back from their parts and continues the one it was in.
-    """
-    cfg, _ = validate(config)
-    for g in gammas:  # all values checked before any run starts
-        validate({**config, "steer": {**config.get("steer", {}), "gamma": g}})
-    tokenizer, tok_large = load_tokenizer(cfg["small"]), load_tokenizer(cfg["large"])
-    check_tokenizers(tokenizer, tok_large, cfg["small"], cfg["large"])
-    models = (*load_models(cfg), tokenizer)
-    out = Path(out)
-    summaries = []
-    for g in gammas:
-        run_cfg = {**config, "method": "steer", "steer": {**config.get("steer", {}), "gamma": g}}
-        summaries.append(run(run_cfg, out / f"gamma_{g:g}", models=models, progress=progress,
-                             resume=resume, checkpoint_every=checkpoint_every))
-    if None in summaries:  # not process 0 of a multi-process sweep: it writes the table
-        return []
-    rows = ["| gamma | accuracy | FLOPs (1e12/query) | A/F | large steps | wall s |",
-            "|---|---|---|---|---|---|"]
-    rows += [f"| {s.gamma:g} | {s.accuracy:.3f} | {s.flops_per_query:.4g} | {s.a_per_f:.4g} | "
-             f"{s.large_step_fraction:.1%} | {s.wall_s:.1f} |" for s in summaries]
-    _write_atomic(out / "sweep.md", "\n".join(rows) + "\n")
-    return summaries
-
-
-def train_router_from_config(config: dict[str, Any], out: str | Path,
-                             progress: Callable[[int, int, str], None] | None = None) -> Path:
-    """Train the query router on `router.train` (a benchmark slice disjoint from the test one):
-    small_only and large_only runs label which queries need the large model."""
-    from steer_jax.baselines.query_router import (labels_from_runs, prompt_features,
-                                                  save_router, train_router)
-
-    cfg, _ = validate({**config, "method": "small_only"})
-    train = cfg["router"]["train"]
-    if not isinstance(train, dict) or not train.get("name"):
-        raise RunConfigError("router.train must name the training slice: {name, path, offset, "
-                             "limit}")
-    tokenizer = load_tokenizer(cfg["small"])
-    check_tokenizers(tokenizer, load_tokenizer(cfg["large"]), cfg["small"], cfg["large"])
-    models = (*load_models(cfg), tokenizer)
-    correct = {}
-    for method in ("small_only", "large_only"):
-        run_cfg = {**config, "method": method, "benchmark": train}
-        correct[method] = _graded(run_cfg, models, progress)
-    from steer_jax.eval import render_prompt
-
-    prompts = [tokenizer(render_prompt(tokenizer, ex, train["name"]),
-                         add_special_tokens=False)["input_ids"] for ex in examples_of(train)]
-    router = train_router(prompt_features(models[0], prompts),
-                          labels_from_runs(correct["small_only"], correct["large_only"]))
-    save_router(router, out, overwrite=True)
-    return Path(out)
-
-
-def _graded(config: dict[str, Any], models: tuple, progress: Any) -> list[bool]:
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
-        run(config, d, models=models, progress=progress)
-        lines = (Path(d) / "traces.jsonl").read_text().splitlines()
-    return [json.loads(x)["correct"] for x in lines]

@@ -32,14 +32,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from steer_jax.distributed import Peers
 from steer_jax.modeling.transformer import KVCache
 from steer_jax.routing.gmm import GMMParams
+from steer_jax.run_config import RunConfigError
 from steer_jax.steer import (Fit, RoundMixture, RoundProgress, RoundState, Step, SteerResult,
                              Trace, TraceState)
 
 log = logging.getLogger(__name__)
-
-
-class RunConfigError(ValueError):
-    """A run config that cannot run; the message says what to fix."""
 
 
 class Preempted(Exception):

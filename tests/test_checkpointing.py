@@ -33,8 +33,9 @@ import yaml
 from jax.sharding import PartitionSpec
 
 import tiny
-from steer_jax import distributed, runner, store
-from steer_jax.runner import RunConfigError, run, validate
+from steer_jax import distributed, runner, store, sweeps
+from steer_jax.run_config import RunConfigError, validate
+from steer_jax.runner import run
 
 ROUNDS = Path("parts") / "rounds_00000"  # one process: one part
 
@@ -311,7 +312,7 @@ def test_several_processes_stop_inside_a_round_only_between_phases(setup, stoppe
 
 def test_a_preempted_sweep_resumes_to_the_sweep_never_stopped(setup, tmp_path):
     gammas = [0.5, 0.9]
-    runner.sweep(setup["cfg"], gammas, tmp_path / "whole")
+    sweeps.sweep(setup["cfg"], gammas, tmp_path / "whole")
     out = tmp_path / "stopped"
     calls = []
 
@@ -321,10 +322,10 @@ def test_a_preempted_sweep_resumes_to_the_sweep_never_stopped(setup, tmp_path):
             os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.raises(runner.Preempted, match="round 3"):
-        runner.sweep(setup["cfg"], gammas, out, progress=progress)
+        sweeps.sweep(setup["cfg"], gammas, out, progress=progress)
     assert (out / "gamma_0.5" / "summary.json").is_file()
     assert not (out / "gamma_0.9" / "summary.json").exists()
-    runner.sweep(setup["cfg"], gammas, out, resume=True)
+    sweeps.sweep(setup["cfg"], gammas, out, resume=True)
     for name in ("gamma_0.5/traces.jsonl", "gamma_0.9/traces.jsonl", "sweep.md"):
         got, want = (out / name).read_text(), (tmp_path / "whole" / name).read_text()
         if name == "sweep.md":  # the wall-clock column differs
@@ -339,8 +340,10 @@ def test_the_cli_exits_143_naming_the_saved_round(command, tmp_path, monkeypatch
     def preempted(*args, **kwargs):
         raise runner.Preempted("stopped by SIGTERM after round 3 of part 0, saved in X")
 
-    monkeypatch.setattr(runner, command, preempted)
-    monkeypatch.setattr(runner, "load_config", lambda path, overrides: {})
+    from steer_jax import run_config
+
+    monkeypatch.setattr({"run": runner, "sweep": sweeps}[command], command, preempted)
+    monkeypatch.setattr(run_config, "load_config", lambda path, overrides: {})
     assert cli.main([command, "cfg.yaml", "--out", str(tmp_path)]) == 143
     assert "after round 3 of part 0, saved in X" in capsys.readouterr().err
 
@@ -469,7 +472,8 @@ print("agreed", peers.smallest([7, 5][int(pid)]), peers.gather(mine).tolist(),
 # One process of a two-process run; it prints its progress so the test can tell where it began.
 _PROCESS = """
 import sys
-from steer_jax.runner import load_config, run
+from steer_jax.run_config import load_config
+from steer_jax.runner import run
 path, out, port, pid, resume = sys.argv[1:]
 cfg = load_config(path, [f"distributed.coordinator=127.0.0.1:{port}",
                          "distributed.num_processes=2", f"distributed.process_id={pid}"])

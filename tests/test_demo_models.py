@@ -160,7 +160,7 @@ def test_demo_runner_writes_every_method_and_the_report(tmp_path: Path) -> None:
     from steer_jax.demo import RUNS, run_demo
     from steer_jax.eval.report import report
     from steer_jax.eval.runs import expand_run_dirs
-    from steer_jax.runner import load_config
+    from steer_jax.run_config import load_config
 
     config = load_config(PAIRS["qwen2"], ["benchmark.limit=8"])
     summaries = run_demo(config, tmp_path, warm_up=False)  # the timed runs need not be fair here
@@ -181,7 +181,7 @@ def test_demo_runner_writes_every_method_and_the_report(tmp_path: Path) -> None:
 
 def test_demo_runner_names_missing_models(tmp_path: Path) -> None:
     from steer_jax.demo import run_demo
-    from steer_jax.runner import load_config
+    from steer_jax.run_config import load_config
 
     config = load_config(PAIRS["qwen2"], [f"small={tmp_path / 'absent'}"])
     with pytest.raises(FileNotFoundError, match="absent.*train-demo"):

@@ -13,7 +13,7 @@ import torch
 from safetensors import safe_open
 
 import steer_jax
-from steer_jax.modeling import ModelConfig, export, weights
+from steer_jax.modeling import export, families, weights
 from steer_jax.modeling.export import hf_config, save_hf, to_hf
 
 TEXT_MODELS = ["qwen2_tied_mha", "qwen2_untied_gqa", "gemma3_text"]
@@ -93,7 +93,7 @@ def test_transformers_loads_export(tiny_models, tmp_path, name):
 def test_config_round_trip(tiny_models, tmp_path, name):
     model = steer_jax.load_model(tiny_models[name][0], "float32")
     cfg = json.loads((save_hf(model, tmp_path / "e") / "config.json").read_text())
-    assert ModelConfig.from_hf_config(cfg) == model.config
+    assert families.from_hf_config(cfg) == model.config
     # Spelled as transformers spells it (a single EOS id as a scalar, the v5 rope_parameters...).
     source = json.loads((tiny_models[name][0] / "config.json").read_text())
     differ = {k: (cfg[k], source[k]) for k in cfg.keys() & source.keys() if cfg[k] != source[k]}
@@ -101,18 +101,18 @@ def test_config_round_trip(tiny_models, tmp_path, name):
 
 
 def test_config_round_trip_multi_eos_and_sliding_qwen():
-    base = ModelConfig.qwen2_5_1_5b_instruct()
+    base = families.known("Qwen2.5-1.5B-Instruct")
     cfg = dataclasses.replace(base, sliding_layers=(False,) * 20 + (True,) * 8,
                               sliding_window=2048)
     hf = hf_config(cfg)
     assert hf["eos_token_id"] == [151645, 151643] and hf["use_sliding_window"] is True
-    assert ModelConfig.from_hf_config(hf) == cfg
-    assert ModelConfig.from_hf_config(hf_config(ModelConfig.gemma3_4b_it())) == \
-        ModelConfig.gemma3_4b_it()
+    assert families.from_hf_config(hf) == cfg
+    assert families.from_hf_config(hf_config(families.known("gemma-3-4b-it"))) == \
+        families.known("gemma-3-4b-it")
 
 
 def test_unexpressible_config_is_refused():
-    cfg = ModelConfig.qwen2_5_1_5b_instruct()
+    cfg = families.known("Qwen2.5-1.5B-Instruct")
     two_bases = dataclasses.replace(cfg, rope_local=dataclasses.replace(cfg.rope_local, theta=1.0))
     with pytest.raises(ValueError, match="rope_local"):
         hf_config(two_bases)
@@ -142,7 +142,7 @@ def test_value_head_and_tokenizer_round_trip(tmp_path):
     _assert_same_params(again.params, model.params)
     assert again.config == model.config
     cfg = json.loads((out / "config.json").read_text())
-    assert ModelConfig.from_hf_config(cfg) == dataclasses.replace(model.config, value_head=False)
+    assert families.from_hf_config(cfg) == dataclasses.replace(model.config, value_head=False)
     text = "so\n\nthen<|im_end|>"
     assert steer_jax.load_tokenizer(out).encode(text) == tok.encode(text)
 

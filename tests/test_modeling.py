@@ -15,8 +15,8 @@ import transformers as tf
 from safetensors.numpy import load_file, save_file
 
 import tiny
-from steer_jax import CheckpointError, ModelConfig, load_model
-from steer_jax.modeling import loading, num_params, read_config
+from steer_jax import CheckpointError, load_model
+from steer_jax.modeling import families, loading, num_params, read_config
 from steer_jax.modeling.transformer import _full_logits
 
 IDS = np.random.RandomState(0).randint(3, 120, size=(3, 24))  # 6x the Gemma window of 4
@@ -177,24 +177,20 @@ def test_bad_dtype(qwen_copy):
 # Real configs of the paper's checkpoints (no weights): parameter counts feed the FLOPs bill.
 
 PUBLISHED = {
-    "qwen2_5_math_1_5b_instruct": 1.54e9, "qwen2_5_math_7b_instruct": 7.62e9,
-    "qwen2_5_1_5b_instruct": 1.54e9, "qwen2_5_7b_instruct": 7.62e9,
-    "gemma3_4b_it": 3.88e9, "gemma3_12b_it": 11.77e9,
+    "Qwen2.5-Math-1.5B-Instruct": 1.54e9, "Qwen2.5-Math-7B-Instruct": 7.62e9,
+    "Qwen2.5-1.5B-Instruct": 1.54e9, "Qwen2.5-7B-Instruct": 7.62e9,
+    "gemma-3-4b-it": 3.88e9, "gemma-3-12b-it": 11.77e9,
 }
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
 def test_known_checkpoint_sizes(name):
-    assert num_params(getattr(ModelConfig, name)()) == pytest.approx(PUBLISHED[name], rel=0.01)
+    assert num_params(families.known(name)) == pytest.approx(PUBLISHED[name], rel=0.01)
 
 
-@pytest.mark.parametrize("folder, known", [
-    ("Qwen2.5-1.5B-Instruct", "qwen2_5_1_5b_instruct"),
-    ("Qwen2.5-7B-Instruct", "qwen2_5_7b_instruct"),
-    ("gemma-3-4b-it", "gemma3_4b_it"),
-])
-def test_real_configs_match_known_constructors(hf_meta, folder, known):
-    assert read_config(hf_meta / folder) == getattr(ModelConfig, known)()
+@pytest.mark.parametrize("folder", ["Qwen2.5-1.5B-Instruct", "Qwen2.5-7B-Instruct", "gemma-3-4b-it"])
+def test_real_configs_match_known_constructors(hf_meta, folder):
+    assert read_config(hf_meta / folder) == families.known(folder)
 
 
 def test_real_gemma3_config_parsed_like_transformers(hf_meta):

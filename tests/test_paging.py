@@ -20,7 +20,7 @@ from steer_jax.decoding import paging
 from steer_jax.decoding import sampler as dec
 from steer_jax.modeling import paged_attention, transformer
 from steer_jax.modeling.transformer import KVCache
-from steer_jax.runner import RunConfigError, validate
+from steer_jax.run_config import RunConfigError, validate
 
 steer_module = importlib.import_module("steer_jax.steer")
 RS = np.random.RandomState(5)

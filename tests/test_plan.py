@@ -17,7 +17,8 @@ from jax.sharding import AbstractMesh
 from steer_jax import memory, plan
 from steer_jax.cli import main
 from steer_jax.distributed import param_shardings
-from steer_jax.modeling.config import ModelConfig, num_params, param_shapes
+from steer_jax.modeling import families
+from steer_jax.modeling.transformer import num_params, param_shapes
 from steer_jax.modeling.loading import load_model, read_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,8 +54,8 @@ def cli_error(capsys, *args: str) -> str:
 # ---- arithmetic ----------------------------------------------------------------------------------
 
 def test_page_rounding_by_hand():
-    a = ModelConfig.from_hf_config(tiny_config())  # 2 layers x 2 KV heads x 16
-    b = ModelConfig.from_hf_config(tiny_config(layers=3, kv_heads=4))
+    a = families.from_hf_config(tiny_config())  # 2 layers x 2 KV heads x 16
+    b = families.from_hf_config(tiny_config(layers=3, kv_heads=4))
     f32 = jnp.float32
     assert memory.kv_bytes_per_token(a, f32) == 2 * 2 * 2 * 16 * 4 == 512
     assert memory.kv_bytes_per_token(b, f32) == 2 * 3 * 4 * 16 * 4 == 1536
@@ -133,8 +134,8 @@ def test_resident_traces_run_a_round_without_evicting(pool, held, extra):
 
 
 def test_plan_by_hand():
-    a = ModelConfig.from_hf_config(tiny_config())
-    b = ModelConfig.from_hf_config(tiny_config(layers=3, kv_heads=4))
+    a = families.from_hf_config(tiny_config())
+    b = families.from_hf_config(tiny_config(layers=3, kv_heads=4))
     weights = memory.weight_bytes(a, "float32") + memory.weight_bytes(b, "float32")
     mem = 10 * 2**20
     p = plan.plan([a, b], "float32", mem, names=["small", "large"], page_size=16,
@@ -164,13 +165,13 @@ def test_plan_by_hand():
         plan.plan([a], "float32", mem, mean_tokens=61, max_new_tokens=60)
 
 
-@pytest.mark.parametrize("name", ["qwen2_5_math_1_5b_instruct", "qwen2_5_math_7b_instruct",
-                                  "qwen2_5_1_5b_instruct", "qwen2_5_7b_instruct",
-                                  "gemma3_4b_it", "gemma3_12b_it"])
+@pytest.mark.parametrize("name", ["Qwen2.5-Math-1.5B-Instruct", "Qwen2.5-Math-7B-Instruct",
+                                  "Qwen2.5-1.5B-Instruct", "Qwen2.5-7B-Instruct",
+                                  "gemma-3-4b-it", "gemma-3-12b-it"])
 def test_weight_bytes_match_params_and_partition_rules(name):
     from test_modeling import PUBLISHED
 
-    cfg = getattr(ModelConfig, name)()
+    cfg = families.known(name)
     assert memory.weight_bytes(cfg, jnp.bfloat16) == 2 * num_params(cfg)
     assert memory.weight_bytes(cfg, jnp.bfloat16) / 2 == pytest.approx(PUBLISHED[name], rel=0.01)
     # The shard shapes distributed.param_shardings gives on an 8-way 'model' mesh (abstract: no
@@ -348,7 +349,7 @@ def test_gemma_on_80gib(hf_meta, capsys):
 def test_sliding_layers_pool_holds_the_window():
     """trace_pages of the local pool: the pages from the one the newest token's window starts
     in; pool_pages gives a model with both kinds of layers a pair, bytes split by layers."""
-    cfg = ModelConfig.gemma3_4b_it()
+    cfg = families.known("gemma-3-4b-it")
     assert cfg.sliding_window == 1024
     assert [memory.trace_pages(cfg, n, 64, local=True) for n in (1, 1024, 1088, 1089, 4096)] \
         == [1, 16, 16, 17, 16]

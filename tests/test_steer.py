@@ -14,8 +14,8 @@ import torch
 
 import tiny
 from steer_jax import generate, load_model, steer
-from steer_jax.runner import (RunConfigError, load_config, load_models, run, summarize,
-                               validate)
+from steer_jax.run_config import RunConfigError, load_config, validate
+from steer_jax.runner import load_models, run, summarize
 from steer_jax.steer import SteerOptions
 
 SHORT = tiny.SHORT
@@ -447,7 +447,7 @@ def test_page_pools_split_the_budget_so_each_model_holds_as_many_traces(pair, mo
 
 
 def test_sweep_writes_a_run_per_gamma_and_a_table(pair, shared_data, tmp_path):
-    from steer_jax.runner import sweep
+    from steer_jax.sweeps import sweep
 
     bench = {"name": "musique", "path": str(shared_data / "musique"), "limit": 2}
     summaries = sweep(_config(pair, benchmark=bench), [0.0, 1.0], tmp_path)

@@ -6,7 +6,8 @@ extract_answer(name, output) -> str;  grade(name, output, example) -> bool;  met
 report(run_dirs, out) -> Path;  main_report(argv) -> int   (`steer-jax report`)
 """
 
-from steer_jax.eval.benchmarks import BENCHMARKS, Example, canonical_name, load_benchmark
+from steer_jax.eval.benchmarks import BENCHMARKS, canonical_name, load_benchmark
+from steer_jax.eval.example import Example
 from steer_jax.eval.grading import extract_answer, grade, metrics
 from steer_jax.eval.prompts import FAMILIES, build_messages, detect_family, render_prompt
 from steer_jax.eval.report import main_report, report

@@ -20,9 +20,11 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from steer_jax.eval import demo_task
+from steer_jax.eval.example import Example
 
 MATH_BENCHMARKS = ("math500", "omnimath", "aime")
 KORBENCH_SUBSETS = ("cipher", "counterfactual", "logic")
@@ -36,16 +38,6 @@ ACPBENCH_TASKS = ("app", "areach", "just", "land", "prog", "reach", "val")
 # The embedded demo's synthetic benchmark (steer_jax.eval.demo_task); not one of the paper's, so
 # not in BENCHMARKS, which the paper's configs and tables iterate over.
 DEMO = "demo"
-
-
-@dataclass(frozen=True)
-class Example:
-    """One question. `reference` is the gold answer as a string, as the benchmark states it."""
-
-    id: str
-    question: str
-    reference: str
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 def canonical_name(name: str) -> str:
@@ -321,8 +313,6 @@ def load_benchmark(name: str, path: str | Path | None = None, limit: int | None 
     """
     key = canonical_name(name)
     if key == DEMO:
-        from steer_jax.eval import demo_task  # imported here: demo_task builds on this module
-
         if path is None:
             examples = demo_task.make_split("test")
         else:

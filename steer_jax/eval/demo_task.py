@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from steer_jax.eval.benchmarks import Example
+from steer_jax.eval.example import Example
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from steer_jax.eval.benchmarks import BENCHMARKS, DEMO, Example, canonical_name
+from steer_jax.eval.benchmarks import BENCHMARKS, DEMO, canonical_name
+from steer_jax.eval.example import Example
 from steer_jax.eval.demo_task import demo_equal, extract_demo_answer
 from steer_jax.eval.extraction import last_boxed
 from steer_jax.eval.korbench import extract_korbench_answer, korbench_equal

@@ -25,7 +25,8 @@ from __future__ import annotations
 import os
 from typing import Any, Protocol
 
-from steer_jax.eval.benchmarks import DEMO, MATH_BENCHMARKS, Example, canonical_name
+from steer_jax.eval.benchmarks import DEMO, MATH_BENCHMARKS, canonical_name
+from steer_jax.eval.example import Example
 from steer_jax.eval.demo_task import INSTRUCTION as DEMO_INSTRUCTION
 
 FAMILIES = ("qwen-math", "qwen", "gemma")

@@ -3,7 +3,7 @@
 Qwen2 and Gemma 3 are the same computation with different switches (QKV bias, QK-norm, sandwich
 norms, (1 + w) RMSNorm, scaled embeddings, sliding-window layers, two RoPE bases), so a single
 dataclass describes both and a single forward in `transformer.py` runs both. How each family spells
-its config and tensors on the Hub lives in `qwen2.py` and `gemma3.py`; `ModelConfig.from_hf_config`
+its config and tensors on the Hub lives in `qwen2.py` and `gemma3.py`; `families.from_hf_config`
 dispatches to them by `model_type`.
 
 The config is hashable (tuples only), so it can be a static argument of `jax.jit`.
@@ -14,8 +14,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 Family = Literal["qwen2", "gemma3"]
@@ -92,61 +90,3 @@ class ModelConfig:
     @property
     def attn_scale(self) -> float:
         return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
-
-    @classmethod
-    def from_hf_config(cls, hf: dict[str, Any]) -> ModelConfig:
-        """Build from the dict of a checkpoint's config.json (missing keys take HF's defaults)."""
-        from steer_jax.modeling import gemma3, qwen2
-
-        model_type = hf.get("model_type")
-        parsers = {"qwen2": qwen2.config_from_hf, "gemma3_text": gemma3.config_from_hf,
-                   "gemma3": gemma3.config_from_hf}
-        if model_type not in parsers:
-            raise ConfigError(
-                f"unsupported model_type {model_type!r}; steer-jax supports {sorted(parsers)}"
-            )
-        return parsers[model_type](hf)
-
-    # Known checkpoints, from their published config.json, so users (and the FLOPs bill) can name
-    # them without a download.
-    @classmethod
-    def qwen2_5_1_5b_instruct(cls) -> ModelConfig:
-        from steer_jax.modeling import qwen2
-        return qwen2.known("Qwen2.5-1.5B-Instruct")
-
-    @classmethod
-    def qwen2_5_7b_instruct(cls) -> ModelConfig:
-        from steer_jax.modeling import qwen2
-        return qwen2.known("Qwen2.5-7B-Instruct")
-
-    @classmethod
-    def qwen2_5_math_1_5b_instruct(cls) -> ModelConfig:
-        from steer_jax.modeling import qwen2
-        return qwen2.known("Qwen2.5-Math-1.5B-Instruct")
-
-    @classmethod
-    def qwen2_5_math_7b_instruct(cls) -> ModelConfig:
-        from steer_jax.modeling import qwen2
-        return qwen2.known("Qwen2.5-Math-7B-Instruct")
-
-    @classmethod
-    def gemma3_4b_it(cls) -> ModelConfig:
-        from steer_jax.modeling import gemma3
-        return gemma3.known("gemma-3-4b-it")
-
-    @classmethod
-    def gemma3_12b_it(cls) -> ModelConfig:
-        from steer_jax.modeling import gemma3
-        return gemma3.known("gemma-3-12b-it")
-
-
-def param_shapes(cfg: ModelConfig, dtype: Any = jnp.float32) -> dict[str, Any]:
-    """Abstract parameters (`jax.ShapeDtypeStruct`), no memory: the model's parameter tree."""
-    from steer_jax.modeling.transformer import init_params
-
-    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), dtype))
-
-
-def num_params(cfg: ModelConfig) -> int:
-    """Total parameter count; tied embeddings are counted once (they are one tensor)."""
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(param_shapes(cfg))))

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
-from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 
-from steer_jax.modeling.config import ModelConfig, param_shapes
+from steer_jax.modeling.loading import ORBAX_DIR, CheckpointError, load_model
 
-ORBAX_DIR = "orbax"
 _CARRIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "chat_template.json", "chat_template.jinja", "vocab.json",
             "merges.txt", "tokenizer.model", "added_tokens.json")
@@ -26,8 +23,6 @@ _CARRIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenize
 
 def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16") -> Path:
     """Write `out_dir` with the weights of `hf_dir` as an orbax checkpoint (stacked layers)."""
-    from steer_jax.modeling.loading import CheckpointError, load_model
-
     hf_dir, out_dir = Path(hf_dir), Path(out_dir).absolute()
     if (out_dir / ORBAX_DIR).exists():
         raise CheckpointError(f"{out_dir / ORBAX_DIR} already exists; choose another OUT_DIR")
@@ -40,22 +35,3 @@ def convert(hf_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16") ->
     with ocp.StandardCheckpointer() as checkpointer:
         checkpointer.save(out_dir / ORBAX_DIR, model.params)
     return out_dir
-
-
-def is_converted(path: str | Path) -> bool:
-    return (Path(path) / ORBAX_DIR).is_dir()
-
-
-def load_converted(path: str | Path, cfg: ModelConfig, dtype: Any,
-                   shardings: Any = None) -> dict[str, Any]:
-    """Restore a converted checkpoint's parameters, each into its sharding when given."""
-    shapes = param_shapes(cfg, dtype)
-    if shardings is None:
-        # This process's own first device: in a multi-process run jax.devices()[0] is process
-        # 0's, which the other processes cannot hold a shard on.
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        shardings = jax.tree.map(lambda _: device, shapes)
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          shapes, shardings)
-    with ocp.StandardCheckpointer() as checkpointer:
-        return checkpointer.restore(Path(path).absolute() / ORBAX_DIR, target)

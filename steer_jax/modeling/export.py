@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from steer_jax.modeling import gemma3, panel_matmul, qwen2, weights
+from steer_jax.modeling import families, gemma3, panel_matmul, qwen2, weights
 from steer_jax.modeling.config import ModelConfig, RopeConfig
 from steer_jax.modeling.transformer import Model
 
@@ -121,7 +121,7 @@ def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
     # The round trip is the contract; checking it here catches every switch the family's
     # config.json has no spelling for (e.g. a qwen2 config with two RoPE bases).
     expected = dataclasses.replace(cfg, value_head=False)
-    parsed = ModelConfig.from_hf_config(json.loads(json.dumps(hf)))
+    parsed = families.from_hf_config(json.loads(json.dumps(hf)))
     if parsed != expected:
         diff = {f.name: (getattr(expected, f.name), getattr(parsed, f.name))
                 for f in dataclasses.fields(cfg)

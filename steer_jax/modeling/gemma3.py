@@ -129,5 +129,8 @@ _KNOWN: dict[str, dict[str, Any]] = {
 }
 
 
+KNOWN = tuple(_KNOWN)
+
+
 def known(name: str) -> ModelConfig:
     return config_from_hf({"model_type": "gemma3_text", **_KNOWN[name]})

@@ -20,11 +20,12 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from steer_jax.modeling import convert, gemma3, panel_matmul, qwen2, weights
-from steer_jax.modeling.config import ConfigError, ModelConfig, param_shapes
-from steer_jax.modeling.transformer import Model, unstack_layers
+from steer_jax.modeling import families, gemma3, panel_matmul, qwen2, weights
+from steer_jax.modeling.config import ConfigError, ModelConfig
+from steer_jax.modeling.transformer import Model, param_shapes, unstack_layers
 
 _FAMILIES = {"qwen2": qwen2, "gemma3": gemma3}
+ORBAX_DIR = "orbax"  # a converted checkpoint's weights (`steer-jax convert`)
 _DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
 
 
@@ -42,7 +43,7 @@ def read_config(path: str | Path) -> ModelConfig:
         raise CheckpointError(f"{config_file} is missing: not a Hugging Face checkpoint directory")
     try:
         hf = json.loads(config_file.read_text())
-        cfg = ModelConfig.from_hf_config(hf)
+        cfg = families.from_hf_config(hf)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{config_file} is not valid JSON: {e}") from e
     except (ConfigError, KeyError, TypeError, ValueError) as e:
@@ -208,6 +209,27 @@ def load_params(path: str | Path, cfg: ModelConfig, dtype: str = "bfloat16",
             handle.__exit__(None, None, None)
 
 
+def is_converted(path: str | Path) -> bool:
+    return (Path(path) / ORBAX_DIR).is_dir()
+
+
+def load_converted(path: str | Path, cfg: ModelConfig, dtype: Any,
+                   shardings: Any = None) -> dict[str, Any]:
+    """Restore a converted checkpoint's parameters, each into its sharding when given."""
+    shapes = param_shapes(cfg, dtype)
+    if shardings is None:
+        # This process's own first device: in a multi-process run jax.devices()[0] is process
+        # 0's, which the other processes cannot hold a shard on.
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, shapes)
+    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          shapes, shardings)
+    import orbax.checkpoint as ocp  # here: orbax is heavy, and most loads read safetensors
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(Path(path).absolute() / ORBAX_DIR, target)
+
+
 def load_model(path: str | Path, dtype: str = "bfloat16", *, value_head: bool = False,
                scan_layers: bool | None = None, mesh: Any = None,
                cpu_kernels: bool | None = None) -> Model:
@@ -217,8 +239,7 @@ def load_model(path: str | Path, dtype: str = "bfloat16", *, value_head: bool = 
     read too (a Qwen2 PRM, as RSD uses); without it such tensors are unexpected.
     `scan_layers`: keep layers stacked for `lax.scan` (fast compiles; the default on TPUs) or
     unstack them for an unrolled forward (the default elsewhere: a scanned layer copies its
-    weights out of the stack every step, which made decoding 1.8x slower on an H200 and ~1.1x on
-    the CPU, benchmarks/RESULTS.md; on a TPU this is not measured yet).
+    weights out of the stack every step; benchmarks/RESULTS.md has the cost by device).
     `mesh`: a ('data', 'model') mesh; each device's shard is then read straight from the files.
     `cpu_kernels`: pack the dense weights into panels for steer-jax's CPU kernels
     (`panel_matmul`): its matmul, ~2x XLA's dot at decode batch sizes, and a one-token attention
@@ -239,8 +260,8 @@ def load_model(path: str | Path, dtype: str = "bfloat16", *, value_head: bool = 
         from steer_jax.distributed import param_shardings
 
         shardings = param_shardings(param_shapes(cfg), mesh)
-    if convert.is_converted(path):
-        params = convert.load_converted(path, cfg, _DTYPES[dtype], shardings)
+    if is_converted(path):
+        params = load_converted(path, cfg, _DTYPES[dtype], shardings)
     else:
         params = load_params(path, cfg, dtype, shardings)
     if not (jax.default_backend() == "tpu" if scan_layers is None else scan_layers):

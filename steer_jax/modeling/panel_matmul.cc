@@ -173,8 +173,8 @@ ffi::Error PanelMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   // ~8 items a core balance the load; a group of >= 2 panels amortizes the shared counter.
   job->group = std::max<int64_t>(2, job->panels / 16);
   job->items = (job->M + kRowTile - 1) / kRowTile * ((job->panels + job->group - 1) / job->group);
-  // XLA's intra-op pool helps; a spinning thread of our own took the second core from XLA's
-  // ops and made a decode step slower (17.5 against 14.9 ms, benchmarks/RESULTS.md).
+  // XLA's intra-op pool helps; a spinning thread of our own takes a core from XLA's own ops,
+  // and the decode step is slower for it (benchmarks/RESULTS.md).
   const int64_t threads = std::min<int64_t>(std::max<int64_t>(1, pool.num_threads()), job->items);
   for (int64_t t = 1; t < threads; ++t) pool.Schedule([job] { job->Work(); });
   job->Work();

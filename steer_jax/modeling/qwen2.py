@@ -95,6 +95,9 @@ for size in ("1.5B", "7B"):
         "max_position_embeddings": 4096}
 
 
+KNOWN = tuple(_KNOWN)
+
+
 def known(name: str) -> ModelConfig:
     return config_from_hf({"model_type": "qwen2", "rms_norm_eps": 1e-6, **_KNOWN[name]})
 

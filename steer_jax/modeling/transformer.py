@@ -172,6 +172,16 @@ def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> P
     return params
 
 
+def param_shapes(cfg: ModelConfig, dtype: Any = jnp.float32) -> dict[str, Any]:
+    """Abstract parameters (`jax.ShapeDtypeStruct`), no memory: the model's parameter tree."""
+    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), dtype))
+
+
+def num_params(cfg: ModelConfig) -> int:
+    """Total parameter count; tied embeddings are counted once (they are one tensor)."""
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(param_shapes(cfg))))
+
+
 def rms_norm(x: jax.Array, w: jax.Array, cfg: ModelConfig) -> jax.Array:
     xf = x.astype(jnp.float32)
     normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.rms_norm_eps)
@@ -410,8 +420,8 @@ def unstack_layers(params: Params) -> Params:
 
 def logits(params: Params, cfg: ModelConfig, hidden: jax.Array) -> jax.Array:
     """Float32 next-token logits [..., V] from final hidden states."""
-    # Both heads are [V, D], contracted over D: XLA's CPU dot reads a [D, V] operand of this
-    # width about 10x slower (4 ms against 40 ms for a 32k x 512 head at batch 16).
+    # Both heads are [V, D], contracted over D: XLA's CPU dot reads a [D, V] operand of a
+    # vocabulary's width many times slower (benchmarks/RESULTS.md).
     head = params["embed"] if cfg.tie_embeddings else params["lm_head"]
     if isinstance(head, panel_matmul.Panels):
         flat = panel_matmul.matmul(hidden.reshape(-1, hidden.shape[-1]), head)
