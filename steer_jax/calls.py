@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from steer_jax.decoding import paging
-from steer_jax.decoding import sampler as dec
+from steer_jax.decoding import sampler
 from steer_jax.decoding.steps import VocabMasks
 from steer_jax.modeling.transformer import KVCache, forward, logits
 from steer_jax.routing import gmm, policy
@@ -59,7 +59,7 @@ class TraceState:
     step: jax.Array  # [B] index of the step being written (the steps recorded so far)
     step_start: jax.Array  # [B] where the newest step begins
     author: jax.Array  # [B] who writes the step in flight; ENDED once it ended, until routed
-    ended_by: jax.Array  # [B] why the newest step ended (dec.DELIMITER, EOS, ...; 0 in flight)
+    ended_by: jax.Array  # [B] why the newest step ended (sampler.DELIMITER, EOS, ...; 0 in flight)
     conf: jax.Array  # [B] confidence of the newest step that ended
     writer: jax.Array  # [B] who wrote the newest step that ended
     rec_model: jax.Array  # [B, M] -1 for no step
@@ -113,7 +113,7 @@ def _unseen(state: TraceState, idx: jax.Array, seen: jax.Array, width: int) -> j
     "cfg", "bucket", "span", "opts", "chunk", "stream", "stops"))
 def _write(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array, masks: VocabMasks,
            seed: jax.Array, trace_ids: jax.Array, *, bucket: int, span: int, opts: StepSpec,
-           chunk: int, stream: int, stops: dec.Stops):
+           chunk: int, stream: int, stops: sampler.Stops):
     """The routed `rows`, each lagging only its pending token (`catch_up` saw to the rest),
     feed it and write up to `chunk` tokens of their step each; a step that ends gets its
     confidence, from the measures its tokens were written with (over whichever calls wrote
@@ -123,21 +123,21 @@ def _write(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array, mask
     n_append = jnp.where(active, 1, 0)
     budget = opts.max_new_tokens - (total - state.prompt_len[idx])
     cap = jnp.minimum(budget, opts.max_step_tokens - (total - start))  # the step's tokens left
-    out = dec.decode(params, cfg, sub, _unseen(state, idx, seen, 1), n_append, active, seed,
+    out = sampler.decode(params, cfg, sub, _unseen(state, idx, seen, 1), n_append, active, seed,
                      trace_ids[idx], masks, cap, stream, total - start,
-                     sampler=dec.make_sampler(opts.temperature, opts.top_p), max_tokens=chunk,
+                     sampler=sampler.make_sampler(opts.temperature, opts.top_p), max_tokens=chunk,
                      stops=stops)
     n_new = jnp.where(active, out.n, 0)
-    ended = active & ((out.reason != dec.MAX_TOKENS) | (out.n >= cap))
+    ended = active & ((out.reason != sampler.MAX_TOKENS) | (out.n >= cap))
     S = state.tokens.shape[1]
     slot = total[:, None] + jnp.arange(chunk)[None]
     slot = jnp.where(jnp.arange(chunk)[None] < n_new[:, None], slot, S)  # out of bounds: dropped
     tokens = state.tokens.at[idx[:, None], slot].set(out.tokens, mode="drop")
     measure = state.measure.at[idx[:, None], slot].set(
-        out.measures[..., dec.MEASURES.index(opts.confidence)], mode="drop")
+        out.measures[..., sampler.MEASURES.index(opts.confidence)], mode="drop")
     L = opts.max_step_tokens
     at = jnp.minimum(start[:, None] + jnp.arange(L)[None], S - 1)
-    conf = dec.mean_confidence(jnp.take_along_axis(measure[idx], at, axis=1),
+    conf = sampler.mean_confidence(jnp.take_along_axis(measure[idx], at, axis=1),
                                jnp.take_along_axis(tokens[idx], at, axis=1),
                                total + n_new - start,
                                is_math=masks.is_math if opts.aggregate == "math" else None)
@@ -185,14 +185,14 @@ def _read(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array, masks
     seen, total, start = sub.length, state.total[idx], state.step_start[idx]
     # Leave the newest token pending: appending t_seen..t_{total-2} scores t_{seen+1}..t_{total-1}.
     n_append = jnp.where(active, total - 1 - seen, 0)
-    sub, measures = dec.read(params, cfg, sub, _unseen(state, idx, seen, width), n_append)
+    sub, measures = sampler.read(params, cfg, sub, _unseen(state, idx, seen, width), n_append)
     # The step's tokens are t_start..t_{total-1}; token t is scored at appended index t-1-seen.
     L = opts.max_step_tokens
     at = jnp.clip(start[:, None] - 1 - seen[:, None] + jnp.arange(L)[None], 0, width - 1)
     step_measures = jnp.take_along_axis(measures, at[:, :, None], axis=1)
     step_tokens = jnp.take_along_axis(state.tokens[idx], jnp.minimum(
         start[:, None] + jnp.arange(L)[None], state.tokens.shape[1] - 1), axis=1)
-    conf = dec.step_confidence(step_measures, step_tokens, total - start, measure=opts.confidence,
+    conf = sampler.step_confidence(step_measures, step_tokens, total - start, measure=opts.confidence,
                                is_math=masks.is_math if opts.aggregate == "math" else None)
     state = dataclasses.replace(
         state, conf=state.conf.at[idx].set(jnp.where(active, conf, state.conf[idx])),
@@ -225,7 +225,7 @@ def _verify(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array,
     n_append = jnp.where(active, lag, 0)
     sub = paging.reserve(sub, seen + n_append, active)
     hidden, sub = forward(params, cfg, tokens, sub)
-    last = dec.last_valid(hidden, n_append)
+    last = sampler.last_valid(hidden, n_append)
     if digits is not None:
         score = jnp.argmax(logits(params, cfg, last)[:, digits], axis=-1).astype(jnp.float32)
         keep = total - 1
@@ -353,10 +353,10 @@ def _end_steps(state: TraceState, ended: jax.Array, post: jax.Array, score: jax.
     col = jnp.where(ended, state.step, max_steps)  # out of bounds: dropped
     rows = jnp.arange(n.shape[0])
     rec = lambda arr, v: arr.at[rows, col].set(v, mode="drop")  # noqa: E731
-    stop = jnp.where(state.ended_by == dec.EOS, 1, 0)
+    stop = jnp.where(state.ended_by == sampler.EOS, 1, 0)
     stop = jnp.where((stop == 0) & (state.step + 1 >= max_steps), 2, stop)
     stop = jnp.where((stop == 0) & (state.total - state.prompt_len >= max_new_tokens), 3, stop)
-    stop = jnp.where((stop == 0) & ((state.ended_by == dec.FULL) | (state.total >= slots - 2)),
+    stop = jnp.where((stop == 0) & ((state.ended_by == sampler.FULL) | (state.total >= slots - 2)),
                      4, stop)
     stop = jnp.where(ended, stop, state.stop)
     return dataclasses.replace(

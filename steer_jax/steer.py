@@ -31,7 +31,7 @@ mixtures stay on device.
 
 Between rounds the whole loop is one `RoundState` (trace state, every cache, the mixtures so far):
 `on_round` hears it after each round and `resume_from` continues from one, which is all a caller
-needs to checkpoint a run (runner.py writes it with orbax); this module knows nothing of files.
+needs to checkpoint a run (store.py writes it with orbax); this module knows nothing of files.
 Inside a round, the state also carries the round's progress (`RoundProgress`: its routing, the
 rows each phase has served): `on_call` hears it after every call, so a run can stop between two
 calls of a long round and continue from there.
@@ -52,7 +52,7 @@ from steer_jax.calls import (ENDED, LARGE, PRM, SMALL, StepSpec, TraceState,
                              _advance, _assign, _discard, _drop, _end_steps, _evict, _mixture,
                              _plan, _read, _rollback, _route, _slide, _verify, _write,
                              maps_nearly_full, release_programs)
-from steer_jax.decoding import sampler as dec
+from steer_jax.decoding import sampler
 from steer_jax.decoding.generate import check_prompts
 from steer_jax.decoding.steps import vocab_masks
 from steer_jax.modeling.transformer import KVCache, Model
@@ -80,7 +80,7 @@ class SteerOptions:
     max_step_tokens: int = 256
     max_new_tokens: int = 4096
     delimiter: str = "\n\n"
-    confidence: dec.Measure = "max_logit"
+    confidence: sampler.Measure = "max_logit"
     aggregate: Literal["all", "math"] = "all"
     source: Literal["small", "generator"] = "small"
     groups: int = 1
@@ -104,7 +104,7 @@ class SteerOptions:
         choice("schedule", ("rounds", "continuous"))
         if self.chunk is not None and (not isinstance(self.chunk, int) or self.chunk < 1):
             raise ValueError(f"steer.chunk must be a positive integer or null, got {self.chunk!r}")
-        choice("confidence", dec.MEASURES)
+        choice("confidence", sampler.MEASURES)
         choice("aggregate", ("all", "math"))
         choice("source", ("small", "generator"))
         choice("refine", ("first", "none", "all"))
@@ -124,7 +124,7 @@ class SteerOptions:
                 raise ValueError(f"steer.{name} must be >= 1, got {getattr(self, name)}")
         if not self.delimiter:
             raise ValueError("steer.delimiter must be a non-empty string")
-        dec.make_sampler(self.temperature, self.top_p)  # validates both
+        sampler.make_sampler(self.temperature, self.top_p)  # validates both
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,20 +241,19 @@ def _ladder(n: int, floor: int = 1, sizes: int = 8) -> int:
 
 def _width(lag: int, sizes: int = 8) -> int:
     """Positions a call reads per row: exactly 1 for the common case (only the pending token:
-    the model wrote the step before), else `_ladder` in steps of 8 (a SpecReason judge read of
-    ~270 positions ran as 512 with powers of two). Padding positions are not free: each is a
-    query against every cache slot (large_only on the demo pair took a fifth longer with every
-    write padded from 1 to 16 positions)."""
+    the model wrote the step before), else `_ladder` in steps of 8 (powers of two would nearly
+    double a judge read). Padding positions are not free: each is a query against every cache
+    slot."""
     return 1 if lag <= 1 else _ladder(lag, 8, sizes)
 
 
 def _bucket(n: int, cap: int, sizes: int = 8) -> int:
     """Rows a call compiles for: powers of two up to 16, then `_ladder`.
 
-    Padding is then under an eighth of the call's rows (powers of two alone ran 300 routed rows
-    of 512 as 512). Multiples of cap/8 padded a call of 128 routed rows of 500 to 189: the
-    large model's calls, a third of the batch, are where padding costs most. A finer ladder
-    costs compiled programs, but a call's cache span moves every round anyway.
+    Padding is then under an eighth of the call's rows (powers of two alone nearly double a
+    call just past one); the ladder is relative, not multiples of cap/8, because the large
+    model's calls, a third of the batch, are where padding costs most. A finer ladder costs
+    compiled programs, but a call's cache span moves every round anyway.
     """
     return _pow2(n, cap) if n <= 16 else min(cap, _ladder(n, 1, sizes))
 
@@ -272,8 +271,8 @@ class _Shapes:
     """How finely a schedule's calls pick their compiled shapes. Rounds make one call per
     model and phase; continuous rounds are a chunk long, so the rows, spans and read widths
     change every few dozen positions, and every new combination is a compile (on a TPU,
-    seconds to a minute; on a CPU, mapped code: 256 traces of 1024 tokens ran out of the
-    kernel's 65530 memory maps). Continuous calls take fewer sizes and pay more padding."""
+    seconds to a minute; on a CPU, mapped code, of which a process may hold only so much:
+    `calls.maps_nearly_full`). Continuous calls take fewer sizes and pay more padding."""
 
     rows: int = 8
     widths: int = 8
@@ -308,7 +307,7 @@ class _Side:
                                      f"{b.dtype}{list(b.shape)}")
         self.cache = cache
         self.masks = vocab_masks(tokenizer, self.cfg.vocab_size, opts.delimiter)
-        self.stops = dec.Stops(self.cfg.eos_token_ids, step_mode=True)
+        self.stops = sampler.Stops(self.cfg.eos_token_ids, step_mode=True)
 
     def window(self, span: int) -> dict[str, Any]:
         """`_plan`'s static arguments for this model's sliding layers' pool."""

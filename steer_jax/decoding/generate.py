@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from steer_jax import distributed
-from steer_jax.decoding import sampler as engine
+from steer_jax.decoding import sampler
 from steer_jax.decoding.steps import vocab_masks
 from steer_jax.modeling.transformer import KVCache, Model
 
@@ -47,7 +47,7 @@ def check_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, context: in
 def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
              trace_ids: Sequence[int] | None = None, stop_at_step: bool = False, *,
-             tokenizer: Any = None, delimiter: str = "\n\n", confidence: engine.Measure =
+             tokenizer: Any = None, delimiter: str = "\n\n", confidence: sampler.Measure =
              "max_logit", aggregate: str = "all", page_size: int | None = None,
              stream: int = 0) -> GenerateResult:
     """Generate for a ragged batch of token-id prompts in one compiled program.
@@ -65,9 +65,9 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     check_prompts(prompts, cfg.vocab_size, cfg.max_position_embeddings, max_new_tokens)
     if aggregate not in ("all", "math"):
         raise ValueError(f"aggregate must be 'all' or 'math', got {aggregate!r}")
-    if confidence not in engine.MEASURES:
-        raise ValueError(f"confidence must be one of {engine.MEASURES}, got {confidence!r}")
-    sampler = engine.make_sampler(temperature, top_p)
+    if confidence not in sampler.MEASURES:
+        raise ValueError(f"confidence must be one of {sampler.MEASURES}, got {confidence!r}")
+    strategy = sampler.make_sampler(temperature, top_p)
     B = len(prompts)
     ids = np.arange(B) if trace_ids is None else np.asarray(trace_ids)
     if ids.shape != (B,):
@@ -88,14 +88,14 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
     slots = _round_up(width + max_new_tokens + 1, page_size or 64)
     cache = distributed.place_cache(KVCache.init(cfg, B, slots, model.dtype,
                                                  page_size=page_size), model.params)
-    state = engine.decode(
+    state = sampler.decode(
         model.params, cfg, cache, jnp.asarray(tokens), jnp.asarray(lengths),
         jnp.ones((B,), bool), jnp.asarray(seed, jnp.int32), jnp.asarray(ids, jnp.int32), masks,
-        stream=stream, sampler=sampler, max_tokens=max_new_tokens,
-        stops=engine.Stops(cfg.eos_token_ids, stop_at_step))
+        stream=stream, sampler=strategy, max_tokens=max_new_tokens,
+        stops=sampler.Stops(cfg.eos_token_ids, stop_at_step))
     step_conf = None
     if stop_at_step:
-        step_conf = engine.step_confidence(
+        step_conf = sampler.step_confidence(
             state.measures, state.tokens, state.n, measure=confidence,
             is_math=masks.is_math if aggregate == "math" else None)
         step_conf = np.asarray(step_conf).tolist()
@@ -107,6 +107,6 @@ def generate(model: Model, prompts: Sequence[Sequence[int]], max_new_tokens: int
         max_logits=[measures[i, : n[i], 0].tolist() for i in rows],
         max_probs=[measures[i, : n[i], 1].tolist() for i in rows],
         neg_entropies=[measures[i, : n[i], 2].tolist() for i in rows],
-        stop_reasons=[engine.REASONS[r] for r in reason],
+        stop_reasons=[sampler.REASONS[r] for r in reason],
         step_confidence=step_conf,
     )

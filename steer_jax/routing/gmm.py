@@ -106,8 +106,8 @@ _INIT_VAR_FLOOR = 1e-2
 # EM passes each candidate start gets on the histogram before the best one is chosen.
 _EXPLORE_PASSES = 30
 # From this many points per group on, the EM sums are taken as one stacked reduction: XLA:CPU
-# then reads the data once instead of once per sum (2-3x faster for a million points, slower
-# for a few thousand, where kernel count rather than memory traffic is the cost).
+# then reads the data once instead of once per sum; below, kernel count rather than memory
+# traffic is the cost, and separate sums win (benchmarks/gmm.py).
 _STACK_FROM = 1024
 # Histogram range for the exploration, in standard deviations of the group.
 _HIST_RANGE = 8.0
