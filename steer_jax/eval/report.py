@@ -48,17 +48,20 @@ def report(
     out: Path,
     rounds: Sequence[int] | None = None,
     console: Console | None = None,
+    korbench_subsets: bool = False,
 ) -> Path:
     """Table (terminal, Markdown, CSV) and figures for `run_dirs`, written into `out`; returns out.
 
     `rounds` picks the rounds of the confidence histograms (default: up to four, spread out).
+    KOR-Bench is one column (its subsets pooled, as the paper reports it) unless
+    `korbench_subsets`.
     """
     runs = [load_run(p) for p in expand_run_dirs(list(run_dirs))]
     if not runs:
         raise ValueError("no run directories given")
     out = Path(out)
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    table = build_table(runs)
+    table = build_table(runs, korbench_subsets=korbench_subsets)
     console = console or Console()
     for part in to_rich(table, width=console.width):
         console.print(part)
@@ -113,10 +116,15 @@ def main_report(argv: list[str]) -> int:
         default=None,
         help="rounds to draw in the confidence histograms (default: four, spread)",
     )
+    parser.add_argument(
+        "--korbench-subsets",
+        action="store_true",
+        help="one column per KOR-Bench subset (default: pooled into one, as the paper reports it)",
+    )
     args = parser.parse_args(argv)
     out = args.out if args.out is not None else args.run_dirs[0].resolve().parent / "report"
     try:
-        written = report(args.run_dirs, out, rounds=args.rounds)
+        written = report(args.run_dirs, out, rounds=args.rounds, korbench_subsets=args.korbench_subsets)
     except (FileNotFoundError, ValueError) as e:
         print(f"steer-jax report: {e}", file=sys.stderr)
         return 2

@@ -2,9 +2,16 @@
 an average column; rendered for the terminal (rich), as Markdown and as CSV.
 
 Units: Acc in percent (summary accuracy x 100), FLOPs in 1e12 per query (summary flops_per_query, already
-in 1e12 units), A/F exactly as the run's summary states it. The average is the plain mean of each measure
-over the benchmarks the row has; a row missing some of the table's benchmarks gets its average
-marked with "*" (Markdown, terminal) and its benchmark count in the CSV.
+in 1e12 units), A/F exactly as the run's summary states it.
+
+The paper's arithmetic:
+- KOR-Bench is one column, its three subsets pooled: accuracy and FLOPs per query over all their
+  questions together (each subset weighted by its question count), A/F their ratio. Per-subset
+  columns on request (`korbench_subsets=True`).
+- The average column's Acc and FLOPs are plain means over the benchmarks the row has, and its A/F
+  is average accuracy / average FLOPs, not the mean of the per-benchmark A/F.
+A row missing some of the table's benchmarks gets its average marked with "*" (Markdown, terminal)
+and its benchmark count in the CSV; a pooled KOR-Bench cell missing a subset is marked "+".
 """
 
 from __future__ import annotations
@@ -32,7 +39,10 @@ BENCHMARK_LABELS = {
     "korbench_cipher": "KOR cipher",
     "korbench_counterfactual": "KOR counterf.",
     "korbench_logic": "KOR logic",
+    "korbench": "KOR-Bench",
 }
+KORBENCH = "korbench"  # the pooled column
+KORBENCH_SUBSETS = tuple(b for b in BENCHMARKS if b.startswith(KORBENCH + "_"))
 METHOD_LABELS = {
     "small_only": "Small only",
     "large_only": "Large only",
@@ -49,6 +59,8 @@ class Cell:
     flops: float  # 1e12 per query
     a_per_f: float
     source: Path | None = None
+    n: int | None = None  # questions behind the cell, when the summary says
+    partial: bool = False  # a pooled KOR-Bench cell that lacks one of the subsets
 
 
 @dataclass
@@ -61,12 +73,21 @@ class ResultsTable:
         present = [self.cells[(row, b)] for b in self.benchmarks if (row, b) in self.cells]
         if not present:
             return None, 0
-        avg = Cell(
-            acc=fmean(c.acc for c in present),
-            flops=fmean(c.flops for c in present),
-            a_per_f=fmean(c.a_per_f for c in present),
-        )
-        return avg, len(present)
+        acc, flops = fmean(c.acc for c in present), fmean(c.flops for c in present)
+        return Cell(acc=acc, flops=flops, a_per_f=acc / flops if flops > 0 else float("nan")), len(present)
+
+
+def pool(cells: list[Cell]) -> Cell:
+    """Several benchmarks' cells as one benchmark: accuracy and FLOPs per query over all their
+    questions (each cell weighted by its `n`), A/F their ratio."""
+    if any(c.n is None for c in cells):
+        missing = [str(c.source) for c in cells if c.n is None]
+        raise ValueError(f"cannot pool KOR-Bench subsets: {', '.join(missing)} give no question "
+                         "count (summary.json 'n'); report them with korbench_subsets")
+    n = sum(c.n for c in cells)
+    acc = sum(c.acc * c.n for c in cells) / n
+    flops = sum(c.flops * c.n for c in cells) / n
+    return Cell(acc=acc, flops=flops, a_per_f=acc / flops if flops > 0 else float("nan"), n=n, partial=len(cells) < len(KORBENCH_SUBSETS))
 
 
 def _params_label(value: Any) -> str:
@@ -93,8 +114,9 @@ def _row_key(run: Run) -> tuple:
             run.gamma if run.gamma is not None else -1.0)
 
 
-def build_table(runs: list[Run]) -> ResultsTable:
-    """One cell per (row, benchmark); for a repeated pair the run given last wins, with a warning."""
+def build_table(runs: list[Run], korbench_subsets: bool = False) -> ResultsTable:
+    """One cell per (row, benchmark); for a repeated pair the run given last wins, with a warning.
+    KOR-Bench's subsets are pooled into one column unless `korbench_subsets`."""
     with_pair = len({r.pair for r in runs}) > 1
     known = [b for b in BENCHMARKS if any(r.benchmark == b for r in runs)]
     extra = sorted({r.benchmark for r in runs} - set(BENCHMARKS))
@@ -110,19 +132,37 @@ def build_table(runs: list[Run]) -> ResultsTable:
             logger.warning(
                 "%s and %s both give %s on %s; keeping the latter", table.cells[key].source, run.path, *key
             )
+        n = run.summary.get("n")
         table.cells[key] = Cell(
             acc=run.accuracy * 100.0,
             flops=run.flops_per_query,
             a_per_f=run.a_per_f,
             source=run.path,
+            n=None if n is None else int(n),
         )
-    return table
+    return table if korbench_subsets else _pool_korbench(table)
+
+
+def _pool_korbench(table: ResultsTable) -> ResultsTable:
+    subsets = [b for b in table.benchmarks if b in KORBENCH_SUBSETS]
+    if not subsets:
+        return table
+    at = table.benchmarks.index(subsets[0])
+    benchmarks = [b for b in table.benchmarks if b not in subsets]
+    benchmarks.insert(at, KORBENCH)
+    cells = {k: c for k, c in table.cells.items() if k[1] not in subsets}
+    for row in table.rows:
+        parts = [table.cells[(row, b)] for b in subsets if (row, b) in table.cells]
+        if parts:
+            cells[(row, KORBENCH)] = pool(parts)
+    return ResultsTable(benchmarks=benchmarks, rows=table.rows, cells=cells)
 
 
 def _fmt(cell: Cell | None) -> tuple[str, str, str]:
     if cell is None:
         return "–", "–", "–"
-    return f"{cell.acc:.1f}", f"{cell.flops:.3g}", f"{cell.a_per_f:.4g}"
+    mark = "+" if cell.partial else ""
+    return f"{cell.acc:.1f}{mark}", f"{cell.flops:.3g}{mark}", f"{cell.a_per_f:.4g}{mark}"
 
 
 def _display_rows(table: ResultsTable) -> tuple[list[str], list[list[str]]]:
@@ -150,8 +190,13 @@ def to_markdown(table: ResultsTable) -> str:
     lines += ["| " + " | ".join(r) + " |" for r in body]
     notes = [
         "",
-        "Acc in %, FLOPs in 1e12 per query (2 N per generated token), A/F as each run reports it.",
+        "Acc in %, FLOPs in 1e12 per query (2 N per generated token), A/F as each run reports it; "
+        "Avg A/F = Avg Acc / Avg FLOPs, as in the paper.",
     ]
+    if KORBENCH in table.benchmarks:
+        notes.append("KOR-Bench: its cipher, counterfactual and logic subsets pooled over all their questions.")
+    if any(c.partial for c in table.cells.values()):
+        notes.append("\\+ pooled over the KOR-Bench subsets that row has, not all three.")
     if any("*" in c for r in body for c in r[-3:]):
         notes.append("\\* averaged over the benchmarks that row has, not all of them.")
     return "\n".join(lines + notes) + "\n"
