@@ -304,6 +304,10 @@ SHAPES: dict[str, Shape] = {
     "test": Shape(_toy(32, 1, 2, 1, 64, 128), _toy(64, 2, 4, 2, 128, 128), "float32"),
     # The CPU pair: 2.1M and 13.1M parameters (1/6.2), decode-step time grows with rows.
     "tiny": Shape(_toy(256, 2, 4, 2, 768, 1024), _toy(512, 4, 8, 2, 1536, 1024), "float32"),
+    # Wider and shallower, one KV head: attention over a ~500-token cache weighs less against the
+    # weights (as in real models), so the small step costs nearer its share of the parameters.
+    "tiny-wide": Shape(_toy(384, 1, 6, 1, 1024, 1024), _toy(640, 3, 10, 1, 1792, 1024),
+                       "float32"),
     "Qwen2.5-Math-1.5B/7B": Shape(
         _real("Qwen2.5-Math-1.5B", "Qwen2.5-Math-1.5B-Instruct"),
         _real("Qwen2.5-7B-Instruct", "Qwen2.5-Math-7B-Instruct", **_MATH_ROPE), "bfloat16"),
