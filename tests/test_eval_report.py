@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -327,3 +328,35 @@ def test_korbench_subsets_pool_into_one_column(tmp_path: Path) -> None:
     (dirs[0] / "summary.json").write_text(json.dumps(without_n))
     with pytest.raises(ValueError, match="question count"):
         report(dirs, tmp_path / "no_n", console=console)
+
+
+def test_distinct_runs_never_share_a_label(tmp_path: Path) -> None:
+    from steer_jax.steer import SteerOptions
+
+    rng = np.random.default_rng(2)
+    base = dataclasses.asdict(SteerOptions())
+    variants = {
+        "gamma": ("steer", {}),
+        "percentile": ("steer", {"policy": "percentile", "percentile": 0.3}),
+        "max_prob": ("steer", {"confidence": "max_prob"}),
+        "refine_all": ("steer", {"refine": "all"}),
+        "groups": ("steer", {"groups": 5}),
+        "continuous": ("steer", {"schedule": "continuous", "chunk": 8}),
+        "judge7": ("specreason", {}),
+        "judge8": ("specreason", {"judge_threshold": 8}),
+        "again_a": ("small_only", {"seed": 3}),
+        "again_b": ("small_only", {"seed": 3}),  # the same config twice: both kept
+    }
+    dirs = []
+    for name, (method, change) in variants.items():
+        s = _summary(rng, method, "math500", 0.5 if method == "steer" else None)
+        s["options"] = {**base, "method": method, **change}
+        dirs.append(_write_run(tmp_path / "runs", name, s, rng, steer=method == "steer"))
+    out = report(dirs, tmp_path / "report", console=Console(file=io.StringIO()))
+    with (out / "results.csv").open() as f:
+        rows = [r["method"] for r in csv.DictReader(f)]
+    assert len(rows) == len(set(rows)) == len(variants)
+    for want in ("STEER (γ=0.5)", "STEER (p=0.3)", "STEER (γ=0.5, max_prob)", "STEER (γ=0.5, refine=all)",
+                 "STEER (γ=0.5, K=5)", "STEER (γ=0.5, continuous, chunk=8)", "SpecReason",
+                 "SpecReason (judge>=8)", "Small only (seed=3) [again_a]", "Small only (seed=3) [again_b]"):
+        assert want in rows

@@ -23,7 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from steer_jax.eval.runs import Run
-from steer_jax.eval.table import BENCHMARK_LABELS, METHOD_LABELS, pair_label
+from steer_jax.eval.table import BENCHMARK_LABELS, METHOD_LABELS, pair_label, row_label
 
 # Meta fields that grade a question's difficulty, in the order they are looked for: MATH500 level
 # (1-5), Omni-MATH difficulty (1-9.5, binned to whole numbers), MuSiQue hop count.
@@ -185,10 +185,12 @@ def accuracy_vs_flops(runs: list[Run], path: Path) -> Path:
         sweeps: dict[tuple, list[Run]] = defaultdict(list)
         for r in here:
             if r.method == "steer":
-                sweeps[r.pair].append(r)
+                # One line per pair, policy and every other option: a line joins one threshold's
+                # sweep (gamma, or p), never percentile runs with posterior ones.
+                policy = (r.summary.get("options") or {}).get("policy", "posterior")
+                sweeps[(r.pair, policy, *r.variant[1:])].append(r)
                 continue
-            label = METHOD_LABELS.get(r.method, r.method)
-            label = f"{pair_label(r)} {label}" if with_pair else label
+            label = row_label(r, with_pair)
             ax.scatter(
                 r.flops_per_query,
                 r.accuracy * 100,
@@ -197,14 +199,14 @@ def accuracy_vs_flops(runs: list[Run], path: Path) -> Path:
                 label=label,
                 zorder=3,
             )
-        for sweep in sweeps.values():
+        for (_, policy, *rest), sweep in sweeps.items():
             sweep.sort(key=lambda r: r.flops_per_query)
             xs = [r.flops_per_query for r in sweep]
             ys = [r.accuracy * 100 for r in sweep]
-            label = f"{pair_label(sweep[0])} STEER" if with_pair else "STEER"
-            ax.plot(xs, ys, marker="o", color="black", label=label, zorder=2)
+            label = " ".join([pair_label(sweep[0])] * with_pair + ["STEER", policy, *rest])
+            ax.plot(xs, ys, marker="o", label=label, zorder=2)
             for r, x, y in zip(sweep, xs, ys, strict=True):
-                ax.annotate(f"γ={r.gamma:g}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+                ax.annotate(r.routing, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_title(BENCHMARK_LABELS.get(bench, bench))
         ax.set_xlabel("FLOPs per query (1e12)")
         ax.grid(alpha=0.3)

@@ -21,6 +21,17 @@ from typing import Any
 # What the results table cannot do without; the other documented fields are read when present.
 REQUIRED_SUMMARY_KEYS = ("method", "benchmark", "accuracy", "flops_per_query", "a_per_f")
 METHODS = ("small_only", "large_only", "query_router", "specreason", "rsd", "steer")
+# Options that tell two runs of a method apart: (key, how it is shown, the methods it matters
+# to; None: all). A run shows those that differ from SteerOptions' defaults.
+VARIANT_KEYS = (
+    ("confidence", "{}", ("steer",)), ("aggregate", "aggregate={}", ("steer",)),
+    ("refine", "refine={}", ("steer",)), ("source", "source={}", ("steer",)),
+    ("groups", "K={}", ("steer",)), ("judge_threshold", "judge>={}", ("specreason",)),
+    ("prm_threshold", "PRM>={}", ("rsd",)), ("schedule", "{}", None), ("chunk", "chunk={}", None),
+    ("temperature", "T={}", None), ("top_p", "top-p={}", None),
+    ("max_new_tokens", "budget={}", None), ("max_step_tokens", "step<={}", None),
+    ("max_steps", "steps<={}", None), ("seed", "seed={}", None),
+)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -67,6 +78,20 @@ class Run:
         if policy == "threshold":
             return f"τ={float(opts['threshold']):g}"
         return f"γ={self.gamma:g}" if self.gamma is not None else ""
+
+    @property
+    def variant(self) -> list[str]:
+        """What tells this run apart from others of its method, shortest first: STEER's routing
+        rule, then every option that is not its default and matters to the method."""
+        from steer_jax.steer import SteerOptions
+
+        opts = self.summary.get("options") or {}
+        parts = [self.routing] if self.method == "steer" and self.routing else []
+        for key, fmt, methods in VARIANT_KEYS:
+            if key in opts and (methods is None or self.method in methods) \
+                    and opts[key] != getattr(SteerOptions, key):
+                parts.append(fmt.format(opts[key]))
+        return parts
 
     @property
     def accuracy(self) -> float:

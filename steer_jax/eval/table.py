@@ -102,38 +102,51 @@ def pair_label(run: Run) -> str:
 
 
 def row_label(run: Run, with_pair: bool = False) -> str:
+    """The method and what tells the run apart from others of its method (Run.variant)."""
     label = METHOD_LABELS.get(run.method, run.method)
-    if run.method == "steer" and run.routing:
-        label = f"{label} ({run.routing})"
+    if run.variant:
+        label = f"{label} ({', '.join(run.variant)})"
     return f"{pair_label(run)} {label}" if with_pair else label
 
 
 def _row_key(run: Run) -> tuple:
     method_rank = METHODS.index(run.method) if run.method in METHODS else len(METHODS)
     return (str(run.pair), method_rank, run.method, run.routing[:2],
-            run.gamma if run.gamma is not None else -1.0)
+            run.gamma if run.gamma is not None else -1.0, run.variant)
+
+
+def _labels(runs: list[Run], with_pair: bool) -> dict[Path, str]:
+    """Each run's row label; runs that would share a cell (the same label and benchmark: their
+    configs differ in nothing the label shows) get their directory's name too, so no run is
+    dropped or merged into another's cell."""
+    labels = {r.path: row_label(r, with_pair) for r in runs}
+    seen: dict[tuple[str, str], list[Run]] = {}
+    for r in runs:
+        seen.setdefault((labels[r.path], r.benchmark), []).append(r)
+    for (label, bench), same in seen.items():
+        if len(same) > 1:
+            logger.warning("%d runs give %s on %s; each keeps a row of its own, named by its "
+                           "directory", len(same), label, bench)
+            for r in same:
+                labels[r.path] = f"{label} [{r.path.name}]"
+    return labels
 
 
 def build_table(runs: list[Run], korbench_subsets: bool = False) -> ResultsTable:
-    """One cell per (row, benchmark); for a repeated pair the run given last wins, with a warning.
-    KOR-Bench's subsets are pooled into one column unless `korbench_subsets`."""
+    """One cell per (row, benchmark), every run in a cell of its own (`_labels`). KOR-Bench's
+    subsets are pooled into one column unless `korbench_subsets`."""
     with_pair = len({r.pair for r in runs}) > 1
     known = [b for b in BENCHMARKS if any(r.benchmark == b for r in runs)]
     extra = sorted({r.benchmark for r in runs} - set(BENCHMARKS))
     rows: list[str] = []
     table = ResultsTable(benchmarks=known + extra, rows=rows)
+    labels = _labels(runs, with_pair)
     for run in sorted(runs, key=_row_key):
-        label = row_label(run, with_pair)
-        if label not in rows:
-            rows.append(label)
-    for run in runs:  # in the order given, so "last wins" means the caller's last
-        key = (row_label(run, with_pair), run.benchmark)
-        if key in table.cells:
-            logger.warning(
-                "%s and %s both give %s on %s; keeping the latter", table.cells[key].source, run.path, *key
-            )
+        if labels[run.path] not in rows:
+            rows.append(labels[run.path])
+    for run in runs:
         n = run.summary.get("n")
-        table.cells[key] = Cell(
+        table.cells[(labels[run.path], run.benchmark)] = Cell(
             acc=run.accuracy * 100.0,
             flops=run.flops_per_query,
             a_per_f=run.a_per_f,
