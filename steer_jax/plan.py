@@ -190,7 +190,7 @@ def plan_from_config(config: dict[str, Any], device_memory: int, *, devices: int
     the benchmark's prompts when the tokenizer and `benchmark.path` are readable (else
     `prompt_tokens` for every trace). The RSD reward model counts as a third model."""
     from steer_jax.modeling.loading import read_config
-    from steer_jax.steer import SteerOptions
+    from steer_jax.options import SteerOptions
 
     for key in ("small", "large"):
         if not config.get(key):

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 import yaml
 
 from steer_jax import memory
-from steer_jax.steer import SteerOptions
+from steer_jax.options import SteerOptions
 
 
 class RunConfigError(ValueError):

@@ -208,7 +208,7 @@ def test_a_second_sigterm_is_not_caught():
         signal.signal(signal.SIGTERM, previous)
 
 
-_steer = importlib.import_module("steer_jax.steer")  # the module (the package exports steer())
+_steer = importlib.import_module("steer_jax.round_loop")  # where the loop calls its programs
 
 
 def _record(monkeypatch, events: list) -> None:

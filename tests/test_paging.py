@@ -22,7 +22,7 @@ from steer_jax.modeling import paged_attention, transformer
 from steer_jax.modeling.transformer import KVCache
 from steer_jax.run_config import RunConfigError, validate
 
-steer_module = importlib.import_module("steer_jax.steer")
+steer_module = importlib.import_module("steer_jax.round_loop")
 RS = np.random.RandomState(5)
 PROMPTS = [RS.randint(3, 120, size=n).tolist() for n in (5, 11, 2)]
 append = jax.jit(dec.append, static_argnames=("cfg", "scores"))

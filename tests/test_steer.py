@@ -106,7 +106,7 @@ def test_traces_do_not_depend_on_the_batch(pair):
 
 def test_late_large_steps_after_chunked_catch_up_are_the_large_models_own(pair, monkeypatch):
     # Chunks of 4: every large step after a small one is preceded by several catch-up reads.
-    monkeypatch.setattr(importlib.import_module("steer_jax.steer"), "CHUNK", 4)
+    monkeypatch.setattr(importlib.import_module("steer_jax.round_loop"), "CHUNK", 4)
     res = _run(pair, temperature=0.0, policy="percentile", percentile=0.5, refine="none")
     prefixes, wanted = [], []
     for t, prompt in zip(res.traces, pair["prompts"]):
@@ -124,7 +124,7 @@ def test_late_large_steps_after_chunked_catch_up_are_the_large_models_own(pair, 
 
 
 def test_rows_behind_catch_up_on_their_own_and_every_write_feeds_one_token(pair, monkeypatch):
-    module = importlib.import_module("steer_jax.steer")
+    module = importlib.import_module("steer_jax.round_loop")
     lags, advances = [], set()  # each write's rows' lags on entry; (model, width) of catch-ups
 
     def write(params, cfg, cache, state, rows, *args, _f=module._write, **kw):
@@ -147,7 +147,7 @@ def test_rows_behind_catch_up_on_their_own_and_every_write_feeds_one_token(pair,
 
 
 def test_row_buckets_pad_by_less_than_an_eighth_above_16_rows():
-    bucket = importlib.import_module("steer_jax.steer")._bucket
+    bucket = importlib.import_module("steer_jax.call_shapes")._bucket
     assert [bucket(n, 512) for n in (1, 3, 16, 17, 33, 64, 65, 128, 129, 300, 449, 512)] == \
         [1, 4, 16, 18, 36, 64, 72, 128, 144, 320, 480, 512]
     for cap in (8, 500, 4096):
@@ -159,7 +159,7 @@ def test_row_buckets_pad_by_less_than_an_eighth_above_16_rows():
 
 
 def test_read_widths_are_one_or_eight_sizes_per_power_of_two_in_steps_of_8():
-    width = importlib.import_module("steer_jax.steer")._width
+    width = importlib.import_module("steer_jax.call_shapes")._width
     assert [width(n) for n in (0, 1, 2, 8, 9, 19, 25, 64, 65, 200, 270)] == \
         [1, 1, 8, 8, 16, 24, 32, 64, 72, 208, 288]
     for n in range(2, 2000):
