@@ -23,6 +23,9 @@ from steer_jax.modeling.transformer import KVCache, forward, logits
 from steer_jax.routing import gmm, policy
 
 SMALL, LARGE, PRM = 0, 1, 2  # the models' streams: sampling keys, bill columns, cache order
+# Why a trace stopped (`TraceState.stop`), by index into STOPS.
+STOPS = ("running", "eos", "max_steps", "max_new_tokens", "cache_full")
+RUNNING, STOP_EOS, STOP_MAX_STEPS, STOP_MAX_NEW_TOKENS, STOP_CACHE_FULL = range(len(STOPS))
 ENDED = -1  # `TraceState.author` of a trace whose step ended and waits for its boundary
 
 
@@ -353,17 +356,18 @@ def _end_steps(state: TraceState, ended: jax.Array, post: jax.Array, score: jax.
     col = jnp.where(ended, state.step, max_steps)  # out of bounds: dropped
     rows = jnp.arange(n.shape[0])
     rec = lambda arr, v: arr.at[rows, col].set(v, mode="drop")  # noqa: E731
-    stop = jnp.where(state.ended_by == sampler.EOS, 1, 0)
-    stop = jnp.where((stop == 0) & (state.step + 1 >= max_steps), 2, stop)
-    stop = jnp.where((stop == 0) & (state.total - state.prompt_len >= max_new_tokens), 3, stop)
-    stop = jnp.where((stop == 0) & ((state.ended_by == sampler.FULL) | (state.total >= slots - 2)),
-                     4, stop)
+    stop = jnp.where(state.ended_by == sampler.EOS, STOP_EOS, RUNNING)
+    stop = jnp.where((stop == RUNNING) & (state.step + 1 >= max_steps), STOP_MAX_STEPS, stop)
+    stop = jnp.where((stop == RUNNING) & (state.total - state.prompt_len >= max_new_tokens),
+                     STOP_MAX_NEW_TOKENS, stop)
+    stop = jnp.where((stop == RUNNING) & ((state.ended_by == sampler.FULL)
+                                          | (state.total >= slots - 2)), STOP_CACHE_FULL, stop)
     stop = jnp.where(ended, stop, state.stop)
     return dataclasses.replace(
         state, rec_model=rec(state.rec_model, state.writer), rec_len=rec(state.rec_len, n),
         rec_conf=rec(state.rec_conf, state.conf), rec_post=rec(state.rec_post, post),
         rec_score=rec(state.rec_score, score), rec_at=rec(state.rec_at, jnp.full_like(n, at)),
-        stop=stop, running=state.running & (stop == 0), step=state.step + ended)
+        stop=stop, running=state.running & (stop == RUNNING), step=state.step + ended)
 
 
 @jax.jit

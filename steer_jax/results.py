@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from steer_jax.calls import TraceState
+from steer_jax.calls import STOPS, TraceState
 from steer_jax.modeling.transformer import Model
 from steer_jax.options import SteerOptions
 from steer_jax.round_loop import MODEL_NAMES, Fit
@@ -61,9 +61,6 @@ class SteerResult:
     iterations: dict[str, int] = dataclasses.field(default_factory=dict)  # decode positions
     # stepped by each model's write calls, one after another (their sum bounds the wall-clock
     # where a step costs the same for any number of rows)
-
-
-STOPS = ("running", "eos", "max_steps", "max_new_tokens", "cache_full")
 
 
 def collect(state: TraceState, fits: Sequence[Fit], tokenizer: Any, opts: SteerOptions,

@@ -48,7 +48,7 @@ import numpy as np
 from steer_jax import distributed, round_loop
 from steer_jax.baselines.judge import JUDGE_PROMPT, digit_tokens, judge_suffix
 from steer_jax.call_shapes import _Shapes
-from steer_jax.calls import ENDED, StepSpec, TraceState
+from steer_jax.calls import ENDED, RUNNING, StepSpec, TraceState
 from steer_jax.decoding.generate import check_prompts
 from steer_jax.decoding.steps import vocab_masks
 from steer_jax.modeling.transformer import Model
@@ -223,7 +223,7 @@ def _fresh_traces(prompts: Sequence[Sequence[int]], slots: int, max_steps: int) 
     lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
     return TraceState(
         tokens=jnp.asarray(tokens), measure=jnp.zeros((B, slots), jnp.float32), total=lengths,
-        prompt_len=lengths, running=jnp.ones(B, bool), stop=jnp.zeros(B, jnp.int32),
+        prompt_len=lengths, running=jnp.ones(B, bool), stop=jnp.full(B, RUNNING, jnp.int32),
         step=jnp.zeros(B, jnp.int32), step_start=lengths, author=jnp.full(B, ENDED, jnp.int32),
         ended_by=jnp.zeros(B, jnp.int32), conf=jnp.zeros(B, jnp.float32),
         writer=jnp.zeros(B, jnp.int32), rec_model=jnp.full((B, M), -1, jnp.int32),

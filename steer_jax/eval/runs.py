@@ -83,7 +83,7 @@ class Run:
     def variant(self) -> list[str]:
         """What tells this run apart from others of its method, shortest first: STEER's routing
         rule, then every option that is not its default and matters to the method."""
-        from steer_jax.steer import SteerOptions
+        from steer_jax.options import SteerOptions
 
         opts = self.summary.get("options") or {}
         parts = [self.routing] if self.method == "steer" and self.routing else []
