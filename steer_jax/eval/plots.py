@@ -23,7 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from steer_jax.eval.runs import Run
-from steer_jax.eval.table import BENCHMARK_LABELS, METHOD_LABELS, pair_label, row_label
+from steer_jax.eval.table import BENCHMARK_LABELS, METHOD_LABELS, pair_label, row_label, varying
 
 # Meta fields that grade a question's difficulty, in the order they are looked for: MATH500 level
 # (1-5), Omni-MATH difficulty (1-9.5, binned to whole numbers), MuSiQue hop count.
@@ -182,15 +182,16 @@ def accuracy_vs_flops(runs: list[Run], path: Path) -> Path:
     markers = dict(zip(METHOD_LABELS, "sD^vPo", strict=True))
     for ax, bench in zip(axes, benchmarks, strict=True):
         here = [r for r in runs if r.benchmark == bench]
+        keys = varying(here)
         sweeps: dict[tuple, list[Run]] = defaultdict(list)
         for r in here:
             if r.method == "steer":
                 # One line per pair, policy and every other option: a line joins one threshold's
                 # sweep (gamma, or p), never percentile runs with posterior ones.
                 policy = (r.summary.get("options") or {}).get("policy", "posterior")
-                sweeps[(r.pair, policy, *r.variant[1:])].append(r)
+                sweeps[(r.pair, policy, *r.variant(keys["steer"])[1:])].append(r)
                 continue
-            label = row_label(r, with_pair)
+            label = row_label(r, with_pair, keys[r.method])
             ax.scatter(
                 r.flops_per_query,
                 r.accuracy * 100,

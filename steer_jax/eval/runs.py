@@ -16,13 +16,13 @@ import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 # What the results table cannot do without; the other documented fields are read when present.
 REQUIRED_SUMMARY_KEYS = ("method", "benchmark", "accuracy", "flops_per_query", "a_per_f")
 METHODS = ("small_only", "large_only", "query_router", "specreason", "rsd", "steer")
-# Options that tell two runs of a method apart: (key, how it is shown, the methods it matters
-# to; None: all). A run shows those that differ from SteerOptions' defaults.
+# Options that can tell two runs of a method apart: (key, how it is shown, the methods it matters
+# to; None: all). A table shows those its runs of a method differ in (table.varying).
 VARIANT_KEYS = (
     ("confidence", "{}", ("steer",)), ("aggregate", "aggregate={}", ("steer",)),
     ("refine", "refine={}", ("steer",)), ("source", "source={}", ("steer",)),
@@ -79,18 +79,20 @@ class Run:
             return f"τ={float(opts['threshold']):g}"
         return f"γ={self.gamma:g}" if self.gamma is not None else ""
 
-    @property
-    def variant(self) -> list[str]:
-        """What tells this run apart from others of its method, shortest first: STEER's routing
-        rule, then every option that is not its default and matters to the method."""
+    def option(self, key: str) -> Any:
+        return (self.summary.get("options") or {}).get(key)
+
+    def variant(self, keys: Collection[str]) -> list[str]:
+        """STEER's routing rule, then each of `keys` that matters to the method and is off its
+        default, as VARIANT_KEYS shows it."""
         from steer_jax.options import SteerOptions
 
-        opts = self.summary.get("options") or {}
         parts = [self.routing] if self.method == "steer" and self.routing else []
         for key, fmt, methods in VARIANT_KEYS:
-            if key in opts and (methods is None or self.method in methods) \
-                    and opts[key] != getattr(SteerOptions, key):
-                parts.append(fmt.format(opts[key]))
+            value = self.option(key)
+            if key in keys and value is not None and (methods is None or self.method in methods) \
+                    and value != getattr(SteerOptions, key):
+                parts.append(fmt.format(value))
         return parts
 
     @property

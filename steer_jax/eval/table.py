@@ -21,12 +21,12 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import fmean
-from typing import Any
+from typing import Any, Collection
 
 from rich.table import Table
 
 from steer_jax.eval.benchmarks import BENCHMARKS
-from steer_jax.eval.runs import METHODS, Run
+from steer_jax.eval.runs import METHODS, VARIANT_KEYS, Run
 
 logger = logging.getLogger(__name__)
 
@@ -101,25 +101,39 @@ def pair_label(run: Run) -> str:
     return f"{_params_label(small)}/{_params_label(large)}"
 
 
-def row_label(run: Run, with_pair: bool = False) -> str:
-    """The method and what tells the run apart from others of its method (Run.variant)."""
+def varying(runs: list[Run]) -> dict[str, set[str]]:
+    """Per method, the options (VARIANT_KEYS) its runs here differ in: what tells them apart."""
+    out: dict[str, set[str]] = {}
+    for method in {r.method for r in runs}:
+        mine = [r for r in runs if r.method == method]
+        out[method] = {key for key, _, methods in VARIANT_KEYS
+                       if (methods is None or method in methods)
+                       and len({repr(r.option(key)) for r in mine}) > 1}
+    return out
+
+
+def row_label(run: Run, with_pair: bool = False, keys: Collection[str] = ()) -> str:
+    """The method, STEER's rule, and each of `keys` the run has off its default."""
     label = METHOD_LABELS.get(run.method, run.method)
-    if run.variant:
-        label = f"{label} ({', '.join(run.variant)})"
+    parts = run.variant(keys)
+    if parts:
+        label = f"{label} ({', '.join(parts)})"
     return f"{pair_label(run)} {label}" if with_pair else label
 
 
 def _row_key(run: Run) -> tuple:
     method_rank = METHODS.index(run.method) if run.method in METHODS else len(METHODS)
     return (str(run.pair), method_rank, run.method, run.routing[:2],
-            run.gamma if run.gamma is not None else -1.0, run.variant)
+            run.gamma if run.gamma is not None else -1.0,
+            run.variant([k for k, _, _ in VARIANT_KEYS]))
 
 
 def _labels(runs: list[Run], with_pair: bool) -> dict[Path, str]:
     """Each run's row label; runs that would share a cell (the same label and benchmark: their
     configs differ in nothing the label shows) get their directory's name too, so no run is
     dropped or merged into another's cell."""
-    labels = {r.path: row_label(r, with_pair) for r in runs}
+    keys = varying(runs)
+    labels = {r.path: row_label(r, with_pair, keys[r.method]) for r in runs}
     seen: dict[tuple[str, str], list[Run]] = {}
     for r in runs:
         seen.setdefault((labels[r.path], r.benchmark), []).append(r)
