@@ -93,15 +93,14 @@ class Side:
     stream: int  # SMALL, LARGE or PRM: its index in the caches and the bill
     masks: VocabMasks
     stops: sampler.Stops
-    split: bool  # whether its sliding-window layers have a pool of their own
 
     @property
     def cfg(self) -> Any:
         return self.model.config
 
-    def window(self, span: int) -> dict[str, Any]:
-        """`_plan`'s static arguments for this model's sliding layers' pool."""
-        return dict(window=self.cfg.sliding_window, span=span) if self.split else {}
+    def window(self, cache: KVCache, span: int) -> dict[str, Any]:
+        """`_plan`'s static arguments for this model's sliding layers' pool, if it has one."""
+        return dict(window=self.cfg.sliding_window, span=span) if cache.split else {}
 
 
 def side_and_cache(model: Model, stream: int, masks: VocabMasks, batch: int, slots: int,
@@ -127,7 +126,7 @@ def side_and_cache(model: Model, stream: int, masks: VocabMasks, batch: int, slo
                                  f"is {a.dtype}{list(a.shape)}, this run needs "
                                  f"{b.dtype}{list(b.shape)}")
     stops = sampler.Stops(cfg.eos_token_ids, step_mode=True)
-    return Side(model, stream, masks, stops, bool(fresh.split)), cache
+    return Side(model, stream, masks, stops), cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,9 +183,9 @@ class RoundLoop:
         """
         left = rows & ~s.within.done
         reach = jnp.minimum(s.trace.total + max(extra, 0) + ahead, self.slots)  # within the table
-        window = side.window(self.local_span)
         while True:
             cache = s.caches[side.stream]
+            window = side.window(cache, self.local_span)
             take, stats = _plan(cache, reach, s.trace.total + extra, left, cap=self.cap, **window)
             count, widest, end, short, wanted, short_local = (int(x) for x in np.asarray(stats))
             if count == 0:
@@ -224,7 +223,7 @@ class RoundLoop:
         while True:
             cache = s.caches[side.stream]
             take, stats = _plan(cache, s.trace.total, until, rows & (until > cache.length),
-                                cap=self.cap, **side.window(self.local_span))
+                                cap=self.cap, **side.window(cache, self.local_span))
             count, widest, end = (int(x) for x in np.asarray(stats)[:3])
             if count == 0:
                 return s

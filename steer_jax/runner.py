@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import math
 import signal
 import threading
@@ -41,8 +40,6 @@ from steer_jax.store import Parts, Preempted, RoundCheckpoint, _write_atomic  # 
 
 __all__ = ["Preempted", "RunConfigError", "Summary", "load_models", "run", "summarize",
            "write_run"]
-
-log = logging.getLogger(__name__)
 
 FLOP_UNIT = 1e12  # the paper reports FLOPs per query in units of 1e12
 

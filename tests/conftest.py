@@ -61,6 +61,16 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def paper_results() -> Path:
+    """The paper's Tables 1-2 as CSV (../shared/paper/results.csv: every pair, method and
+    benchmark, averages included)."""
+    path = SHARED_DATA.parent / "paper" / "results.csv"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent: the paper's tables as CSV are needed for this test")
+    return path
+
+
+@pytest.fixture(scope="session")
 def hf_meta(shared_data: Path) -> Path:
     """Real config.json and tokenizer files of the paper's checkpoints (no weights)."""
     path = shared_data / "hf"

@@ -72,10 +72,7 @@ def test_config_schema(path: Path) -> None:
     assert "Paper numbers" in text and "arXiv:2511.06190" in text
 
 
-PAPER_CSV = Path(__file__).resolve().parents[2] / "shared" / "paper" / "results.csv"
 FIGURE = re.compile(r"^#   (\w+)\s+Acc\s+([\d.]+)\s+FLOPs \(1e12/query\)\s+([\d.]+)\s+A/F ([\d.]+)$")
-PAIRS = {"qwen2.5-math-1.5b-7b": "qwen2.5-math-1.5b-7b", "gemma-3-4b-12b": "gemma-3-4b-12b",
-         "qwen2.5-1.5b-7b": "qwen2.5-1.5b-7b"}
 # The tokenizers ../shared/data/hf holds for each pair's small model (Gemma's has no vocabulary
 # there); each config's models' context comes from the real config.json.
 TOKENIZERS = {"Qwen2.5-Math-1.5B-Instruct": "Qwen2.5-Math-1.5B",
@@ -83,16 +80,14 @@ TOKENIZERS = {"Qwen2.5-Math-1.5B-Instruct": "Qwen2.5-Math-1.5B",
 
 
 @pytest.mark.parametrize("path", _configs(), ids=lambda p: p.name)
-def test_config_carries_the_papers_figures_from_its_tables(path: Path) -> None:
-    if not PAPER_CSV.is_file():
-        pytest.skip(f"{PAPER_CSV} is absent: the paper's tables as CSV are needed for this test")
+def test_config_carries_the_papers_figures_from_its_tables(path: Path, paper_results: Path) -> None:
     cfg = yaml.safe_load(path.read_text())
     bench = cfg["benchmark"]["name"]
     bench = "korbench" if bench.startswith("korbench_") else bench
     pair = path.name.split("_")[0]
-    with PAPER_CSV.open() as f:
+    with paper_results.open() as f:
         want = {r["method"]: (r["accuracy"], r["flops_per_query_1e12"], r["a_per_f"])
-                for r in csv.DictReader(f) if r["pair"] == PAIRS[pair] and r["benchmark"] == bench}
+                for r in csv.DictReader(f) if r["pair"] == pair and r["benchmark"] == bench}
     shown = {m.group(1): m.groups()[1:] for m in map(FIGURE.match, path.read_text().splitlines()) if m}
     assert want and shown == want
 

@@ -208,20 +208,15 @@ def test_cli_and_bad_run_dirs(runs: list[Path], tmp_path: Path, capsys: pytest.C
     assert main_report([str(runs[-1]), "--out", str(tmp_path / "r"), "--rounds", "99"]) == 2
 
 
-PAPER = Path(__file__).resolve().parents[2] / "shared" / "paper" / "results.csv"
-
-
 def _half_unit(printed: str) -> float:
     """Half the last printed digit's place: how far the printed number may be from its value."""
     decimals = len(printed.split(".")[1]) if "." in printed else 0
     return 0.5 * 10.0**-decimals
 
 
-def test_the_average_column_reproduces_the_papers_arithmetic(tmp_path: Path) -> None:
+def test_the_average_column_reproduces_the_papers_arithmetic(tmp_path: Path, paper_results: Path) -> None:
     """The paper's own per-benchmark rows in, as run directories; its printed averages out."""
-    if not PAPER.is_file():
-        pytest.skip(f"{PAPER} is absent: the paper's Tables 1-2 as CSV are needed for this test")
-    with PAPER.open() as f:
+    with paper_results.open() as f:
         rows = list(csv.DictReader(f))
     pairs = sorted({(r["table"], r["pair"]) for r in rows})
     printed, dirs = {}, []

@@ -33,17 +33,14 @@ SETTINGS = {
         ("qwen2.5-1.5b-7b", "Qwen2.5-1.5B-Instruct",
          ("acpbench", "musique", "korbench_cipher", "korbench_counterfactual", "korbench_logic")),
 }
-METHODS = ("small_only", "large_only", "specreason", "query_router", "rsd", "steer")
-FILE_NAME = {"qwen2.5-math-1.5b-7b": "qwen2.5-math-1.5b-7b", "gemma-3-4b-12b": "gemma-3-4b-12b",
-             "qwen2.5-1.5b-7b": "qwen2.5-1.5b-7b"}
 
 
 def paper_rows(results_csv: Path, pair: str, benchmark: str) -> tuple[str, list[dict[str, str]]]:
-    """The paper's table and rows for a pair on a benchmark (KOR-Bench subsets: its pooled row)."""
+    """The paper's table and rows for a pair on a benchmark, in its order (KOR-Bench subsets: its
+    pooled row)."""
     bench = "korbench" if benchmark.startswith("korbench_") else benchmark
     with results_csv.open() as f:
         rows = [r for r in csv.DictReader(f) if r["pair"] == pair and r["benchmark"] == bench]
-    rows.sort(key=lambda r: METHODS.index(r["method"]))
     return (rows[0]["table"] if rows else ""), rows
 
 
@@ -131,7 +128,7 @@ def write(shared: Path, out: Path = HERE) -> list[Path]:
                         f"# Counted by {how}."]
             lines = header(small, large, benchmark, table, rows, note) + config_lines(
                 small, large, benchmark, budget)
-            path = out / f"{FILE_NAME[pair]}_{benchmark}.yaml"
+            path = out / f"{pair}_{benchmark}.yaml"
             path.write_text("\n".join(lines) + "\n")
             written.append(path)
     return written

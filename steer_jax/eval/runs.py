@@ -18,6 +18,8 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Collection
 
+from steer_jax.options import SteerOptions
+
 # What the results table cannot do without; the other documented fields are read when present.
 REQUIRED_SUMMARY_KEYS = ("method", "benchmark", "accuracy", "flops_per_query", "a_per_f")
 METHODS = ("small_only", "large_only", "query_router", "specreason", "rsd", "steer")
@@ -85,8 +87,6 @@ class Run:
     def variant(self, keys: Collection[str]) -> list[str]:
         """STEER's routing rule, then each of `keys` that matters to the method and is off its
         default, as VARIANT_KEYS shows it."""
-        from steer_jax.options import SteerOptions
-
         parts = [self.routing] if self.method == "steer" and self.routing else []
         for key, fmt, methods in VARIANT_KEYS:
             value = self.option(key)
