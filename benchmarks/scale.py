@@ -41,7 +41,7 @@ from workload import (SHAPES, StepLengths, build_pair, decode_step_seconds,  # n
                       prompts, split_steps, summarize)
 
 from steer_jax import generate, steer  # noqa: E402
-from steer_jax.calls import release_programs  # noqa: E402
+from steer_jax.programs import release_programs  # noqa: E402
 
 PEER = "large_only_unbarriered"
 
@@ -119,7 +119,7 @@ def main() -> None:
         runs = {k: v for k, v in runs.items() if k in keep}
     results, texts = {}, {}
     for name, fn in runs.items():
-        release_programs()  # each run compiles its own (a process holds ~200: calls.py)
+        release_programs()  # each run compiles its own (a process holds ~200: programs.py)
         for _ in range(args.repeats):
             start = time.perf_counter()
             results[name], texts[name] = fn()

@@ -51,7 +51,7 @@ class _Shapes:
     model and phase; continuous rounds are a chunk long, so the rows, spans and read widths
     change every few dozen positions, and every new combination is a compile (on a TPU,
     seconds to a minute; on a CPU, mapped code, of which a process may hold only so much:
-    `calls.maps_nearly_full`). Continuous calls take fewer sizes and pay more padding."""
+    `programs.maps_nearly_full`). Continuous calls take fewer sizes and pay more padding."""
 
     rows: int = 8
     widths: int = 8

@@ -23,6 +23,7 @@ from steer_jax.modeling.transformer import KVCache, forward, logits
 from steer_jax.routing import gmm, policy
 
 SMALL, LARGE, PRM = 0, 1, 2  # the models' streams: sampling keys, bill columns, cache order
+MODEL_NAMES = ("small", "large", "prm")
 # Why a trace stopped (`TraceState.stop`), by index into STOPS.
 STOPS = ("running", "eos", "max_steps", "max_new_tokens", "cache_full")
 RUNNING, STOP_EOS, STOP_MAX_STEPS, STOP_MAX_NEW_TOKENS, STOP_CACHE_FULL = range(len(STOPS))
@@ -377,47 +378,3 @@ def _assign(state: TraceState, rows: jax.Array, to_large: jax.Array) -> TraceSta
         state, author=jnp.where(rows, jnp.where(to_large, LARGE, SMALL), state.author),
         step_start=jnp.where(rows, state.total, state.step_start),
         ended_by=jnp.where(rows, 0, state.ended_by))
-
-
-# ---- compiled programs --------------------------------------------------------------------------
-
-_PROGRAMS = (_write, _advance, _read, _verify, _plan, _evict, _drop, _rollback, _slide, _mixture,
-             _route, _discard, _end_steps, _assign)
-# XLA's CPU client maps each program's code as a few hundred memory regions (a STEER call's
-# program: ~290), and Linux allows a process vm.max_map_count of them (65530 by default): a
-# continuous run of 256 traces over 1024 positions compiled past that, and the next compile failed
-# with "Cannot allocate memory". The loop drops its programs when the process holds 3/4 of it.
-MAPS = "/proc/self/maps"
-
-
-def compiled_programs() -> int:
-    """How many programs the loop's device functions hold compiled."""
-    return sum(f._cache_size() for f in _PROGRAMS)
-
-
-def release_programs() -> None:
-    """Drop every compiled program of the loop's device functions (the shapes of a run's later
-    rounds are mostly new ones anyway)."""
-    for f in _PROGRAMS:
-        f.clear_cache()
-
-
-_LOOKED_AT = [-1]  # compiled_programs() when the maps were last counted
-
-
-def maps_nearly_full() -> bool:
-    """Whether this process holds 3/4 of the memory maps Linux allows it (False elsewhere).
-
-    Counting the maps reads tens of thousands of lines, and only a compile adds maps: the count
-    is taken again only when the loop's programs changed since the last one."""
-    programs = compiled_programs()
-    if programs == _LOOKED_AT[0]:
-        return False
-    _LOOKED_AT[0] = programs
-    try:
-        with open("/proc/sys/vm/max_map_count") as f:
-            allowed = int(f.read())
-        with open(MAPS, "rb") as f:
-            return f.read().count(b"\n") > 0.75 * allowed
-    except OSError:
-        return False

@@ -9,10 +9,10 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from steer_jax.calls import STOPS, TraceState
+from steer_jax.calls import MODEL_NAMES, STOPS, TraceState
 from steer_jax.modeling.transformer import Model
 from steer_jax.options import SteerOptions
-from steer_jax.round_loop import MODEL_NAMES, Fit
+from steer_jax.round_state import Fit
 
 
 @dataclasses.dataclass(frozen=True)
