@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from steer_jax.distributed import RULES, _param_axes
 from steer_jax.modeling.config import ModelConfig
 from steer_jax.modeling.transformer import param_shapes
-from steer_jax.modeling.transformer import local_layers
+from steer_jax.modeling.kv_cache import local_layers
 
 DEFAULT_PAGE_SIZE = 64
 DENSE_ROUND = 64  # the dense layout rounded its slots up to a multiple of this

@@ -18,8 +18,8 @@ import tiny
 from steer_jax import load_model, load_tokenizer, steer
 from steer_jax.decoding import paging
 from steer_jax.decoding import sampler as dec
-from steer_jax.modeling import paged_attention, transformer
-from steer_jax.modeling.transformer import KVCache
+from steer_jax.modeling import kv_cache, paged_attention, transformer
+from steer_jax.modeling.kv_cache import KVCache
 from steer_jax.run_config import RunConfigError, validate
 
 steer_module = importlib.import_module("steer_jax.round_loop")
@@ -112,7 +112,7 @@ def test_rollback_across_a_page_boundary_returns_pages(models):
     assert np.asarray(paging.held(cache)).tolist() == [2, 3]
     assert int(jnp.sum(cache.free)) == free + 3
     assert np.asarray(cache.pages[0, :2]).tolist() == kept.tolist()
-    assert (np.asarray(cache.pages[0, 2:]) == transformer.NULL_PAGE).all()
+    assert (np.asarray(cache.pages[0, 2:]) == kv_cache.NULL_PAGE).all()
     # What is left reads on as a shorter prefix: the next logits are the full forward's.
     full = np.asarray(model.logits(np.asarray(seqs[:1, :8])))
     cache, nxt, _ = append(model.params, cfg, cache, seqs[:, 7:8], jnp.array([1, 0]),
@@ -183,7 +183,7 @@ def test_a_pool_too_small_for_every_trace_evicts_rereads_and_writes_the_same_tra
             assert (held[~np.asarray(state.trace.running)] == 0).all()
             assert held.sum() + int(jnp.sum(cache.free)) == 30
             pages = np.asarray(cache.pages)
-            used = pages[pages != transformer.NULL_PAGE]
+            used = pages[pages != kv_cache.NULL_PAGE]
             assert len(set(used.tolist())) == len(used)
         rounds.append(state.round)
 
@@ -224,7 +224,7 @@ def test_sliding_layers_give_back_pages_past_their_window_and_decode_as_transfor
     _, hf = models["gemma3_text"]
     model = load_model(tiny_models["gemma3_text"][0], "float32", scan_layers=scan)
     cfg, n, per_call, size = model.config, 36, 6, 2
-    assert cfg.sliding_window == 4 and transformer.local_layers(cfg) == (0, 1, 3)
+    assert cfg.sliding_window == 4 and kv_cache.local_layers(cfg) == (0, 1, 3)
     cache = KVCache.init(cfg, 3, 64, model.dtype, page_size=size, pool=96, pool_local=21)
     width = max(map(len, PROMPTS))
     tokens = np.zeros((3, width), np.int32)

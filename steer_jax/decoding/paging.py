@@ -21,7 +21,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from steer_jax.modeling.transformer import NULL_PAGE, KVCache
+from steer_jax.modeling.kv_cache import NULL_PAGE, KVCache
 
 _ALL = jnp.iinfo(jnp.int32).max  # "keep every page"
 

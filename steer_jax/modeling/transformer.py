@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,123 +24,9 @@ import numpy as np
 
 from steer_jax.modeling import paged_attention, panel_matmul
 from steer_jax.modeling.config import ModelConfig
+from steer_jax.modeling.kv_cache import KVCache, local_layers
 
 Params = dict[str, Any]
-
-
-NULL_PAGE = 0  # page 0 of every pool is never handed out: unused page-table entries point at it
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class KVCache:
-    """A paged KV cache: one pool of fixed-size pages per model, a page table per row.
-
-    Token p of row b lives in page `pages[b, p // page_size]` at offset `p % page_size`, so a
-    row holds only the pages it has written and the pool is shared by every row. The pool's
-    layout per layer, [kv_heads, pages, page_size, head_dim], is the one JAX's Pallas paged
-    attention kernels read. A page-table entry of 0 is the null page: writes meant for slots a
-    row does not own (padding, stopped rows) land there, and no query ever sees them, as every
-    mask is drawn from absolute positions. Pages are handed out and taken back by
-    `steer_jax.decoding.paging`; `init` without a pool size gives every row its own pages up
-    front, which is all a one-call user (generate, a forward pass) needs.
-
-    A model with both sliding-window and global layers keeps its sliding layers in a second
-    pool (`k_local`, `v_local`) with its own page table and free mask: a page id names a slot
-    range in every layer of its pool, so only a pool of windowed layers can give back the pages
-    below a row's window (`paging.slide`) while the global layers keep them. Token p then lives
-    in `pages_local[b, p // page_size]` while a query can still see it; the columns below hold
-    the null page. A model with one kind of layer has no local pool (the fields None): every
-    layer lives in `k`, `v`.
-    """
-
-    k: jax.Array  # [layers, kv_heads, pages, page_size, head_dim] (the global layers, or all);
-    # inside a decode program over unstacked layers, a tuple of per-layer arrays
-    v: jax.Array
-    pages: jax.Array  # [batch, pages_per_row] int32 page ids, a row's held pages first
-    length: jax.Array  # [batch] int32: tokens held by each row; the next write goes to this slot
-    free: jax.Array  # [pages] bool: which pool pages no row holds (the null page never is)
-    stamp: jax.Array  # [batch] int32: the last call a row took part in (for eviction order)
-    k_local: jax.Array | None = None  # [sliding layers, kv_heads, pages_local, page_size, hd]
-    v_local: jax.Array | None = None
-    pages_local: jax.Array | None = None  # [batch, pages_per_row]: a row's held pages are a
-    # run of columns ending at its newest token, those below its window given back
-    free_local: jax.Array | None = None  # [pages_local] bool
-
-    @classmethod
-    def init(cls, cfg: ModelConfig, batch: int, slots: int, dtype: Any, *,
-             page_size: int | None = None, pool: int | None = None,
-             pool_local: int | None = None) -> KVCache:
-        """Rows of up to `slots` tokens. Without `pool`, every row gets its pages now (pages of
-        `page_size` tokens; by default one page a row); with `pool`, a pool of that many pages
-        (besides the null page) and empty page tables, to be filled by `paging.reserve`.
-        A model with both kinds of layers gets a second pool for its sliding layers, of
-        `pool_local` pages (default: as many as the global pool)."""
-        size = page_size or slots
-        per_row = -(-slots // size)
-        local = local_layers(cfg)
-        n_global = cfg.num_layers - len(local) if local else cfg.num_layers
-
-        def one_pool(layers: int, n: int | None):
-            shape = (layers, cfg.num_kv_heads, (batch * per_row if n is None else n) + 1, size,
-                     cfg.head_dim)
-            if n is None:  # rows' pages interleaved, as rows growing side by side take them
-                pages = 1 + jnp.arange(batch * per_row, dtype=jnp.int32).reshape(per_row,
-                                                                                  batch).T
-                free = jnp.zeros((shape[2],), bool)
-            else:
-                pages = jnp.zeros((batch, per_row), jnp.int32)
-                free = jnp.ones((shape[2],), bool).at[NULL_PAGE].set(False)
-            return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), pages, free
-
-        k, v, pages, free = one_pool(n_global, pool)
-        zeros = lambda: jnp.zeros((batch,), jnp.int32)  # noqa: E731 (two buffers: both donated)
-        cache = cls(k, v, pages, zeros(), free, zeros())
-        if not local:
-            return cache
-        k_l, v_l, pages_l, free_l = one_pool(len(local), pool if pool_local is None
-                                             else pool_local)
-        return dataclasses.replace(cache, k_local=k_l, v_local=v_l, pages_local=pages_l,
-                                   free_local=free_l)
-
-    @property
-    def page_size(self) -> int:
-        return (self.k[0] if isinstance(self.k, tuple) else self.k).shape[-2]
-
-    @property
-    def slots(self) -> int:
-        """Tokens a row can hold: its page table's width in tokens."""
-        return self.pages.shape[1] * self.page_size
-
-    @property
-    def split(self) -> bool:
-        """Whether the sliding layers have a pool of their own."""
-        return self.k_local is not None
-
-    def per_layer(self) -> KVCache:
-        """The layers as separate arrays, for a program that runs unstacked layers: reading a
-        layer out of the stack copies it (on the CPU backend, every decode step, ~6% of one)."""
-        out = dataclasses.replace(self, k=tuple(self.k), v=tuple(self.v))
-        if self.split:
-            out = dataclasses.replace(out, k_local=tuple(self.k_local),
-                                      v_local=tuple(self.v_local))
-        return out
-
-    def stacked(self) -> KVCache:
-        if not isinstance(self.k, tuple):
-            return self
-        out = dataclasses.replace(self, k=jnp.stack(self.k), v=jnp.stack(self.v))
-        if self.split:
-            out = dataclasses.replace(out, k_local=jnp.stack(self.k_local),
-                                      v_local=jnp.stack(self.v_local))
-        return out
-
-
-def local_layers(cfg: ModelConfig) -> tuple[int, ...]:
-    """The layers that keep their KV in a pool of their own (`KVCache.k_local`): the sliding
-    ones, where the model has both kinds (with one kind there is nothing to split)."""
-    local = tuple(i for i, s in enumerate(cfg.sliding_layers) if s)
-    return local if cfg.sliding_window and 0 < len(local) < cfg.num_layers else ()
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> Params:
@@ -297,78 +183,8 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array,
     x = panel_matmul.embed(params["embed"], tokens)
     if cfg.embed_scale:  # HF rounds sqrt(hidden) to the weight dtype before multiplying
         x = x * jnp.asarray(math.sqrt(cfg.hidden_size), jnp.float32).astype(x.dtype)
-    positions = cache.length[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
-    rope_g = _rope_tables(cfg, cfg.rope_global, positions, x.dtype)
-    rope_l = _rope_tables(cfg, cfg.rope_local, positions, x.dtype)
-    slots = jnp.arange(cache.slots, dtype=jnp.int32)
-    distance = positions[:, :, None] - slots[None, None, :]  # [B, T, S]
-    causal = distance >= 0
-    windowed = causal & (distance < (cfg.sliding_window or cache.slots + 1))
-    where_g = _write_at(cache.pages, cache.free, positions, cache.page_size)
-    where_l = (_write_at(cache.pages_local, cache.free_local, positions, cache.page_size)
-               if cache.split else None)
-    heads = jnp.arange(cfg.num_kv_heads)[None, None, :]
-    # The CPU kernels run where `load_model` packed the weights for them (float32, one CPU).
-    cpu_kernel = panel_matmul.is_packed(params)
-    # Each layer's index in its pool: with a local pool, a sliding layer's rank among the
-    # sliding ones and a global layer's among the global ones; else its own index.
-    kinds = [bool(s) and cache.split for s in cfg.sliding_layers]
-    layers = len(cache.k) + (len(cache.k_local) if cache.split else 0)
-    if layers != cfg.num_layers or cache.split != bool(local_layers(cfg)):
-        raise ValueError(f"a KV cache of {layers} layers in {1 + cache.split} pools for a model "
-                         f"of {cfg.num_layers}: build it with KVCache.init")
-    rank = [sum(1 for j in range(i) if kinds[j] == kinds[i]) for i in range(cfg.num_layers)]
-
-    def put(c, new, i, where):  # new [B, T, K, hd] into layer i of pool c (a tuple, or stacked)
-        page, offset = where
-        at = (heads, page, offset)
-        new = new.astype(c[0].dtype if isinstance(c, tuple) else c.dtype)
-        if isinstance(c, tuple):  # per-layer arrays (`KVCache.per_layer`), i a Python int
-            return (*c[:i], c[i].at[at].set(new, mode="drop"), *c[i + 1:])
-        return c.at[(i, *at)].set(new, mode="drop")  # an index past the stack: dropped
-
-    def attend(q, pool_k, pool_v, i, table, mask):
-        return _attention(q, pool_k[i], pool_v[i], table, mask, positions, cfg, cpu_kernel)
-
-    def layer(carry, xs):
-        # The whole pools ride in the carry and are updated in place: passing per-layer slices
-        # as scan inputs/outputs would rewrite every layer's pool on every decode step.
-        x, k_g, v_g, k_l, v_l = carry
-        lp, i_g, i_l, sliding = xs
-        h = rms_norm(x, lp["attn_norm"], cfg)
-        q, k, v = _dense(h, lp["q"]), _dense(h, lp["k"]), _dense(h, lp["v"])
-        if cfg.qkv_bias:
-            q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
-        if cfg.qk_norm:
-            q, k = rms_norm(q, lp["q_norm"], cfg), rms_norm(k, lp["k_norm"], cfg)
-        cos = jnp.where(sliding, rope_l[0], rope_g[0])
-        sin = jnp.where(sliding, rope_l[1], rope_g[1])
-        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-        # A layer writes the pool of its kind; the other pool's index is past its stack (the
-        # scan: a traced kind; the write is dropped) or None (unrolled: no write at all).
-        if i_g is not None:
-            k_g, v_g = put(k_g, k, i_g, where_g), put(v_g, v, i_g, where_g)
-        if i_l is not None:
-            k_l, v_l = put(k_l, k, i_l, where_l), put(v_l, v, i_l, where_l)
-        if i_l is None:  # no local pool, or an unrolled global layer
-            attn = attend(q, k_g, v_g, i_g, cache.pages, jnp.where(sliding, windowed, causal))
-        elif i_g is None:  # an unrolled sliding layer
-            attn = attend(q, k_l, v_l, i_l, cache.pages_local, windowed)
-        else:  # scanned over both kinds: attention over the pool of this layer's kind
-            attn = jax.lax.cond(
-                sliding, lambda: attend(q, k_l, v_l, jnp.minimum(i_l, len(k_l) - 1),
-                                        cache.pages_local, windowed),
-                lambda: attend(q, k_g, v_g, jnp.minimum(i_g, len(k_g) - 1), cache.pages,
-                               causal))
-        out = _dense(attn, lp["o"], 2)
-        if cfg.sandwich_norms:
-            out = rms_norm(out, lp["post_attn_norm"], cfg)
-        x = x + out
-        out = _mlp(rms_norm(x, lp["mlp_norm"], cfg), lp, cfg)
-        if cfg.sandwich_norms:
-            out = rms_norm(out, lp["post_mlp_norm"], cfg)
-        return (x + out, k_g, v_g, k_l, v_l), None
-
+    kinds, rank = _pool_ranks(cfg, cache)
+    layer = functools.partial(_layer, cfg, _shared(params, cfg, cache, T, x.dtype))
     if isinstance(params["layers"], (list, tuple)):
         # Unstacked layers (`unstack_layers`): a Python loop reads each weight where it lies.
         carry = (x, cache.k, cache.v, cache.k_local, cache.v_local)
@@ -392,6 +208,108 @@ def forward(params: Params, cfg: ModelConfig, tokens: jax.Array,
     hidden = rms_norm(x, params["final_norm"], cfg)
     return hidden, dataclasses.replace(cache, k=k_g, v=v_g, k_local=k_l, v_local=v_l,
                                        length=cache.length + T)
+
+
+def _pool_ranks(cfg: ModelConfig, cache: KVCache) -> tuple[list[bool], list[int]]:
+    """Each layer's kind (True: it lives in the local pool) and its index in its pool: with a
+    local pool, a sliding layer's rank among the sliding ones and a global layer's among the
+    global ones; else its own index."""
+    kinds = [bool(s) and cache.split for s in cfg.sliding_layers]
+    layers = len(cache.k) + (len(cache.k_local) if cache.split else 0)
+    if layers != cfg.num_layers or cache.split != bool(local_layers(cfg)):
+        raise ValueError(f"a KV cache of {layers} layers in {1 + cache.split} pools for a model "
+                         f"of {cfg.num_layers}: build it with KVCache.init")
+    return kinds, [sum(1 for j in range(i) if kinds[j] == kinds[i])
+                   for i in range(cfg.num_layers)]
+
+
+class _Shared(NamedTuple):
+    """What every layer of one forward pass reads: positions, RoPE tables, masks, write sites."""
+
+    cache: KVCache
+    positions: jax.Array  # [B, T] absolute positions of the new tokens
+    rope_g: tuple[jax.Array, jax.Array]
+    rope_l: tuple[jax.Array, jax.Array]
+    causal: jax.Array  # [B, T, S]
+    windowed: jax.Array  # [B, T, S]
+    where_g: tuple[jax.Array, jax.Array]  # (page, offset) of each new token, global pool
+    where_l: tuple[jax.Array, jax.Array] | None
+    cpu_kernel: bool
+
+
+def _shared(params: Params, cfg: ModelConfig, cache: KVCache, T: int, dtype: Any) -> _Shared:
+    positions = cache.length[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+    slots = jnp.arange(cache.slots, dtype=jnp.int32)
+    distance = positions[:, :, None] - slots[None, None, :]  # [B, T, S]
+    causal = distance >= 0
+    return _Shared(
+        cache=cache, positions=positions,
+        rope_g=_rope_tables(cfg, cfg.rope_global, positions, dtype),
+        rope_l=_rope_tables(cfg, cfg.rope_local, positions, dtype),
+        causal=causal, windowed=causal & (distance < (cfg.sliding_window or cache.slots + 1)),
+        where_g=_write_at(cache.pages, cache.free, positions, cache.page_size),
+        where_l=(_write_at(cache.pages_local, cache.free_local, positions, cache.page_size)
+                 if cache.split else None),
+        # The CPU kernels run where `load_model` packed the weights for them (float32, one CPU).
+        cpu_kernel=panel_matmul.is_packed(params))
+
+
+def _put(c: Any, new: jax.Array, i: Any, where: tuple[jax.Array, jax.Array]) -> Any:
+    """new [B, T, K, hd] into layer i of pool c (a tuple of per-layer arrays, or stacked)."""
+    page, offset = where
+    at = (jnp.arange(new.shape[2])[None, None, :], page, offset)
+    new = new.astype(c[0].dtype if isinstance(c, tuple) else c.dtype)
+    if isinstance(c, tuple):  # per-layer arrays (`KVCache.per_layer`), i a Python int
+        return (*c[:i], c[i].at[at].set(new, mode="drop"), *c[i + 1:])
+    return c.at[(i, *at)].set(new, mode="drop")  # an index past the stack: dropped
+
+
+def _layer(cfg: ModelConfig, sh: _Shared, carry: tuple, xs: tuple) -> tuple[tuple, None]:
+    """One decoder layer; a `lax.scan` body over stacked layers, or called once per layer.
+
+    The whole pools ride in the carry and are updated in place: passing per-layer slices as
+    scan inputs/outputs would rewrite every layer's pool on every decode step.
+    """
+    x, k_g, v_g, k_l, v_l = carry
+    lp, i_g, i_l, sliding = xs
+    h = rms_norm(x, lp["attn_norm"], cfg)
+    q, k, v = _dense(h, lp["q"]), _dense(h, lp["k"]), _dense(h, lp["v"])
+    if cfg.qkv_bias:
+        q, k, v = q + lp["q_bias"], k + lp["k_bias"], v + lp["v_bias"]
+    if cfg.qk_norm:
+        q, k = rms_norm(q, lp["q_norm"], cfg), rms_norm(k, lp["k_norm"], cfg)
+    cos = jnp.where(sliding, sh.rope_l[0], sh.rope_g[0])
+    sin = jnp.where(sliding, sh.rope_l[1], sh.rope_g[1])
+    q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+    # A layer writes the pool of its kind; the other pool's index is past its stack (the scan:
+    # a traced kind; the write is dropped) or None (unrolled: no write at all).
+    if i_g is not None:
+        k_g, v_g = _put(k_g, k, i_g, sh.where_g), _put(v_g, v, i_g, sh.where_g)
+    if i_l is not None:
+        k_l, v_l = _put(k_l, k, i_l, sh.where_l), _put(v_l, v, i_l, sh.where_l)
+
+    def attend(pool_k, pool_v, i, table, mask):
+        return _attention(q, pool_k[i], pool_v[i], table, mask, sh.positions, cfg,
+                          sh.cpu_kernel)
+
+    if i_l is None:  # no local pool, or an unrolled global layer
+        attn = attend(k_g, v_g, i_g, sh.cache.pages, jnp.where(sliding, sh.windowed, sh.causal))
+    elif i_g is None:  # an unrolled sliding layer
+        attn = attend(k_l, v_l, i_l, sh.cache.pages_local, sh.windowed)
+    else:  # scanned over both kinds: attention over the pool of this layer's kind
+        attn = jax.lax.cond(
+            sliding, lambda: attend(k_l, v_l, jnp.minimum(i_l, len(k_l) - 1),
+                                    sh.cache.pages_local, sh.windowed),
+            lambda: attend(k_g, v_g, jnp.minimum(i_g, len(k_g) - 1), sh.cache.pages,
+                           sh.causal))
+    out = _dense(attn, lp["o"], 2)
+    if cfg.sandwich_norms:
+        out = rms_norm(out, lp["post_attn_norm"], cfg)
+    x = x + out
+    out = _mlp(rms_norm(x, lp["mlp_norm"], cfg), lp, cfg)
+    if cfg.sandwich_norms:
+        out = rms_norm(out, lp["post_mlp_norm"], cfg)
+    return (x + out, k_g, v_g, k_l, v_l), None
 
 
 def _write_at(pages: jax.Array, free: jax.Array, positions: jax.Array,
