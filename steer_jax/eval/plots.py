@@ -3,11 +3,12 @@
 Figures are built on `matplotlib.figure.Figure` with an Agg canvas instead of pyplot, so drawing
 needs no display and leaves the caller's pyplot state and backend alone.
 
-- confidence_histograms: step confidences of chosen rounds with the fitted two-component mixture
-  (Figure 2).
 - large_usage: share of steps written by the large model by relative step position and by
-  difficulty, correct and wrong traces apart (Figure 5).
+  difficulty, correct and wrong traces apart (the two marginals of Figure 5).
 - accuracy_vs_flops: accuracy against FLOPs, STEER's gamma sweep as a line, baselines as points.
+
+The other figures live beside it: figures_confidence (Figure 2), figures_routing (Figures 3 and
+4), figures_usage (Figure 5's heatmaps); figures.build draws every one a set of runs has data for.
 """
 
 from __future__ import annotations
@@ -30,16 +31,11 @@ from steer_jax.eval.table import BENCHMARK_LABELS, METHOD_LABELS, pair_label, ro
 DIFFICULTY_KEYS = ("level", "difficulty", "hops")
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     FigureCanvasAgg(fig)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     return path
-
-
-def _normal_pdf(x: np.ndarray, mean: float, var: float) -> np.ndarray:
-    var = max(float(var), 1e-12)
-    return np.exp(-0.5 * (x - mean) ** 2 / var) / math.sqrt(2 * math.pi * var)
 
 
 def pick_rounds(available: Sequence[int], k: int = 4) -> list[int]:
@@ -51,59 +47,19 @@ def pick_rounds(available: Sequence[int], k: int = 4) -> list[int]:
     return [rounds[i] for i in sorted(set(idx.tolist()))]
 
 
-def confidence_histograms(
-    run: Run, path: Path, rounds: Sequence[int] | None = None, group: int | None = None
-) -> Path:
-    """Figure 2: per chosen round, a histogram of the confidences and the fitted mixture density."""
-    records = run.rounds
-    if not records:
-        raise ValueError(f"{run.path} has no rounds.jsonl to draw confidence histograms from")
-    if group is None:
-        group = min(int(r.get("group", 0)) for r in records)
-    by_round = {int(r["round"]): r for r in records if int(r.get("group", 0)) == group}
-    chosen = list(rounds) if rounds is not None else pick_rounds(list(by_round))
-    missing = [r for r in chosen if r not in by_round]
-    if missing:
-        raise ValueError(f"{run.path}: no mixture for round(s) {missing} in group {group}")
-    fig = Figure(figsize=(3.6 * len(chosen), 3.2), layout="constrained")
-    axes = fig.subplots(1, len(chosen), squeeze=False)[0]
-    for ax, r in zip(axes, chosen, strict=True):
-        rec = by_round[r]
-        conf = np.asarray(rec["confidences"], dtype=float)
-        weights, means, variances = (
-            np.asarray(rec[k], dtype=float) for k in ("weights", "means", "variances")
-        )
-        sd = np.sqrt(np.maximum(variances, 1e-12))
-        lo = min(conf.min() if conf.size else means.min(), (means - 3 * sd).min())
-        hi = max(conf.max() if conf.size else means.max(), (means + 3 * sd).max())
-        xs = np.linspace(lo, hi, 400)
-        if conf.size:
-            ax.hist(conf, bins=min(40, max(10, conf.size // 5)), density=True, color="0.8", label="steps")
-        confident = int(np.argmax(means))
-        total = np.zeros_like(xs)
-        for k in range(len(weights)):
-            comp = weights[k] * _normal_pdf(xs, means[k], variances[k])
-            total += comp
-            name = "confident" if k == confident else "unconfident"
-            # Shaded, so each component stays visible under the mixture curve it sums into.
-            ax.fill_between(
-                xs, comp, color="tab:green" if k == confident else "tab:red", alpha=0.3, label=name
-            )
-        ax.plot(xs, total, color="black", linewidth=1.5, label="mixture")
-        ax.set_title(f"round {r} (n={conf.size})")
-        ax.set_xlabel("step confidence")
-    axes[0].set_ylabel("density")
-    axes[-1].legend(fontsize="small")
-    fig.suptitle(f"{run.path.name}: step confidence and fitted mixture (group {group})")
-    return _save(fig, path)
-
-
-def _difficulty(meta: dict[str, Any]) -> tuple[str, float] | None:
+def difficulty_of(meta: dict[str, Any]) -> tuple[str, float] | None:
+    """The first DIFFICULTY_KEYS field a question's meta has, and its value (Omni-MATH's binned)."""
     for key in DIFFICULTY_KEYS:
         if meta.get(key) is not None:
             value = float(meta[key])
             return key, float(math.floor(value)) if key == "difficulty" else value
     return None
+
+
+def position_bin(i: int, n: int, bins: int) -> int:
+    """The relative-position bin of step i of n: a step spans [i/n, (i+1)/n] of its trace, and
+    its midpoint picks the bin."""
+    return min(int((i + 0.5) / n * bins), bins - 1)
 
 
 def usage_by_position(traces: list[dict[str, Any]], bins: int = 10) -> dict[bool, np.ndarray]:
@@ -114,8 +70,7 @@ def usage_by_position(traces: list[dict[str, Any]], bins: int = 10) -> dict[bool
         steps = t.get("steps") or []
         ok = bool(t.get("correct"))
         for i, step in enumerate(steps):
-            # A step spans [i/n, (i+1)/n] of its trace; its midpoint picks the bin.
-            b = min(int((i + 0.5) / len(steps) * bins), bins - 1)
+            b = position_bin(i, len(steps), bins)
             count[ok][b] += 1
             large[ok][b] += step.get("model") == "large"
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -128,7 +83,7 @@ def usage_by_difficulty(traces: list[dict[str, Any]]) -> tuple[str | None, dict[
     count: dict[bool, dict[float, int]] = {True: defaultdict(int), False: defaultdict(int)}
     key_used = None
     for t in traces:
-        found = _difficulty(t.get("meta") or {})
+        found = difficulty_of(t.get("meta") or {})
         if found is None:
             continue
         key_used, level = found
@@ -167,7 +122,7 @@ def large_usage(run: Run, path: Path, bins: int = 10) -> Path:
         axes[1].set_ylim(0, 1)
         axes[1].legend(fontsize="small")
     fig.suptitle(f"{run.path.name}: large-model usage")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def accuracy_vs_flops(runs: list[Run], path: Path) -> Path:
@@ -213,4 +168,4 @@ def accuracy_vs_flops(runs: list[Run], path: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small")
     axes[0].set_ylabel("accuracy (%)")
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -9,25 +9,15 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
 
-from steer_jax.eval import plots
+from steer_jax.eval import figures as figure_set
 from steer_jax.eval.runs import Run, expand_run_dirs, load_run
 from steer_jax.eval.table import build_table, to_markdown, to_rich, write_csv
-
-
-def _slug(run: Run, taken: set[str]) -> str:
-    base = re.sub(r"[^A-Za-z0-9_.-]+", "_", run.path.name) or "run"
-    slug, i = base, 2
-    while slug in taken:
-        slug, i = f"{base}_{i}", i + 1
-    taken.add(slug)
-    return slug
 
 
 def _write_runs_csv(runs: list[Run], path: Path) -> Path:
@@ -66,19 +56,7 @@ def report(
     for part in to_rich(table, width=console.width):
         console.print(part)
 
-    figures: list[tuple[str, Path]] = []
-    figures.append(
-        ("Accuracy against FLOPs", plots.accuracy_vs_flops(runs, out / "plots" / "accuracy_vs_flops.png"))
-    )
-    taken: set[str] = set()
-    for run in runs:
-        slug = _slug(run, taken)
-        if run.rounds:
-            path = plots.confidence_histograms(run, out / "plots" / f"confidence_{slug}.png", rounds=rounds)
-            figures.append((f"Step confidence and fitted mixture: {run.path.name}", path))
-        if run.method == "steer" and run.traces:
-            path = plots.large_usage(run, out / "plots" / f"large_usage_{slug}.png")
-            figures.append((f"Large-model usage: {run.path.name}", path))
+    figures = figure_set.build(runs, out / "plots", rounds=rounds)
 
     md = ["# STEER results", "", to_markdown(table)]
     for title, path in figures:
