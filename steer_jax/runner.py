@@ -36,7 +36,8 @@ from steer_jax.distributed import Peers, mesh_of
 from steer_jax.modeling.loading import load_model, load_tokenizer, read_config
 from steer_jax.run_config import RunConfigError, check_tokenizers, examples_of, validate
 from steer_jax.steer import SteerOptions, SteerResult, steer
-from steer_jax.store import Parts, Preempted, RoundCheckpoint, _write_atomic  # noqa: F401
+from steer_jax.parts import Parts, write_atomic
+from steer_jax.store import Preempted, RoundCheckpoint
 
 __all__ = ["Preempted", "RunConfigError", "Summary", "load_models", "run", "summarize",
            "write_run"]
@@ -347,10 +348,10 @@ def write_run(out: Path, summary: Summary, result: SteerResult, examples: list, 
         "meta": ex.meta, "stop": t.stop, "generated": t.generated, "discarded": t.discarded,
         "read": t.read, "steps": [dataclasses.asdict(s) for s in t.steps]})
         for t, ex, a, c in zip(result.traces, examples, answers, correct)]
-    _write_atomic(out / "traces.jsonl", "\n".join(lines) + "\n")
-    _write_atomic(out / "rounds.jsonl", "".join(json.dumps(dataclasses.asdict(m)) + "\n"
+    write_atomic(out / "traces.jsonl", "\n".join(lines) + "\n")
+    write_atomic(out / "rounds.jsonl", "".join(json.dumps(dataclasses.asdict(m)) + "\n"
                                                 for m in result.mixtures))
     # The summary last: its presence marks a complete run.
-    _write_atomic(out / "summary.json", json.dumps(dataclasses.asdict(summary), indent=2) + "\n")
+    write_atomic(out / "summary.json", json.dumps(dataclasses.asdict(summary), indent=2) + "\n")
 
 

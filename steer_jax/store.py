@@ -1,4 +1,4 @@
-"""A run's checkpoint store: finished parts, and the rounds of the part in flight.
+"""A run's checkpoint store: the rounds of the part in flight (finished parts: parts.py).
 
 A run survives preemption at three grains: every process's finished part is kept
 (out/parts/part_<p>.json); with `checkpoint_every` its rounds are saved every K rounds
@@ -32,9 +32,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from steer_jax.distributed import Peers
 from steer_jax.modeling.transformer import KVCache
 from steer_jax.routing.gmm import GMMParams
+from steer_jax.parts import config_changes
 from steer_jax.run_config import RunConfigError
-from steer_jax.steer import (Fit, RoundMixture, RoundProgress, RoundState, Step, SteerResult,
-                             Trace, TraceState)
+from steer_jax.calls import TraceState
+from steer_jax.round_state import Fit, RoundProgress, RoundState
 
 log = logging.getLogger(__name__)
 
@@ -42,91 +43,6 @@ log = logging.getLogger(__name__)
 class Preempted(Exception):
     """A SIGTERM stopped the run after saving its state inside the round in flight; `resume`
     continues it."""
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """A crash never leaves a half-written file: write aside, then rename over."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-
-def _config_changes(before: dict[str, Any], cfg: dict[str, Any]) -> list[str]:
-    """The top-level config keys whose values differ from a checkpoint's (as JSON sees them).
-
-    `distributed` is left out: where the processes meet changes no trace, and a pod relaunched
-    after preemption may well meet at another address.
-    """
-    now = json.loads(json.dumps(cfg))
-    keys = (set(before) | set(now)) - {"distributed"}
-    return sorted(k for k in keys if before.get(k) != now.get(k))
-
-
-def _part_to_json(result: SteerResult, wall_s: float) -> str:
-    return json.dumps({"result": dataclasses.asdict(result), "wall_s": wall_s})
-
-
-def _part_from_json(text: str) -> tuple[SteerResult, float]:
-    d = json.loads(text)
-    r = d["result"]
-    traces = [Trace(**{**t, "steps": [Step(**s) for s in t["steps"]]}) for t in r["traces"]]
-    mixtures = [RoundMixture(**m) for m in r["mixtures"]]
-    return SteerResult(traces, mixtures, r["executed_tokens"], r["params"],
-                       r.get("iterations", {})), d["wall_s"]
-
-
-_POOLS = "pools.json"  # out/parts/: the page pools cache.pages null resolved to
-
-
-class Parts:
-    """Finished parts of a run on disk (out/parts/): one per process, its slice of the traces.
-
-    Each part is written atomically once complete, beside the config it was run with; `resume`
-    reads them back instead of recomputing. Trace ids are global and seed the sampling, so a
-    resumed run writes exactly the traces an uninterrupted one would.
-    """
-
-    def __init__(self, out: Path | None, cfg: dict[str, Any], resume: bool):
-        self.dir = None if out is None else Path(out) / "parts"
-        if self.dir is None or jax.process_index() != 0:  # process 0 sets the folder up
-            return
-        stamp = self.dir / "config.json"
-        if resume and stamp.is_file():
-            changed = _config_changes(json.loads(stamp.read_text()), cfg)
-            if changed:
-                raise RunConfigError(f"cannot resume {out}: the config changed since its "
-                                     f"checkpoint ({', '.join(changed)})")
-        else:
-            if self.dir.exists():  # a fresh run: earlier parts are of another run
-                for f in [*self.dir.glob("part_*.json"), *self.dir.glob(_POOLS)]:
-                    f.unlink()
-                for d in self.dir.glob("rounds_*"):
-                    shutil.rmtree(d)
-            self.dir.mkdir(parents=True, exist_ok=True)
-            _write_atomic(stamp, json.dumps(cfg, sort_keys=True))
-
-    def _path(self, p: int) -> Path:
-        return self.dir / f"part_{p:05d}.json"
-
-    def pools(self) -> list[int | None] | None:
-        """The page pools the saved rounds were run with, when they were sized from memory
-        (a resumed run restores caches of those shapes, whatever memory says now)."""
-        path = None if self.dir is None else self.dir / _POOLS
-        return None if path is None or not path.is_file() else json.loads(path.read_text())
-
-    def save_pools(self, pools: list[int | None]) -> None:
-        if self.dir is not None and jax.process_index() == 0:
-            _write_atomic(self.dir / _POOLS, json.dumps(pools))
-
-    def load(self, p: int) -> tuple[SteerResult, float] | None:
-        if self.dir is None or not self._path(p).is_file():
-            return None
-        return _part_from_json(self._path(p).read_text())
-
-    def save(self, p: int, result: SteerResult, wall_s: float) -> None:
-        if self.dir is not None:
-            _write_atomic(self._path(p), _part_to_json(result, wall_s))
 
 
 _ROUND_FORMAT = "steer_jax.round_checkpoint"
@@ -348,7 +264,7 @@ class RoundCheckpoint:
                 meta=ocp.args.JsonRestore()))["meta"]
         if not isinstance(meta, dict) or meta.get("format") != _ROUND_FORMAT:
             raise ValueError(f"not a round checkpoint (metadata {meta!r})")
-        changed = _config_changes(meta["config"], self.meta["config"])
+        changed = config_changes(meta["config"], self.meta["config"])
         if changed:
             raise RunConfigError(f"cannot resume from {path}: the config changed since it was "
                                  f"saved ({', '.join(changed)})")

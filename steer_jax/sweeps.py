@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 from steer_jax.modeling.loading import load_tokenizer
 from steer_jax.run_config import check_tokenizers, validate
 from steer_jax.runner import Summary, load_models, run
-from steer_jax.store import _write_atomic
+from steer_jax.parts import write_atomic
 
 
 def sweep(config: dict[str, Any], gammas: Sequence[float], out: str | Path,
@@ -38,5 +38,5 @@ def sweep(config: dict[str, Any], gammas: Sequence[float], out: str | Path,
             "|---|---|---|---|---|---|"]
     rows += [f"| {s.gamma:g} | {s.accuracy:.3f} | {s.flops_per_query:.4g} | {s.a_per_f:.4g} | "
              f"{s.large_step_fraction:.1%} | {s.wall_s:.1f} |" for s in summaries]
-    _write_atomic(out / "sweep.md", "\n".join(rows) + "\n")
+    write_atomic(out / "sweep.md", "\n".join(rows) + "\n")
     return summaries
