@@ -2,6 +2,8 @@
 
 Writes into OUT: results.md (the table, then the figures), results.csv (the table at full
 precision), runs.csv (every run's summary, one line each) and plots/*.png; prints the table.
+`--best accuracy|a_per_f` shows each method's best grid point only (best.py); `--paper
+results.csv` puts the paper's rows beside ours, with the differences (paper.py).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from pathlib import Path
 
 from rich.console import Console
 
+from steer_jax.eval import paper as paper_rows
 from steer_jax.eval import plots
+from steer_jax.eval.best import CRITERIA, pick_best
 from steer_jax.eval.runs import Run, expand_run_dirs, load_run
 from steer_jax.eval.table import build_table, to_markdown, to_rich, write_csv
 
@@ -49,22 +53,36 @@ def report(
     rounds: Sequence[int] | None = None,
     console: Console | None = None,
     korbench_subsets: bool = False,
+    paper: Path | None = None,
+    best: str | None = None,
 ) -> Path:
     """Table (terminal, Markdown, CSV) and figures for `run_dirs`, written into `out`; returns out.
 
     `rounds` picks the rounds of the confidence histograms (default: up to four, spread out).
     KOR-Bench is one column (its subsets pooled, as the paper reports it) unless
-    `korbench_subsets`.
+    `korbench_subsets`. `best` ("accuracy" or "a_per_f") keeps each method's best grid point per
+    pair and benchmark in the table; `paper` (the paper's results.csv) adds its rows beside ours.
     """
     runs = [load_run(p) for p in expand_run_dirs(list(run_dirs))]
     if not runs:
         raise ValueError("no run directories given")
+    if best is not None and best not in CRITERIA:
+        raise ValueError(f"--best must be one of {', '.join(CRITERIA)}, got {best!r}")
+    published = paper_rows.load_paper(paper) if paper is not None else None
     out = Path(out)
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    table = build_table(runs, korbench_subsets=korbench_subsets)
+    chosen = pick_best(runs, best, korbench_subsets) if best is not None else None
+    shown = chosen.runs if chosen is not None else runs
+    table = build_table(shown, korbench_subsets=korbench_subsets, by_method=chosen is not None)
     console = console or Console()
+    caption = [chosen.caption, *(f"- {p}" for p in chosen.points)] if chosen is not None else []
     for part in to_rich(table, width=console.width):
         console.print(part)
+    for line in caption:
+        console.print(line, highlight=False)
+    lines = paper_rows.beside(table, shown, published) if published is not None else []
+    if lines:
+        console.print(paper_rows.to_rich(lines))
 
     figures: list[tuple[str, Path]] = []
     figures.append(
@@ -81,11 +99,16 @@ def report(
             figures.append((f"Large-model usage: {run.path.name}", path))
 
     md = ["# STEER results", "", to_markdown(table)]
+    if caption:
+        md += [*caption, ""]
+    if lines:
+        md += ["## Beside the paper", "", paper_rows.to_markdown(lines)]
     for title, path in figures:
         md += [f"## {title}", "", f"![{title}]({path.relative_to(out).as_posix()})", ""]
     md += ["## Runs", ""] + [f"- `{r.path}`" for r in runs] + [""]
     (out / "results.md").write_text("\n".join(md), encoding="utf-8")
-    write_csv(table, out / "results.csv")
+    write_csv(table, out / "results.csv",
+              extra=paper_rows.csv_columns(lines, table.benchmarks) if lines else None)
     _write_runs_csv(runs, out / "runs.csv")
     return out
 
@@ -121,10 +144,26 @@ def main_report(argv: list[str]) -> int:
         action="store_true",
         help="one column per KOR-Bench subset (default: pooled into one, as the paper reports it)",
     )
+    parser.add_argument(
+        "--paper",
+        type=Path,
+        default=None,
+        metavar="CSV",
+        help="the paper's results.csv (e.g. ../shared/paper/results.csv; table3_groups.csv beside "
+        "it is read too): its row beside each measured one, with the difference",
+    )
+    parser.add_argument(
+        "--best",
+        choices=CRITERIA,
+        default=None,
+        help="show each method's best grid point per pair and benchmark by this criterion "
+        "(ties: fewer FLOPs for accuracy, higher accuracy for A/F; runs.csv keeps every run)",
+    )
     args = parser.parse_args(argv)
     out = args.out if args.out is not None else args.run_dirs[0].resolve().parent / "report"
     try:
-        written = report(args.run_dirs, out, rounds=args.rounds, korbench_subsets=args.korbench_subsets)
+        written = report(args.run_dirs, out, rounds=args.rounds, korbench_subsets=args.korbench_subsets,
+                         paper=args.paper, best=args.best)
     except (FileNotFoundError, ValueError) as e:
         print(f"steer-jax report: {e}", file=sys.stderr)
         return 2
