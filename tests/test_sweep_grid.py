@@ -10,12 +10,15 @@ import pytest
 import yaml
 
 from steer_jax import cli, sweeps
+from steer_jax.eval.pairs import pair_of
+from steer_jax.eval.runs import load_run
 from steer_jax.run_config import RunConfigError
 from steer_jax.sweeps import grid_points, parse_grid
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = {"small": str(REPO / "models" / "demo-qwen2-small"),
           "large": str(REPO / "models" / "demo-qwen2-large"), "dtype": "float32",
+          "pair": "demo-qwen2",
           "benchmark": {"name": "demo", "limit": 3},
           "steer": {"max_steps": 3, "max_step_tokens": 24, "max_new_tokens": 72,
                     "confidence": "max_prob"}}
@@ -98,6 +101,7 @@ def test_a_two_by_two_grid_writes_every_point(tmp_path: Path) -> None:
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert cells[:3] == [str(groups), method, f"{summary['accuracy']:.3f}"]
         assert cells[-2] == run_dir.name
+        assert pair_of(load_run(run_dir)) == "demo-qwen2"  # the config's pair, kept with the run
     # K groups fit a mixture each: the K=2 STEER run logged two per round, the K=1 one one.
     rounds = {k: [json.loads(x) for x in (out / f"groups_{k}__method_steer" / "rounds.jsonl")
                   .read_text().splitlines()] for k in (1, 2)}

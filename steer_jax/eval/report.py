@@ -22,7 +22,7 @@ from steer_jax.eval import paper as paper_rows
 from steer_jax.eval import plots
 from steer_jax.eval.best import CRITERIA, pick_best
 from steer_jax.eval.runs import Run, expand_run_dirs, load_run
-from steer_jax.eval.table import build_table, to_markdown, to_rich, write_csv
+from steer_jax.eval.table import ResultsTable, build_table, to_markdown, to_rich, write_csv
 
 
 def _slug(run: Run, taken: set[str]) -> str:
@@ -45,6 +45,25 @@ def _write_runs_csv(runs: list[Run], path: Path) -> Path:
             row = {k: json.dumps(v) if isinstance(v, (dict, list)) else v for k, v in run.summary.items()}
             writer.writerow({"run_dir": str(run.path), **row})
     return path
+
+
+def _tables(runs: list[Run], console: Console, korbench_subsets: bool,
+            published: paper_rows.Paper | None, best: str | None
+            ) -> tuple[ResultsTable, list[str], list[paper_rows.Line]]:
+    """The results table (with `best`, each method's best grid point only, and the caption that
+    says how they were chosen) and the paper's rows beside it; all printed on `console`."""
+    chosen = pick_best(runs, best, korbench_subsets) if best is not None else None
+    shown = chosen.runs if chosen is not None else runs
+    table = build_table(shown, korbench_subsets=korbench_subsets, by_method=chosen is not None)
+    caption = [chosen.caption, *(f"- {p}" for p in chosen.points)] if chosen is not None else []
+    for part in to_rich(table, width=console.width):
+        console.print(part)
+    for line in caption:
+        console.print(line, highlight=False)
+    lines = paper_rows.beside(table, shown, published) if published is not None else []
+    if lines:
+        console.print(paper_rows.to_rich(lines))
+    return table, caption, lines
 
 
 def report(
@@ -71,18 +90,8 @@ def report(
     published = paper_rows.load_paper(paper) if paper is not None else None
     out = Path(out)
     (out / "plots").mkdir(parents=True, exist_ok=True)
-    chosen = pick_best(runs, best, korbench_subsets) if best is not None else None
-    shown = chosen.runs if chosen is not None else runs
-    table = build_table(shown, korbench_subsets=korbench_subsets, by_method=chosen is not None)
     console = console or Console()
-    caption = [chosen.caption, *(f"- {p}" for p in chosen.points)] if chosen is not None else []
-    for part in to_rich(table, width=console.width):
-        console.print(part)
-    for line in caption:
-        console.print(line, highlight=False)
-    lines = paper_rows.beside(table, shown, published) if published is not None else []
-    if lines:
-        console.print(paper_rows.to_rich(lines))
+    table, caption, lines = _tables(runs, console, korbench_subsets, published, best)
 
     figures: list[tuple[str, Path]] = []
     figures.append(
@@ -99,10 +108,8 @@ def report(
             figures.append((f"Large-model usage: {run.path.name}", path))
 
     md = ["# STEER results", "", to_markdown(table)]
-    if caption:
-        md += [*caption, ""]
-    if lines:
-        md += ["## Beside the paper", "", paper_rows.to_markdown(lines)]
+    md += [*caption, ""] if caption else []
+    md += ["## Beside the paper", "", paper_rows.to_markdown(lines)] if lines else []
     for title, path in figures:
         md += [f"## {title}", "", f"![{title}]({path.relative_to(out).as_posix()})", ""]
     md += ["## Runs", ""] + [f"- `{r.path}`" for r in runs] + [""]
