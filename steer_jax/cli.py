@@ -79,20 +79,23 @@ def _run(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from steer_jax.run_config import load_config
     from steer_jax.runner import Preempted
-    from steer_jax.sweeps import sweep
+    from steer_jax.sweeps import DEFAULT_GAMMAS, parse_grid, sweep
 
     config = load_config(args.config, args.set)
-    gammas = [float(g) for g in args.gammas.split(",")]
+    # --gammas is `--grid steer.gamma=...`; with neither flag, the default gammas.
+    gammas = [] if args.gammas is None and args.grid else \
+        [f"steer.gamma={args.gammas or DEFAULT_GAMMAS}"]
+    grid = parse_grid(gammas + args.grid)
     try:
         with _progress_bar() as progress:
-            summaries = sweep(config, gammas, args.out, progress=progress, resume=args.resume,
+            summaries = sweep(config, grid, args.out, progress=progress, resume=args.resume,
                               checkpoint_every=args.checkpoint_every)
     except Preempted as e:
         print(f"steer-jax: {e} (--resume)", file=sys.stderr)
         return PREEMPTED
     for s in summaries:
         _print_summary(s)
-    print(f"wrote {args.out}/gamma_*/ and {args.out}/sweep.md")
+    print(f"wrote a run directory per grid point under {args.out}/ and {args.out}/sweep.md")
     return 0
 
 
@@ -199,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     gen.set_defaults(func=_generate)
 
     for name, func, text in (("run", _run, "run one config"),
-                             ("sweep", _sweep, "run a config over a list of gamma values"),
+                             ("sweep", _sweep, "run a config at every point of a grid of "
+                              "option values"),
                              ("train-router", _train_router,
                               "train the query_router baseline on router.train")):
         p = sub.add_parser(name, help=text)
@@ -209,7 +213,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--out", required=True, help="output directory (router: its checkpoint)")
         p.set_defaults(func=func)
         if name == "sweep":
-            p.add_argument("--gammas", default="0.1,0.3,0.5,0.7,0.9")
+            p.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                           help="a config key and its values (YAML scalars), e.g. "
+                           "steer.groups=1,2,5,10 or method=steer,specreason; repeat to cross "
+                           "several; one run directory per point")
+            p.add_argument("--gammas", default=None, metavar="G1,G2,...",
+                           help="shorthand for --grid steer.gamma=G1,G2,... (the default "
+                           "without --grid: 0.1,0.3,0.5,0.7,0.9)")
         if name in ("run", "sweep"):
             p.add_argument("--resume", action="store_true",
                            help="continue a killed run from the parts it finished and its "

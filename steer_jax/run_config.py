@@ -20,6 +20,7 @@ class RunConfigError(ValueError):
 # The config schema: section -> allowed keys (None: a scalar top-level key).
 SCHEMA: dict[str, tuple[str, ...] | None] = {
     "small": None, "large": None, "method": None, "dtype": None, "scan_layers": None,
+    "pair": None,
     "benchmark": ("name", "path", "offset", "limit"),
     "sampling": ("temperature", "top_p", "seed"),
     "steer": ("gamma", "max_steps", "max_step_tokens", "max_new_tokens", "delimiter",
@@ -89,6 +90,9 @@ def validate(config: dict[str, Any]) -> tuple[dict[str, Any], SteerOptions]:
             raise RunConfigError(f"config key {key!r} (a local checkpoint directory) is missing")
     if not cfg["benchmark"].get("name"):
         raise RunConfigError("config key 'benchmark.name' is missing")
+    if not (cfg.get("pair") is None or isinstance(cfg["pair"], str)):
+        raise RunConfigError(f"pair (the paper's name of the model pair, e.g. gemma-3-4b-12b) "
+                             f"must be a string, got {cfg['pair']!r}")
     if not (cfg["scan_layers"] is None or isinstance(cfg["scan_layers"], bool)):
         raise RunConfigError("scan_layers must be true, false or null (null: unrolled except on "
                              f"TPUs), got {cfg['scan_layers']!r}")

@@ -12,6 +12,7 @@ import yaml
 
 from steer_jax.eval import BENCHMARKS
 from steer_jax.eval.benchmarks import MATH_BENCHMARKS
+from steer_jax.eval.pairs import PAPER_PAIRS
 
 PAPER = Path(__file__).resolve().parents[1] / "configs" / "paper"
 BROAD = ("acpbench", "musique", "korbench_cipher", "korbench_counterfactual", "korbench_logic")
@@ -20,7 +21,7 @@ SETTINGS = {
     ("gemma-3-4b-it", "gemma-3-12b-it"): set(BENCHMARKS),
     ("Qwen2.5-1.5B-Instruct", "Qwen2.5-7B-Instruct"): set(BROAD),
 }
-KEYS = {"small", "large", "method", "benchmark", "sampling", "steer", "batch"}
+KEYS = {"small", "large", "pair", "method", "benchmark", "sampling", "steer", "batch"}
 STEER_KEYS = {
     "gamma",
     "max_steps",
@@ -59,6 +60,9 @@ def test_config_schema(path: Path) -> None:
     cfg = yaml.safe_load(text)
     assert set(cfg) == KEYS
     assert cfg["small"].startswith("/path/to/") and cfg["large"].startswith("/path/to/")
+    # The pair the report matches the paper's rows by: the one its checkpoints are.
+    assert PAPER_PAIRS[cfg["pair"]] == (Path(cfg["small"]).name, Path(cfg["large"]).name)
+    assert path.name.startswith(cfg["pair"] + "_")
     assert cfg["method"] == "steer"
     assert set(cfg["benchmark"]) == {"name", "path", "limit"}
     assert cfg["benchmark"]["name"] in BENCHMARKS

@@ -127,14 +127,14 @@ def write(shared: Path, out: Path = HERE) -> list[Path]:
                         f"# judge prompt) = {budget}: the paper's {PAPER_BUDGET} does not fit.",
                         f"# Counted by {how}."]
             lines = header(small, large, benchmark, table, rows, note) + config_lines(
-                small, large, benchmark, budget)
+                small, large, pair, benchmark, budget)
             path = out / f"{pair}_{benchmark}.yaml"
             path.write_text("\n".join(lines) + "\n")
             written.append(path)
     return written
 
 
-def config_lines(small: str, large: str, benchmark: str, budget: int) -> list[str]:
+def config_lines(small: str, large: str, pair: str, benchmark: str, budget: int) -> list[str]:
     aggregate = "math" if benchmark in ("math500", "omnimath", "aime") else "all"
     steer: dict[str, Any] = {
         "gamma": 0.5, "max_steps": 64, "max_step_tokens": 256, "max_new_tokens": budget,
@@ -142,6 +142,7 @@ def config_lines(small: str, large: str, benchmark: str, budget: int) -> list[st
         "source": "small", "groups": 1, "refine": "first", "policy": "posterior",
         "percentile": 0.3, "threshold": "null"}
     return [f"small: /path/to/{small}   # local HF dir", f"large: /path/to/{large}",
+            f"pair: {pair}   # the paper's name for it: `steer-jax report --paper` matches by it",
             "method: steer            # steer | small_only | large_only | specreason | rsd | "
             "query_router",
             f"benchmark: {{name: {benchmark}, path: null, limit: null}}",

@@ -26,6 +26,7 @@ from typing import Any, Collection
 from rich.table import Table
 
 from steer_jax.eval.benchmarks import BENCHMARKS
+from steer_jax.eval.pairs import pair_of
 from steer_jax.eval.runs import METHODS, VARIANT_KEYS, Run
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ class ResultsTable:
     benchmarks: list[str]
     rows: list[str]
     cells: dict[tuple[str, str], Cell] = field(default_factory=dict)
+    # The run directories behind each cell (a pooled KOR-Bench cell: one per subset).
+    members: dict[tuple[str, str], list[Path]] = field(default_factory=dict)
 
     def average(self, row: str) -> tuple[Cell | None, int]:
         present = [self.cells[(row, b)] for b in self.benchmarks if (row, b) in self.cells]
@@ -97,6 +100,11 @@ def _params_label(value: Any) -> str:
 
 
 def pair_label(run: Run) -> str:
+    """The paper's name of the run's pair when it is one of them (pairs.py), else its sizes:
+    two pairs of one size (Qwen2.5-Math and Qwen2.5 1.5B/7B) stay apart when known."""
+    known = pair_of(run)
+    if known is not None:
+        return known
     small, large = run.pair
     return f"{_params_label(small)}/{_params_label(large)}"
 
@@ -110,6 +118,11 @@ def varying(runs: list[Run]) -> dict[str, set[str]]:
                        if (methods is None or method in methods)
                        and len({repr(r.option(key)) for r in mine}) > 1}
     return out
+
+
+def method_label(run: Run, with_pair: bool = False) -> str:
+    label = METHOD_LABELS.get(run.method, run.method)
+    return f"{pair_label(run)} {label}" if with_pair else label
 
 
 def row_label(run: Run, with_pair: bool = False, keys: Collection[str] = ()) -> str:
@@ -128,12 +141,16 @@ def _row_key(run: Run) -> tuple:
             run.variant([k for k, _, _ in VARIANT_KEYS]))
 
 
-def _labels(runs: list[Run], with_pair: bool) -> dict[Path, str]:
-    """Each run's row label; runs that would share a cell (the same label and benchmark: their
-    configs differ in nothing the label shows) get their directory's name too, so no run is
-    dropped or merged into another's cell."""
-    keys = varying(runs)
-    labels = {r.path: row_label(r, with_pair, keys[r.method]) for r in runs}
+def _labels(runs: list[Run], with_pair: bool, by_method: bool = False) -> dict[Path, str]:
+    """Each run's row label (`by_method`: the method and pair alone, for one chosen run per
+    method, pair and benchmark); runs that would share a cell (the same label and benchmark:
+    their configs differ in nothing the label shows) get their directory's name too, so no run
+    is dropped or merged into another's cell."""
+    if by_method:
+        labels = {r.path: method_label(r, with_pair) for r in runs}
+    else:
+        keys = varying(runs)
+        labels = {r.path: row_label(r, with_pair, keys[r.method]) for r in runs}
     seen: dict[tuple[str, str], list[Run]] = {}
     for r in runs:
         seen.setdefault((labels[r.path], r.benchmark), []).append(r)
@@ -146,15 +163,17 @@ def _labels(runs: list[Run], with_pair: bool) -> dict[Path, str]:
     return labels
 
 
-def build_table(runs: list[Run], korbench_subsets: bool = False) -> ResultsTable:
+def build_table(runs: list[Run], korbench_subsets: bool = False,
+                by_method: bool = False) -> ResultsTable:
     """One cell per (row, benchmark), every run in a cell of its own (`_labels`). KOR-Bench's
-    subsets are pooled into one column unless `korbench_subsets`."""
-    with_pair = len({r.pair for r in runs}) > 1
+    subsets are pooled into one column unless `korbench_subsets`. `by_method`: rows named by
+    method and pair alone (runs already cut to one per method, pair and benchmark: best.py)."""
+    with_pair = len({pair_label(r) for r in runs}) > 1
     known = [b for b in BENCHMARKS if any(r.benchmark == b for r in runs)]
     extra = sorted({r.benchmark for r in runs} - set(BENCHMARKS))
     rows: list[str] = []
     table = ResultsTable(benchmarks=known + extra, rows=rows)
-    labels = _labels(runs, with_pair)
+    labels = _labels(runs, with_pair, by_method)
     for run in sorted(runs, key=_row_key):
         if labels[run.path] not in rows:
             rows.append(labels[run.path])
@@ -167,6 +186,7 @@ def build_table(runs: list[Run], korbench_subsets: bool = False) -> ResultsTable
             source=run.path,
             n=None if n is None else int(n),
         )
+        table.members[(labels[run.path], run.benchmark)] = [run.path]
     return table if korbench_subsets else _pool_korbench(table)
 
 
@@ -178,11 +198,13 @@ def _pool_korbench(table: ResultsTable) -> ResultsTable:
     benchmarks = [b for b in table.benchmarks if b not in subsets]
     benchmarks.insert(at, KORBENCH)
     cells = {k: c for k, c in table.cells.items() if k[1] not in subsets}
+    members = {k: m for k, m in table.members.items() if k[1] not in subsets}
     for row in table.rows:
         parts = [table.cells[(row, b)] for b in subsets if (row, b) in table.cells]
         if parts:
             cells[(row, KORBENCH)] = pool(parts)
-    return ResultsTable(benchmarks=benchmarks, rows=table.rows, cells=cells)
+            members[(row, KORBENCH)] = [p for b in subsets for p in table.members.get((row, b), [])]
+    return ResultsTable(benchmarks=benchmarks, rows=table.rows, cells=cells, members=members)
 
 
 def _fmt(cell: Cell | None) -> tuple[str, str, str]:
@@ -262,12 +284,18 @@ def to_rich(table: ResultsTable, width: int = 120) -> list[Table]:
     return tables
 
 
-def write_csv(table: ResultsTable, path: Path) -> Path:
-    """Full-precision values, one row per method, the same columns as the Markdown table."""
+def write_csv(table: ResultsTable, path: Path,
+              extra: dict[str, dict[str, Any]] | None = None) -> Path:
+    """Full-precision values, one row per method, the same columns as the Markdown table;
+    `extra` adds columns to rows (row -> column -> value; paper.py's paper rows), in the order
+    they first appear, empty where a row has none."""
+    extra = extra or {}
     fields = ["method"]
     for b in table.benchmarks:
         fields += [f"{b}_acc", f"{b}_flops_1e12", f"{b}_a_per_f"]
     fields += ["avg_acc", "avg_flops_1e12", "avg_a_per_f", "avg_n_benchmarks"]
+    for columns in extra.values():
+        fields += [c for c in columns if c not in fields]
     with path.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
@@ -283,5 +311,5 @@ def write_csv(table: ResultsTable, path: Path) -> Path:
             if avg is not None:
                 record.update({"avg_acc": avg.acc, "avg_flops_1e12": avg.flops, "avg_a_per_f": avg.a_per_f})
             record["avg_n_benchmarks"] = n
-            writer.writerow(record)
+            writer.writerow({**record, **extra.get(row, {})})
     return path
