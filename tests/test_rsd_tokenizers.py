@@ -152,6 +152,15 @@ def test_scores_equal_hf_and_every_read_is_billed(pair, foreign):
         if any(s.score is not None for s in t.steps))
 
 
+def test_continuous_checks_drafts_at_their_boundaries_on_the_kept_text(pair, foreign):
+    cont = dict(schedule="continuous", chunk=4)
+    kept = _run(pair, foreign, prm_threshold=0.0, **cont)
+    median = np.median([s.score for t in kept.traces for s in t.steps if s.score is not None])
+    res = _run(pair, foreign, prm_threshold=float(median), **cont)
+    assert _check_scores(pair, foreign, res) > 0
+    assert any(s.model == "large" for t in res.traces for s in t.steps)
+
+
 def test_evicted_prm_rows_read_their_text_again(pair, foreign):
     # Pools of 16-token pages: the PRM's holds fewer traces than run, so calls evict and rows
     # read their question and kept steps again, and are billed for it.
