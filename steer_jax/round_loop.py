@@ -106,6 +106,7 @@ class RoundLoop:
     digits: jax.Array | None = None  # specreason: the digit tokens 0-9
     threshold: jax.Array | None = None  # specreason's or rsd's acceptance threshold
     fixed_large: jax.Array | None = None  # query_router: [B] the large model answers
+    text_prm: Any = None  # rsd, a PRM of another tokenizer: baselines.prm_text.TextPRM reads text
     on_call: Callable[[RoundState], None] | None = None
 
     @property
@@ -224,6 +225,8 @@ class RoundLoop:
     def verify(self, s: RoundState, side: Side, rows: jax.Array) -> RoundState:
         """A verifier (SpecReason's judge, RSD's PRM) scores `rows`' newest step; the ones it
         rejects join the round's rejections."""
+        if side.stream == PRM and self.text_prm is not None:
+            return self.text_prm.verify(self, s, rows)
         extra = 0 if self.suffix is None else len(self.suffix)
 
         def op(s: RoundState, take: jax.Array, count: int, width: int, span: int) -> RoundState:
@@ -247,8 +250,10 @@ class RoundLoop:
         for side, cache in zip(self.sides, s.caches):
             # Small and judge keep the token before the step pending; the PRM keeps it read.
             keep = trace.total if side.stream == PRM else trace.total - 1
-            # No further back than the round's start: the sliding layers still see it.
-            caches.append(_rollback(cache, jnp.where(rejected, keep, self.slots)))
+            # No further back than the round's start: the sliding layers still see it. A PRM
+            # reading text has its own positions, and cut its rejected drafts itself.
+            caches.append(cache if side.stream == PRM and self.text_prm is not None
+                          else _rollback(cache, jnp.where(rejected, keep, self.slots)))
         return dataclasses.replace(s, trace=trace, caches=tuple(caches))
 
     def fit(self, s: RoundState, among: jax.Array, who: str,

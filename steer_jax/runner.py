@@ -195,6 +195,8 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
         initialize(cfg)  # before anything touches a device
     tokenizer, examples, prompts = _inputs(cfg, opts, models)
     small, large, extra, mesh = _models(cfg, opts, models, tokenizer, prompts)
+    if "prm" in extra:
+        extra["prm_questions"] = [ex.question for ex in examples]
     parts = Parts(out, cfg, resume)
     n_proc, me = jax.process_count(), jax.process_index()
     _barrier(n_proc, "steer-jax: parts folder ready")
@@ -261,8 +263,8 @@ def _models(cfg: dict[str, Any], opts: SteerOptions, models: tuple | None, token
     if opts.method == "rsd":
         extra["prm"] = load_model(cfg["rsd"]["prm"], cfg["dtype"], value_head=True,
                                   scan_layers=cfg["scan_layers"], mesh=mesh)
-        check_tokenizers(tokenizer, load_tokenizer(cfg["rsd"]["prm"]), cfg["small"],
-                         cfg["rsd"]["prm"])
+        # A PRM of another vocabulary reads the questions and steps as text (prm_text).
+        extra["prm_tokenizer"] = load_tokenizer(cfg["rsd"]["prm"])
     if opts.method == "query_router":
         from steer_jax.baselines.query_router import load_router, prompt_features, route
 
@@ -313,7 +315,8 @@ def _steer_part(cfg: dict[str, Any], opts: SteerOptions, parts: Parts, models: t
         if progress and resume_from is not None and resume_from.within is not None:
             progress(resume_from.round, opts.max_steps, f"{opts.method}: resuming round "
                      f"{resume_from.round + 1} after its call {resume_from.within.calls}")
-        part_extra = {k: (v[lo:hi] if k == "route_queries" else v) for k, v in extra.items()}
+        part_extra = {k: (v[lo:hi] if k in ("route_queries", "prm_questions") else v)
+                      for k, v in extra.items()}
         result = steer(small, large, tokenizer, prompts[lo:hi], opts, trace_ids=range(lo, hi),
                        progress=report, on_round=rounds, on_call=rounds, resume_from=resume_from,
                        batch_size=cfg["batch"]["size"], page_size=cfg["cache"]["page_size"],

@@ -47,11 +47,12 @@ import numpy as np
 
 from steer_jax import distributed, round_loop
 from steer_jax.baselines.judge import JUDGE_PROMPT, digit_tokens, judge_suffix
+from steer_jax.baselines.prm_text import TextPRM, same_vocabulary
 from steer_jax.call_shapes import _Shapes
-from steer_jax.calls import ENDED, RUNNING, StepSpec, TraceState
+from steer_jax.calls import ENDED, PRM, RUNNING, SMALL, StepSpec, TraceState
 from steer_jax.decoding.generate import check_prompts
 from steer_jax.decoding.steps import vocab_masks
-from steer_jax.modeling.transformer import Model
+from steer_jax.modeling.transformer import Model, local_layers
 from steer_jax.options import CHUNK_TOKENS, METHODS, SteerOptions
 from steer_jax.results import STOPS, RoundMixture, Step, SteerResult, Trace, collect
 from steer_jax.calls import MODEL_NAMES
@@ -66,6 +67,7 @@ __all__ = ["CHUNK_TOKENS", "JUDGE_PROMPT", "METHODS", "MODEL_NAMES", "PHASES", "
 def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence[int]],
           options: SteerOptions | None = None, *, trace_ids: Sequence[int] | None = None,
           prm: Model | None = None, route_queries: Sequence[bool] | None = None,
+          prm_tokenizer: Any = None, prm_questions: Sequence[str] | None = None,
           progress: Callable[[int, int], None] | None = None,
           on_round: Callable[[RoundState], None] | None = None,
           on_call: Callable[[RoundState], None] | None = None,
@@ -77,8 +79,11 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
 
     Options come as a `SteerOptions` or as its fields by keyword, e.g. `gamma=0.7`. Trace ids
     (default 0..n-1) seed each trace's sampling, so a trace does not depend on its batch.
-    `rsd` needs `prm`, a reward model with a value head; `query_router` needs `route_queries`,
-    one decision per prompt (True: the large model answers it).
+    `rsd` needs `prm`, a reward model with a value head. With `prm_tokenizer` of another
+    vocabulary than `tokenizer`'s, the PRM reads the question (`prm_questions`, one per prompt;
+    default: the prompts decoded) and the steps as text in its own tokens (baselines.prm_text);
+    otherwise it reads the trace's tokens. `query_router` needs `route_queries`, one decision
+    per prompt (True: the large model answers it).
 
     Each round fits its mixture once over every running trace; under `schedule="continuous"` a
     round is one call of `chunk` tokens per model, and a trace is routed in the round its step
@@ -99,7 +104,8 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
     from it to the result an uninterrupted run gives.
     """
     loop, state = prepare(small, large, tokenizer, prompts, options, trace_ids=trace_ids,
-                          prm=prm, route_queries=route_queries, on_call=on_call,
+                          prm=prm, route_queries=route_queries, prm_tokenizer=prm_tokenizer,
+                          prm_questions=prm_questions, on_call=on_call,
                           resume_from=resume_from, batch_size=batch_size, page_size=page_size,
                           pool_pages=pool_pages, peers=peers, **kwargs)
     state = loop.run(state, on_round=on_round, progress=progress)
@@ -110,6 +116,7 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
 def prepare(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence[int]],
             options: SteerOptions | None = None, *, trace_ids: Sequence[int] | None = None,
             prm: Model | None = None, route_queries: Sequence[bool] | None = None,
+            prm_tokenizer: Any = None, prm_questions: Sequence[str] | None = None,
             on_call: Callable[[RoundState], None] | None = None,
             resume_from: RoundState | None = None, batch_size: int | None = None,
             page_size: int = 64,
@@ -132,6 +139,7 @@ def prepare(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequen
         digits = jnp.asarray(digit_tokens(tokenizer), jnp.int32)
     slots, local_span, pools = _layout(models, prompts, opts, page_size, pool_pages,
                                        0 if suffix is None else len(suffix))
+    text_prm = _text_prm(opts, prm, tokenizer, prm_tokenizer, prm_questions, prompts, page_size)
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch.size must be a positive integer or null, got {batch_size!r}")
     # A resumed run takes its caches over instead of allocating fresh ones beside them.
@@ -139,8 +147,11 @@ def prepare(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequen
     if len(caches) != len(models):
         raise ValueError(f"resume_from holds {len(caches)} caches; method {opts.method!r} "
                          f"keeps {len(models)}")
+    # A PRM reading text holds its own stream: its own slots; vocabulary tables it never uses.
+    own = [text_prm is not None and i == PRM for i in range(len(models))]
     sides, caches = zip(*(side_and_cache(
-        m, i, vocab_masks(tokenizer, m.config.vocab_size, opts.delimiter), B, slots, page_size,
+        m, i, vocab_masks(tokenizer, models[SMALL if own[i] else i].config.vocab_size,
+                          opts.delimiter), B, text_prm.slots if own[i] else slots, page_size,
         pools[i], c) for i, (m, c) in enumerate(zip(models, caches))))
     peers = peers or distributed.Peers((B,), 0)
     if peers.sizes[peers.index] != B:
@@ -165,13 +176,32 @@ def prepare(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequen
                               else opts.prm_threshold),
         fixed_large=None if route_queries is None else jnp.asarray(np.asarray(route_queries,
                                                                               bool)),
-        on_call=on_call)
+        text_prm=text_prm, on_call=on_call)
     fresh = _fresh_traces(prompts, slots, opts.max_steps)
     if resume_from is None:
         return loop, loop.start(RoundState(0, fresh, tuple(caches), None, ()))
     _check_resumable(resume_from, fresh)
     return loop, dataclasses.replace(resume_from, caches=tuple(caches),
                                      fits=tuple(resume_from.fits))
+
+
+def _text_prm(opts: SteerOptions, prm: Model | None, tokenizer: Any, prm_tokenizer: Any,
+              questions: Sequence[str] | None, prompts: Sequence[Sequence[int]],
+              page_size: int) -> TextPRM | None:
+    """RSD's reader of text, for a PRM whose tokenizer is not the policy models'; else None."""
+    if opts.method != "rsd" or prm_tokenizer is None or same_vocabulary(tokenizer,
+                                                                         prm_tokenizer):
+        return None
+    if questions is None:
+        questions = [tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+    if len(questions) != len(prompts):
+        raise ValueError(f"prm_questions holds {len(questions)} questions for {len(prompts)} "
+                         "prompts")
+    if local_layers(prm.config):
+        raise ValueError("a process reward model with a sliding-window layers' pool cannot read "
+                         "text in its own tokens (that pool slides with the trace's positions)")
+    return TextPRM.build(tokenizer, prm_tokenizer, questions, prm.config.max_position_embeddings,
+                         opts.max_new_tokens, opts.max_steps, page_size)
 
 
 def _layout(models: Sequence[Model], prompts: Sequence[Sequence[int]], opts: SteerOptions,
