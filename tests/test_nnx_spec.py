@@ -153,10 +153,27 @@ def test_init_values(family):
         np.testing.assert_array_equal(params["v_head"]["b"], 0.0)
 
 
+def test_init_draws_one_key_per_random_parameter_in_declaration_order():
+    # The documented contract (module.py): the key split in 16, normal(0.02) in float32 then
+    # cast, in the order q, k, v, o, gate, up, down, biases, embed, lm_head, v_head.w.
+    cfg = _tiny("qwen2")
+    got = module.init_params(cfg, jax.random.key(7), jnp.bfloat16)
+    keys = jax.random.split(jax.random.key(7), 16)
+    order = [("layers", n) for n in ("q", "k", "v", "o", "gate", "up", "down", "q_bias",
+                                     "k_bias", "v_bias")] + [("embed",), ("lm_head",),
+                                                             ("v_head", "w")]
+    for key, path in zip(keys, order):
+        value = got
+        for k in path:
+            value = value[k]
+        want = (0.02 * jax.random.normal(key, value.shape, jnp.float32)).astype(jnp.bfloat16)
+        np.testing.assert_array_equal(value, want, err_msg=".".join(path))
+
+
 @pytest.mark.parametrize("family", ["qwen2", "gemma3"])
 def test_module_call_equals_pure_forward_and_split_merge_round_trips(family):
     cfg = _tiny(family)
-    model = module.Transformer(cfg, rngs=nnx.Rngs(params=jax.random.key(3)))
+    model = module.Transformer(cfg, jax.random.key(3))
     graphdef, state = nnx.split(model)
     params = nnx.to_pure_dict(state)
     assert jax.tree.structure(params) == jax.tree.structure(module.param_shapes(cfg))

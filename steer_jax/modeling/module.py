@@ -27,7 +27,10 @@ Decisions:
   and no Python object crosses a `while_loop`.
 - `Layers` holds every decoder layer, each parameter stacked on a leading 'layers' axis (one
   array per name, as `lax.scan` takes them), not a list of per-layer modules.
-- Random keys: `nnx.Rngs(params=key)`, one key per random parameter in declaration order.
+- Random keys: the constructor takes one key, split in 16, and each random parameter takes the
+  next in declaration order (layers' q, k, v, o, gate, up, down, biases; then embed, lm_head,
+  v_head), so a seed's weights are those `steer-jax train-demo` started the shipped demo
+  models (models/) from.
 """
 
 from __future__ import annotations
@@ -56,12 +59,12 @@ def _normal(key: jax.Array, shape: tuple[int, ...], dtype: Any) -> jax.Array:
 class _Declare:
     """Makes one `nnx.Param` from its logical axes: shape, initializer and metadata together."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, dtype: Any) -> None:
+    def __init__(self, cfg: ModelConfig, key: jax.Array, dtype: Any) -> None:
         self.sizes = dict(layers=cfg.num_layers, vocab=cfg.vocab_size, embed=cfg.hidden_size,
                           heads=cfg.num_heads, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                           mlp=cfg.intermediate_size)
         self.neutral = 0.0 if cfg.norm_plus_one else 1.0
-        self.rngs, self.dtype = rngs, dtype
+        self.keys, self.dtype = iter(jax.random.split(key, 16)), dtype
 
     def _param(self, axes: tuple[str, ...], init: Callable[[tuple[int, ...]], jax.Array],
                **metadata: Any) -> nnx.Param:
@@ -70,7 +73,7 @@ class _Declare:
 
     def normal(self, *axes: str, contracts: int | None = None) -> nnx.Param:
         meta = {} if contracts is None else {"contracts": contracts}
-        return self._param(axes, lambda s: _normal(self.rngs.params(), s, self.dtype), **meta)
+        return self._param(axes, lambda s: _normal(next(self.keys), s, self.dtype), **meta)
 
     def norm(self, *axes: str) -> nnx.Param:
         return self._param(axes, lambda s: jnp.full(s, self.neutral, self.dtype))
@@ -112,14 +115,16 @@ class ValueHead(nnx.Module):
 
 
 class Transformer(nnx.Module):
-    """A decoder-only transformer of either family; `params()` is the pure forward's tree."""
+    """A decoder-only transformer of either family; `params()` is the pure forward's tree.
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: Any = jnp.float32) -> None:
+    `key`: split for the random parameters (see the module docstring); `dtype`: the weights'."""
+
+    def __init__(self, cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> None:
         self.config = cfg
-        p = _Declare(cfg, rngs, dtype)
+        p = _Declare(cfg, key, dtype)
+        self.layers = Layers(cfg, p)
         self.embed = p.normal("vocab", "embed")
         self.final_norm = p.norm("embed")
-        self.layers = Layers(cfg, p)
         if not cfg.tie_embeddings:
             self.lm_head = p.normal("vocab", "embed")
         if cfg.value_head:
@@ -138,12 +143,12 @@ class Transformer(nnx.Module):
 
 
 def _abstract(cfg: ModelConfig, dtype: Any = jnp.float32) -> Transformer:
-    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(params=0), dtype=dtype))
+    return nnx.eval_shape(lambda: Transformer(cfg, jax.random.key(0), dtype))
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> Params:
     """Random parameters in the steer-jax layout (tests, benchmarks, the demo trainer)."""
-    return Transformer(cfg, rngs=nnx.Rngs(params=key), dtype=dtype).params()
+    return Transformer(cfg, key, dtype).params()
 
 
 def param_shapes(cfg: ModelConfig, dtype: Any = jnp.float32) -> Params:
