@@ -46,8 +46,8 @@ import numpy as np
 from steer_jax.decoding.steps import token_texts
 from steer_jax.modeling import panel_matmul, qwen2
 from steer_jax.modeling.config import ModelConfig, RopeConfig
-from steer_jax.modeling.transformer import (KVCache, Model, forward, init_params, logits,
-                                            unstack_layers)
+from steer_jax.modeling.module import dense_inputs, init_params
+from steer_jax.modeling.transformer import KVCache, Model, forward, logits, unstack_layers
 
 REPO = Path(__file__).resolve().parents[1]
 HF_DIR = Path(os.environ.get("STEER_SHARED_DATA", REPO.parent / "shared" / "data")) / "hf"
@@ -325,7 +325,8 @@ def _like_load_model(params: dict[str, Any], dtype: Any) -> dict[str, Any]:
             panel_matmul.load()
         except panel_matmul.KernelUnavailable:
             return params
-        params = jax.jit(panel_matmul.pack_params)(params)
+        dense = dense_inputs()
+        params = jax.jit(lambda p: panel_matmul.pack_params(p, dense))(params)
     return params
 
 

@@ -41,33 +41,6 @@ RULES: dict[str, str] = {
     "vocab": "model",
 }
 
-# The logical axes of every parameter of the layout in `transformer.init_params`. Layer tensors
-# are listed without the leading 'layers' axis, which stacked parameters add in front.
-TOP_AXES: dict[str, tuple[str, ...]] = {
-    "embed": ("vocab", "embed"),
-    "lm_head": ("vocab", "embed"),
-    "final_norm": ("embed",),
-    "v_head.w": ("embed",),
-    "v_head.b": (),
-}
-LAYER_AXES: dict[str, tuple[str, ...]] = {
-    "attn_norm": ("embed",),
-    "q": ("embed", "heads", "head_dim"),
-    "k": ("embed", "kv_heads", "head_dim"),
-    "v": ("embed", "kv_heads", "head_dim"),
-    "o": ("heads", "head_dim", "embed"),
-    "q_bias": ("heads", "head_dim"),
-    "k_bias": ("kv_heads", "head_dim"),
-    "v_bias": ("kv_heads", "head_dim"),
-    "q_norm": ("head_dim",),
-    "k_norm": ("head_dim",),
-    "post_attn_norm": ("embed",),
-    "mlp_norm": ("embed",),
-    "gate": ("embed", "mlp"),
-    "up": ("embed", "mlp"),
-    "down": ("mlp", "embed"),
-    "post_mlp_norm": ("embed",),
-}
 # The page pool is one per model, shared by every row, so it is not split over 'data' (a row's
 # pages may be anywhere in it); its KV heads split over 'model' as the weights' do.
 CACHE_AXES: dict[str, tuple[str | None, ...]] = {
@@ -182,21 +155,27 @@ def _spec(name: str, shape: tuple[int, ...], axes: tuple[str | None, ...],
 
 
 def _param_axes(path: tuple[Any, ...]) -> tuple[str, tuple[str, ...]]:
-    """(canonical name, logical axes) of the parameter at a pytree path, stacked or not."""
-    keys = [k.key if hasattr(k, "key") else k.idx for k in path]
+    """(canonical name, logical axes) of the parameter at a pytree path, stacked or not: the
+    axes its `nnx.Param` declares (`modeling.module`)."""
+    # The module (and flax) on first use, not at `import steer_jax` (see modeling/loading.py).
+    from steer_jax.modeling.module import param_specs
+
+    keys = tuple(k.key if hasattr(k, "key") else k.idx for k in path)
+    declared = param_specs()
     if keys[0] == "layers":
         # Unstacked: ("layers", i, name) without the layer axis; stacked: ("layers", name).
         stacked = len(keys) == 2
         name = keys[-1]
-        if name not in LAYER_AXES:
-            raise ValueError(f"parameter layers.{name} has no partition rule in "
-                             "steer_jax.distributed.LAYER_AXES")
-        return f"layers.{name}", (("layers",) if stacked else ()) + LAYER_AXES[name]
+        if ("layers", name) not in declared:
+            raise ValueError(f"parameter layers.{name} has no partition rule: "
+                             "steer_jax.modeling.module declares no such layer parameter")
+        axes = declared[("layers", name)].axes
+        return f"layers.{name}", axes if stacked else axes[1:]
     name = ".".join(str(k) for k in keys)
-    if name not in TOP_AXES:
-        raise ValueError(f"parameter {name} has no partition rule in "
-                         "steer_jax.distributed.TOP_AXES")
-    return name, TOP_AXES[name]
+    if keys not in declared:
+        raise ValueError(f"parameter {name} has no partition rule: "
+                         "steer_jax.modeling.module declares no such parameter")
+    return name, declared[keys].axes
 
 
 def param_shardings(params: Params, mesh: Mesh) -> Params:

@@ -37,8 +37,8 @@ import jax.numpy as jnp
 
 from steer_jax.distributed import RULES, _param_axes
 from steer_jax.modeling.config import ModelConfig
-from steer_jax.modeling.transformer import param_shapes
 from steer_jax.modeling.kv_cache import local_layers
+from steer_jax.modeling.module import param_shapes
 
 DEFAULT_PAGE_SIZE = 64
 DENSE_ROUND = 64  # the dense layout rounded its slots up to a multiple of this

@@ -17,7 +17,7 @@ from steer_jax.memory import (DEFAULT_PAGE_SIZE, DENSE_ROUND, MEMORY_FRACTION, _
                               dense_trace_bytes, flat_pools, kv_bytes_per_token, pool_pages,
                               pools_of, resident_in_pool, weight_bytes)
 from steer_jax.modeling.config import ModelConfig
-from steer_jax.modeling.transformer import num_params
+from steer_jax.modeling.module import num_params
 
 
 @dataclasses.dataclass(frozen=True)

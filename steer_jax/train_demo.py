@@ -39,7 +39,8 @@ import numpy as np
 import optax
 
 from steer_jax.modeling.config import ModelConfig, RopeConfig
-from steer_jax.modeling.transformer import KVCache, Model, Params, forward, init_params, logits
+from steer_jax.modeling.module import init_params
+from steer_jax.modeling.transformer import KVCache, Model, Params, forward, logits
 
 SIZES = ("small", "large")
 FAMILIES = ("qwen2", "gemma3")

@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 import tiny
 from steer_jax import distributed, generate, load_model, load_tokenizer, steer
-from steer_jax.modeling.transformer import param_shapes
+from steer_jax.modeling.module import param_shapes
 from steer_jax.modeling.loading import read_config
 from steer_jax.modeling.transformer import KVCache, unstack_layers
 
@@ -409,7 +409,7 @@ def test_sharded_loading_peak_memory_stays_near_one_copy(tmp_path):
         import threading, time
         from steer_jax import distributed
         from steer_jax.modeling import loading
-        from steer_jax.modeling.transformer import param_shapes
+        from steer_jax.modeling.module import param_shapes
 
         def anon():
             for line in open("/proc/self/status"):

@@ -107,7 +107,8 @@ def test_config_fits_its_models_real_context(path: Path, hf_meta: Path, shared_d
 
     from steer_jax.modeling import families
     from steer_jax.modeling.loading import read_config
-    from steer_jax.modeling.transformer import Model, init_params
+    from steer_jax.modeling.module import init_params
+    from steer_jax.modeling.transformer import Model
     from steer_jax.run_config import validate
     from steer_jax.runner import _inputs
     from steer_jax.steer import prepare

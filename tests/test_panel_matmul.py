@@ -180,7 +180,7 @@ def test_pack_round_trip(shape, n_in, lead):
 
 def test_packed_embedding_rows():
     table = jnp.asarray(np.random.RandomState(2).randn(70, 24).astype(np.float32))
-    packed = pm.pack_params({"embed": table, "layers": []})["embed"]
+    packed = pm.pack_params({"embed": table, "layers": []}, {})["embed"]
     tokens = jnp.asarray([[0, 31, 32, 69], [5, 5, 64, 33]])
     np.testing.assert_array_equal(np.asarray(pm.embed(packed, tokens)),
                                   np.asarray(table[tokens]))

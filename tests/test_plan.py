@@ -18,7 +18,7 @@ from steer_jax import memory, plan
 from steer_jax.cli import main
 from steer_jax.distributed import param_shardings
 from steer_jax.modeling import families
-from steer_jax.modeling.transformer import num_params, param_shapes
+from steer_jax.modeling.module import num_params, param_shapes
 from steer_jax.modeling.loading import load_model, read_config
 
 REPO = Path(__file__).resolve().parents[1]

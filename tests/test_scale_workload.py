@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import workload as W  # noqa: E402
 from steer_jax import generate  # noqa: E402
-from steer_jax.modeling.transformer import param_shapes  # noqa: E402
+from steer_jax.modeling.module import param_shapes  # noqa: E402
 
 BUDGET, CAP, SIGNIFICANCE = 1024, 256, 1e-3
 

@@ -3,8 +3,9 @@
 Demo models (issue #7) and converted checkpoints must be shippable to anyone, so the export is the
 plain HF layout (config.json + model.safetensors + generation_config.json, and the tokenizer's
 files when given) that both `steer_jax.load_model` and transformers' `from_pretrained` read. The
-tensor names are not a second table: they are generated from the same family `RULES` the loader
-matches, so the two directions cannot drift apart.
+tensor names are not a second table: the export walks the parameters the module declares
+(`module.param_specs`) and names each by the same family `RULES` the loader matches, so the two
+directions cannot drift apart.
 """
 
 from __future__ import annotations
@@ -131,59 +132,68 @@ def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
     return hf
 
 
-def _lookup(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
-    for key in path:
-        if not isinstance(tree, dict) or key not in tree:
-            return None
-        tree = tree[key]
-    return tree
+def _rule_per_path(cfg: ModelConfig) -> dict[tuple[str, ...], weights.Rule]:
+    """The family's rule for each module path; an error where a path has two."""
+    rules: dict[tuple[str, ...], weights.Rule] = {}
+    for rule in _FAMILIES[cfg.family].RULES:
+        if rule.path in rules:
+            raise ValueError(f"two {cfg.family} rules name parameter {'.'.join(rule.path)}")
+        rules[rule.path] = rule
+    return rules
+
+
+def _tree_paths(params: dict[str, Any]) -> set[tuple[str, ...]]:
+    """Module paths of a params tree, per-layer lists read as the stacked path."""
+    layers = params.get("layers", {})
+    ours = {("layers", k) for k in (layers if isinstance(layers, dict) else layers[0])}
+    for k, v in params.items():
+        if k != "layers":
+            ours |= {(k, sub) for sub in v} if isinstance(v, dict) else {(k,)}
+    return ours
 
 
 def hf_tensors(model: Model, dtype: Any = None) -> dict[str, np.ndarray]:
     """The model's parameters as HF-named, HF-shaped host arrays (contiguous, as safetensors needs).
 
-    Layers may be stacked ([L, ...] arrays) or unstacked (a list of per-layer dicts). Raises
-    ValueError if some parameter has no HF name, so an export never silently drops a tensor.
+    Walks the parameters the module declares for the model's config (`module.param_specs`), each
+    written by its family rule. Layers may be stacked ([L, ...] arrays) or unstacked (a list of
+    per-layer dicts). Raises ValueError if a declared parameter has no HF name or is absent, or
+    the params hold one the config does not declare, so an export never silently drops a tensor.
     """
+    from steer_jax.modeling.module import param_specs  # flax on first use: see loading.py
+
     cfg, params = model.config, panel_matmul.unpack_params(model.params)
     np_dtype = np.dtype(dtype) if dtype is not None else np.dtype(model.dtype)
+    declared, ours = param_specs(cfg), _tree_paths(params)
+    if ours != set(declared):
+        raise ValueError(f"the params are not this config's parameters: undeclared "
+                         f"{sorted('.'.join(p) for p in ours - set(declared))}, missing "
+                         f"{sorted('.'.join(p) for p in set(declared) - ours)}")
+    rules = _rule_per_path(cfg)
+    unnamed = sorted(".".join(p) for p in declared if p not in rules)
+    if unnamed:
+        raise ValueError(f"parameters with no Hugging Face name in the {cfg.family} rules: "
+                         f"{unnamed}")
     layers = params["layers"]
     stacked = not isinstance(layers, (list, tuple))
-    layer_keys = set(layers) if stacked else set(layers[0])
     out: dict[str, np.ndarray] = {}
-    written: set[tuple[str, ...]] = set()
 
     def put(rule: weights.Rule, layer: int | None, value: Any) -> None:
         out[hf_name(rule, layer)] = np.ascontiguousarray(
             to_hf(rule.kind, np.asarray(value).astype(np_dtype)))
 
-    for rule in _FAMILIES[cfg.family].RULES:
-        top = rule.path[0]
-        if top == "lm_head" and cfg.tie_embeddings:
-            continue  # HF ties it to the embedding; writing it would only double the file
-        if top == "layers":
-            key = rule.path[1]
-            if key not in layer_keys:
-                continue
-            # One device->host copy per stacked parameter, not one per layer.
-            whole = np.asarray(layers[key]) if stacked else None
-            for i in range(cfg.num_layers):
-                put(rule, i, whole[i] if stacked else layers[i][key])
-        else:
-            value = _lookup(params, rule.path)
-            if value is None:
-                continue  # e.g. the value head of a plain causal LM
+    for path in declared:
+        rule = rules[path]
+        if path[0] != "layers":
+            value = params
+            for key in path:
+                value = value[key]
             put(rule, None, value)
-        written.add(rule.path)
-    ours = {("layers", k) for k in layer_keys}
-    for k, v in params.items():
-        if k != "layers":
-            ours |= {(k, sub) for sub in v} if isinstance(v, dict) else {(k,)}
-    missing = sorted(".".join(p) for p in ours - written
-                     if not (p == ("lm_head",) and cfg.tie_embeddings))
-    if missing:
-        raise ValueError(f"parameters with no Hugging Face name in the {cfg.family} rules: "
-                         f"{missing}")
+            continue
+        # One device->host copy per stacked parameter, not one per layer.
+        whole = np.asarray(layers[path[1]]) if stacked else None
+        for i in range(cfg.num_layers):
+            put(rule, i, whole[i] if stacked else layers[i][path[1]])
     return out
 
 

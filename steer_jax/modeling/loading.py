@@ -22,11 +22,19 @@ from safetensors import safe_open
 
 from steer_jax.modeling import families, gemma3, panel_matmul, qwen2, weights
 from steer_jax.modeling.config import ConfigError, ModelConfig
-from steer_jax.modeling.transformer import Model, param_shapes, unstack_layers
+from steer_jax.modeling.transformer import Model, unstack_layers
 
 _FAMILIES = {"qwen2": qwen2, "gemma3": gemma3}
 ORBAX_DIR = "orbax"  # a converted checkpoint's weights (`steer-jax convert`)
 _DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
+
+
+def _param_shapes(cfg: ModelConfig, dtype: Any = jnp.float32) -> dict[str, Any]:
+    # The module (and flax, which imports yaml) on first use, not at `import steer_jax`: a
+    # script that never builds a model never pays for them (tests/test_imports.py).
+    from steer_jax.modeling.module import param_shapes
+
+    return param_shapes(cfg, dtype)
 
 
 class CheckpointError(ValueError):
@@ -115,7 +123,7 @@ def _locate(path: Path, cfg: ModelConfig) -> dict[tuple[tuple[str, ...], int | N
     config from the files' headers alone, so a bad checkpoint fails before any byte is read."""
     family = _FAMILIES[cfg.family]
     shapes = {tuple(k.key for k in p): s.shape
-              for p, s in jax.tree_util.tree_flatten_with_path(param_shapes(cfg))[0]}
+              for p, s in jax.tree_util.tree_flatten_with_path(_param_shapes(cfg))[0]}
     where = {}
     for file in _weight_files(path):
         try:
@@ -199,7 +207,7 @@ def load_params(path: str | Path, cfg: ModelConfig, dtype: str = "bfloat16",
             return jnp.asarray(fetch((slice(None),) * len(shape)))
         return jax.make_array_from_callback(shape, sharding, fetch)
 
-    shapes = param_shapes(cfg)
+    shapes = _param_shapes(cfg)
     try:  # every read happens inside: make_array_from_callback calls back synchronously
         if shardings is None:
             return jax.tree_util.tree_map_with_path(leaf, shapes)
@@ -216,7 +224,7 @@ def is_converted(path: str | Path) -> bool:
 def load_converted(path: str | Path, cfg: ModelConfig, dtype: Any,
                    shardings: Any = None) -> dict[str, Any]:
     """Restore a converted checkpoint's parameters, each into its sharding when given."""
-    shapes = param_shapes(cfg, dtype)
+    shapes = _param_shapes(cfg, dtype)
     if shardings is None:
         # This process's own first device: in a multi-process run jax.devices()[0] is process
         # 0's, which the other processes cannot hold a shard on.
@@ -259,7 +267,7 @@ def load_model(path: str | Path, dtype: str = "bfloat16", *, value_head: bool = 
     if mesh is not None:
         from steer_jax.distributed import param_shardings
 
-        shardings = param_shardings(param_shapes(cfg), mesh)
+        shardings = param_shardings(_param_shapes(cfg), mesh)
     if is_converted(path):
         params = load_converted(path, cfg, _DTYPES[dtype], shardings)
     else:
@@ -267,8 +275,16 @@ def load_model(path: str | Path, dtype: str = "bfloat16", *, value_head: bool = 
     if not (jax.default_backend() == "tpu" if scan_layers is None else scan_layers):
         params = unstack_layers(params)
     if packed:
-        params = jax.jit(panel_matmul.pack_params)(params)
+        params = _pack(params)
     return Model(cfg, params, str(path))
+
+
+@jax.jit
+def _pack(params: dict[str, Any]) -> dict[str, Any]:
+    # One jitted function for every load, so a second load of the same shapes does not recompile.
+    from steer_jax.modeling.module import dense_inputs  # flax on first use: see _param_shapes
+
+    return panel_matmul.pack_params(params, dense_inputs())
 
 
 def _kernels_usable(dtype: str, mesh: Any, required: bool | None) -> bool:

@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +36,6 @@ ATTENTION_TARGET = "steer_jax_decode_attention"
 # (source, handler symbol, FFI target) of each CPU kernel `load` builds and registers.
 _KERNELS = ((_SOURCE, "PanelMatmul", _TARGET),
             (_SOURCE.with_name("decode_attention.cc"), "DecodeAttention", ATTENTION_TARGET))
-# The dense weights of a layer and how many leading axes each contracts (transformer._dense).
-DENSE_INPUTS = {"q": 1, "k": 1, "v": 1, "o": 2, "gate": 1, "up": 1, "down": 1}
 
 
 class KernelUnavailable(RuntimeError):
@@ -166,11 +164,13 @@ def is_panels(x: Any) -> bool:
     return isinstance(x, Panels)
 
 
-def pack_params(params: dict[str, Any]) -> dict[str, Any]:
-    """The layers' dense weights and the head (the embedding when tied) as `Panels`."""
+def pack_params(params: dict[str, Any], dense: Mapping[str, int]) -> dict[str, Any]:
+    """The layers' dense weights and the head (the embedding when tied) as `Panels`.
+
+    `dense`: layer weight name -> how many leading axes (after the layer axis) its matmul
+    contracts; the model's declaration says (`module.dense_inputs()`)."""
     def layer(lp: dict[str, Any], lead: int) -> dict[str, Any]:
-        return {k: pack(v, DENSE_INPUTS[k], lead) if k in DENSE_INPUTS else v
-                for k, v in lp.items()}
+        return {k: pack(v, dense[k], lead) if k in dense else v for k, v in lp.items()}
 
     head = "lm_head" if "lm_head" in params else "embed"  # an untied embedding is only looked up
     layers = params["layers"]

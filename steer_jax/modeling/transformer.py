@@ -1,9 +1,11 @@
-"""The decoder-only transformer both families share, as pure functions over a parameter pytree.
+"""The decoder-only transformer both families share: its math, as pure functions over a parameter
+pytree.
 
-Why pure functions and not NNX modules: the parameters are a plain dict whose leaves map one to one
-onto checkpoint tensors and onto sharding rules, the KV cache is a registered dataclass threaded
-through `lax.while_loop` by the decoder, and nothing carries hidden state between calls. Layers are
-stacked on a leading axis and run under `lax.scan`, so a 28-layer model compiles as one layer.
+The parameters are declared in `module.py` (the `flax.nnx` port: shapes, initializers, logical
+axes); this file computes with the plain tree that module's state is (`Transformer.params()`), so
+the decoder can thread it, with the KV cache (a registered dataclass), through `lax.while_loop`
+with no Python object crossing the loop, and nothing carries hidden state between calls. Layers
+are stacked on a leading axis and run under `lax.scan`, so a 28-layer model compiles as one layer.
 
 Every call goes through the KV cache: a plain causal forward is a prefill into an empty cache of
 the sequence's length. Rows hold their tokens at slots 0..length-1 of their pages; the slot index is
@@ -27,45 +29,6 @@ from steer_jax.modeling.config import ModelConfig
 from steer_jax.modeling.kv_cache import KVCache, local_layers
 
 Params = dict[str, Any]
-
-
-def init_params(cfg: ModelConfig, key: jax.Array, dtype: Any = jnp.float32) -> Params:
-    """Random parameters in the steer-jax layout (tests, benchmarks and `jax.eval_shape`)."""
-    L, D, F = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size
-    H, K, hd, V = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
-    keys = iter(jax.random.split(key, 16))
-
-    def normal(*shape: int) -> jax.Array:
-        return (0.02 * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
-
-    def norm(*shape: int) -> jax.Array:
-        return jnp.full(shape, 0.0 if cfg.norm_plus_one else 1.0, dtype)
-
-    layers = dict(attn_norm=norm(L, D), q=normal(L, D, H, hd), k=normal(L, D, K, hd),
-                  v=normal(L, D, K, hd), o=normal(L, H, hd, D), mlp_norm=norm(L, D),
-                  gate=normal(L, D, F), up=normal(L, D, F), down=normal(L, F, D))
-    if cfg.qkv_bias:
-        layers.update(q_bias=normal(L, H, hd), k_bias=normal(L, K, hd), v_bias=normal(L, K, hd))
-    if cfg.qk_norm:
-        layers.update(q_norm=norm(L, hd), k_norm=norm(L, hd))
-    if cfg.sandwich_norms:
-        layers.update(post_attn_norm=norm(L, D), post_mlp_norm=norm(L, D))
-    params: Params = dict(embed=normal(V, D), final_norm=norm(D), layers=layers)
-    if not cfg.tie_embeddings:
-        params["lm_head"] = normal(V, D)
-    if cfg.value_head:
-        params["v_head"] = dict(w=normal(D), b=jnp.zeros((), dtype))
-    return params
-
-
-def param_shapes(cfg: ModelConfig, dtype: Any = jnp.float32) -> dict[str, Any]:
-    """Abstract parameters (`jax.ShapeDtypeStruct`), no memory: the model's parameter tree."""
-    return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), dtype))
-
-
-def num_params(cfg: ModelConfig) -> int:
-    """Total parameter count; tied embeddings are counted once (they are one tensor)."""
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(param_shapes(cfg))))
 
 
 def rms_norm(x: jax.Array, w: jax.Array, cfg: ModelConfig) -> jax.Array:

@@ -21,7 +21,7 @@ Kind = Literal["copy", "row", "transpose", "in_heads", "in_kv_heads", "bias_head
 @dataclasses.dataclass(frozen=True)
 class Rule:
     pattern: str
-    path: tuple[str, ...]
+    path: tuple[str, ...]  # the parameter's path in `module.Transformer` (its state's keys)
     kind: Kind
 
 
