@@ -84,9 +84,9 @@ def main() -> None:
                     help="a known checkpoint's shapes, random weights (default: the 40M model)")
     ap.add_argument("--scan-layers", choices=("auto", "yes", "no"), default="auto",
                     help="layers stacked under lax.scan or unrolled (auto: scanned on TPUs only)")
-    ap.add_argument("--cpu-kernels", choices=("auto", "no"), default="auto",
+    ap.add_argument("--cpu-kernels", choices=("auto", "no", "both"), default="auto",
                     help="steer-jax's CPU matmul kernel (auto: float32 on one CPU device), or "
-                         "XLA's dot throughout")
+                         "XLA's dot throughout; both: auto, and XLA's dot timed beside it")
     ap.add_argument("--page-size", type=int, default=64,
                     help="KV cache page size in tokens (the engine's default: 64)")
     ap.add_argument("--profile", action="store_true",
@@ -116,12 +116,16 @@ def main() -> None:
         hf.save_pretrained(d)
         ours = load_model(Path(d), dtype=args.dtype,
                           scan_layers={"auto": None, "yes": True, "no": False}[args.scan_layers],
-                          cpu_kernels=None if args.cpu_kernels == "auto" else False)
+                          cpu_kernels=False if args.cpu_kernels == "no" else None)
+        # The same checkpoint with XLA's dot throughout, for the kernels' own ratio.
+        plain = load_model(Path(d), dtype=args.dtype,
+                           scan_layers={"auto": None, "yes": True, "no": False}[args.scan_layers],
+                           cpu_kernels=False) if args.cpu_kernels == "both" else None
     n_params = ours.num_params
     prompts = np.random.RandomState(0).randint(0, config.vocab_size, (args.batch, args.prompt))
 
-    def run_ours(new: int = args.new, page_size: int | None = args.page_size):
-        return generate(ours, prompts.tolist(), new, page_size=page_size)
+    def run_ours(new: int = args.new, page_size: int | None = args.page_size, model=ours):
+        return generate(model, prompts.tolist(), new, page_size=page_size)
 
     def run_hf():
         ids = torch.tensor(prompts, device=device)
@@ -151,6 +155,14 @@ def main() -> None:
     print(f"ratio (steer-jax / transformers throughput): {t_hf / t_ours:.2f}x")
     print(f"pages of {args.page_size} tokens against one page a row (the dense layout): "
           f"{t_rows / t_ours:.2f}x throughput ({t_rows:.3f} s one page a row)")
+    if plain is not None:
+        run_plain = lambda: run_ours(model=plain)  # noqa: E731
+        same_plain = run_plain().tokens == got.tokens
+        t_ours2, t_plain = best_of(run_ours, args.repeats), best_of(run_plain, args.repeats)
+        print(f"CPU kernel {'on' if panel_matmul.is_packed(ours.params) else 'off'} against "
+              f"XLA's dot throughout: {t_plain / t_ours2:.2f}x throughput ({t_ours2:.3f} s "
+              f"against {t_plain:.3f} s, best of {args.repeats} each; same tokens: "
+              f"{same_plain})")
 
     # Roofline of one decode step: all weights read once; 2 N FLOPs per row.
     bw, rate = memory_bandwidth(), matmul_rate(args.dtype)
