@@ -73,7 +73,8 @@ def _part_from_json(text: str) -> tuple[SteerResult, float]:
     traces = [Trace(**{**t, "steps": [Step(**s) for s in t["steps"]]}) for t in r["traces"]]
     mixtures = [RoundMixture(**m) for m in r["mixtures"]]
     return SteerResult(traces, mixtures, r["executed_tokens"], r["params"],
-                       r.get("iterations", {})), d["wall_s"]
+                       r.get("iterations", {}), r.get("routing_s", 0.0),
+                       r.get("rounds", 0)), d["wall_s"]
 
 
 _POOLS = "pools.json"  # out/parts/: the page pools cache.pages null resolved to
@@ -229,7 +230,8 @@ class RoundCheckpoint:
             if isinstance(state.routing, GMMParams) else "per_writer"
         meta = {**self.meta, "round": state.round, "routing": kind, "within": within,
                 "fits": [[f.round, f.who] for f in state.fits],
-                "wall_s": self.wall_before + time.perf_counter() - self._started}
+                "wall_s": self.wall_before + time.perf_counter() - self._started,
+                "routing_s": state.routing_s}
         # Synchronous: the next call donates the caches these arrays are.
         path = self.dir / _dir_name(state)
         if jax.process_count() > 1:
@@ -383,7 +385,8 @@ class RoundCheckpoint:
             routing=None if kind == "none" else routing[0] if kind == "one" else tuple(routing),
             fits=tuple(Fit(r, who, GMMParams(**f["params"]), f["conf"], f["among"])
                        for (r, who), f in zip(meta["fits"], a["fits"])),
-            within=None if within is None else RoundProgress(**a["within"], **within))
+            within=None if within is None else RoundProgress(**a["within"], **within),
+            routing_s=meta.get("routing_s", 0.0))
 
     def _target(self, leaf: Any) -> Any:
         """Where a saved array goes back to: the layout it was saved in, on this run's mesh
