@@ -145,8 +145,8 @@ def test_verifiers_count_their_passes_and_baselines_nothing(pair, one_second, mo
 
 def test_a_resumed_run_keeps_the_latency_before_the_stop(pair, one_second, tmp_path):
     states = []
-    whole = tiny.run(pair, gamma=0.5, batch_size=3, on_call=lambda s: states.append(
-        tiny.copied(s)))
+    whole = tiny.run(pair, gamma=0.5, batch_size=3,
+                     on_call=lambda state: states.append(tiny.copied(state)))
     inside = next(s for s in states if s.round == 2 and s.within.phase == 1)
     assert 0 < inside.routing_s < whole.routing_s
     resumed = tiny.run(pair, gamma=0.5, batch_size=3, resume_from=inside)
@@ -178,8 +178,8 @@ def test_processes_decide_side_by_side(pair, one_second):
 
 @pytest.mark.parametrize("schedule", ["rounds", "continuous"])
 def test_timing_changes_no_trace(pair, monkeypatch, schedule):
-    kw = dict(gamma=0.5, refine="all", schedule=schedule, chunk=None if schedule == "rounds"
-              else 4)
+    chunk = 4 if schedule == "continuous" else None
+    kw = dict(gamma=0.5, refine="all", schedule=schedule, chunk=chunk)
     timed = tiny.run(pair, **kw)
     assert timed.routing_s > 0.0 and timed.rounds > 0
     monkeypatch.setattr(round_loop, "timed", lambda s, fn, *a, when=True, **k: (s, fn(*a, **k)))
