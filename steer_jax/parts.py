@@ -44,7 +44,8 @@ def _part_from_json(text: str) -> tuple[SteerResult, float]:
     traces = [Trace(**{**t, "steps": [Step(**s) for s in t["steps"]]}) for t in r["traces"]]
     mixtures = [RoundMixture(**m) for m in r["mixtures"]]
     return SteerResult(traces, mixtures, r["executed_tokens"], r["params"],
-                       r.get("iterations", {})), d["wall_s"]
+                       r.get("iterations", {}), r.get("routing_s", 0.0),
+                       r.get("rounds", 0)), d["wall_s"]
 
 
 _POOLS = "pools.json"  # out/parts/: the page pools cache.pages null resolved to

@@ -61,12 +61,15 @@ class SteerResult:
     iterations: dict[str, int] = dataclasses.field(default_factory=dict)  # decode positions
     # stepped by each model's write calls, one after another (their sum bounds the wall-clock
     # where a step costs the same for any number of rows)
+    routing_s: float = 0.0  # device seconds spent deciding who writes (latency.py)
+    rounds: int = 0  # rounds run (continuous: chunk boundaries)
 
 
 def collect(state: TraceState, fits: Sequence[Fit], tokenizer: Any, opts: SteerOptions,
-            models: Sequence[Model], ids: np.ndarray) -> SteerResult:
+            models: Sequence[Model], ids: np.ndarray, *, routing_s: float = 0.0,
+            rounds: int = 0) -> SteerResult:
     """The loop's final state as text: each trace's steps decoded, its bill, every mixture per
-    group with the confidences it was fitted on."""
+    group with the confidences it was fitted on, and the routing seconds over `rounds`."""
     s = jax.tree.map(np.asarray, state)
     traces = []
     for b in range(s.total.shape[0]):
@@ -101,4 +104,5 @@ def collect(state: TraceState, fits: Sequence[Fit], tokenizer: Any, opts: SteerO
     names = [MODEL_NAMES[i] for i in range(len(models))]
     return SteerResult(traces, mix, {n: int(s.executed[i]) for i, n in enumerate(names)},
                        {n: models[i].num_params for i, n in enumerate(names)},
-                       {n: int(s.iterations[i]) for i, n in enumerate(names)})
+                       {n: int(s.iterations[i]) for i, n in enumerate(names)},
+                       routing_s, rounds)

@@ -25,6 +25,7 @@ from steer_jax.calls import (ENDED, LARGE, MODEL_NAMES, PRM, SMALL, StepSpec, Tr
                              _plan, _read, _rollback, _route, _slide, _verify, _write)
 from steer_jax.decoding import sampler
 from steer_jax.decoding.steps import VocabMasks
+from steer_jax.latency import timed
 from steer_jax.modeling.transformer import KVCache, Model
 from steer_jax.options import SteerOptions
 from steer_jax.programs import maps_nearly_full, release_programs
@@ -179,11 +180,11 @@ class RoundLoop:
             if count == 0:
                 return s
             # Widths 16, 32 or CHUNK: these calls are small, and every width is a program.
-            cache, trace = _advance(
-                side.model.params, side.cfg, cache, s.trace, take, until,
+            s, (cache, trace) = timed(
+                s, _advance, side.model.params, side.cfg, cache, s.trace, take, until,
                 bucket=self._bucket(count), span=_span(end, self.slots, cache.page_size,
                                                        self.shapes.spans),
-                width=_pow2(max(widest, 16), CHUNK), stream=side.stream)
+                width=_pow2(max(widest, 16), CHUNK), stream=side.stream, when=side.stream == PRM)
             s = _with(s, side, cache, trace)
 
     def _bucket(self, count: int) -> int:
@@ -230,10 +231,10 @@ class RoundLoop:
         extra = 0 if self.suffix is None else len(self.suffix)
 
         def op(s: RoundState, take: jax.Array, count: int, width: int, span: int) -> RoundState:
-            cache, trace, rejected, score = _verify(
-                side.model.params, side.cfg, s.caches[side.stream], s.trace, take, self.suffix,
-                self.digits, self.threshold, bucket=self._bucket(count), span=span, width=width,
-                stream=side.stream)
+            s, (cache, trace, rejected, score) = timed(
+                s, _verify, side.model.params, side.cfg, s.caches[side.stream], s.trace, take,
+                self.suffix, self.digits, self.threshold, bucket=self._bucket(count), span=span,
+                width=width, stream=side.stream)
             s = _with(s, side, cache, trace)
             return dataclasses.replace(s, within=dataclasses.replace(
                 s.within, rejected=s.within.rejected | rejected,
@@ -261,8 +262,9 @@ class RoundLoop:
         """One mixture per group over `among` of every process's traces (continuous: warm-started
         from `init`); the state keeps it, and this process's posteriors come back."""
         conf, among = self.peers.gather(s.trace.conf), self.peers.gather(among)
-        params, post = _mixture(conf, among, self.group, None if self.barrier else init,
-                                groups=self.opts.groups)
+        s, (params, post) = timed(s, _mixture, conf, among, self.group,
+                                  None if self.barrier else init, groups=self.opts.groups,
+                                  when=self.opts.method == "steer")  # else it only records
         s = dataclasses.replace(s, fits=s.fits + (Fit(s.round, who, params, conf, among),))
         return s, params, self.peers.local(post)
 
@@ -308,7 +310,8 @@ class RoundLoop:
             pool = drafts if self.barrier else drafts | (s.within.running & (s.trace.step > 0))
             s, params, _ = self.fit(s, pool, "small-draft",
                                     s.routing if opts.source == "small" else None)
-            rejected = self.route(s.trace.conf, pool, params) & drafts
+            s, rejected = timed(s, self.route, s.trace.conf, pool, params)
+            rejected &= drafts
             s = dataclasses.replace(s, within=dataclasses.replace(s.within, rejected=rejected))
         else:
             s = self.verify(s, self.sides[LARGE if opts.method == "specreason" else PRM], drafts)
@@ -344,7 +347,8 @@ class RoundLoop:
                            max_steps=opts.max_steps, max_new_tokens=opts.max_new_tokens,
                            slots=self.slots)
         s = dataclasses.replace(s, trace=trace, routing=routing)
-        trace = _assign(trace, ended & trace.running, self.to_large(s))
+        s, large = timed(s, self.to_large, s, when=opts.method == "steer")
+        trace = _assign(trace, ended & trace.running, large)
         caches = []
         for side, cache in zip(self.sides, s.caches):
             cache = _drop(cache, ended & ~trace.running)  # a trace that ended gives pages back

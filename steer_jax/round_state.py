@@ -60,3 +60,4 @@ class RoundState:
     routing: gmm.GMMParams | tuple[gmm.GMMParams, ...] | None
     fits: tuple[Fit, ...]
     within: RoundProgress | None = None  # set when stopped inside round `round`
+    routing_s: float = 0.0  # device seconds spent deciding who writes so far (latency.py)

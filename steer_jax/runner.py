@@ -33,6 +33,7 @@ import jax
 from steer_jax import memory
 from steer_jax.decoding.generate import check_prompts
 from steer_jax.distributed import Peers, mesh_of
+from steer_jax.latency import per
 from steer_jax.modeling.loading import load_model, load_tokenizer, read_config
 from steer_jax.run_config import RunConfigError, check_tokenizers, examples_of, validate
 from steer_jax.steer import SteerOptions, SteerResult, steer
@@ -86,6 +87,10 @@ class Summary:
     large_step_fraction: float
     wall_s: float
     params: dict[str, int]
+    # Device seconds spent deciding who writes (latency.py), per query and per round (continuous:
+    # per chunk boundary); 0.0 where nothing decides (small_only, large_only).
+    routing_s_per_query: float = 0.0
+    routing_s_per_round: float = 0.0
     gamma: float | None = None
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     # Where it ran: platform, processes and each process's mesh. Sharded sums round differently,
@@ -112,6 +117,8 @@ def summarize(result: SteerResult, correct: list[bool], opts: SteerOptions, benc
         a_per_f=100 * acc / flops if flops > 0 else math.nan,  # accuracy points per 1e12
         large_step_fraction=sum(s.model == "large" for s in steps) / max(len(steps), 1),
         wall_s=wall_s, params=result.params,
+        routing_s_per_query=per(result.routing_s, n),
+        routing_s_per_round=per(result.routing_s, result.rounds),
         gamma=opts.gamma if opts.method == "steer" else None,
         options=dataclasses.asdict(opts))
 
@@ -129,8 +136,10 @@ def _merge(results: list[SteerResult]) -> SteerResult:
     executed = {m: sum(r.executed_tokens[m] for r in results) for m in results[0].executed_tokens}
     # The processes step at once: the run's iterations are its busiest process's.
     iterations = {m: max(r.iterations.get(m, 0) for r in results) for m in executed}
+    # Likewise they decide side by side (every one fits the same mixtures, and judges its own).
     return SteerResult([t for r in results for t in r.traces], results[0].mixtures, executed,
-                       results[0].params, iterations)
+                       results[0].params, iterations, max(r.routing_s for r in results),
+                       max(r.rounds for r in results))
 
 
 def _all_parts(parts: Parts, n_proc: int) -> bool:
@@ -266,10 +275,11 @@ def _models(cfg: dict[str, Any], opts: SteerOptions, models: tuple | None, token
         # A PRM of another vocabulary reads the questions and steps as text (prm_text).
         extra["prm_tokenizer"] = load_tokenizer(cfg["rsd"]["prm"])
     if opts.method == "query_router":
-        from steer_jax.baselines.query_router import load_router, prompt_features, route
+        from steer_jax.baselines.query_router import load_router, route_prompts
 
-        router = load_router(cfg["router"]["path"])
-        extra["route_queries"] = route(router, prompt_features(small, prompts)).tolist()
+        decisions, extra["router_s"] = route_prompts(load_router(cfg["router"]["path"]), small,
+                                                     prompts)
+        extra["route_queries"] = decisions.tolist()
     return small, large, extra, mesh
 
 
@@ -316,11 +326,15 @@ def _steer_part(cfg: dict[str, Any], opts: SteerOptions, parts: Parts, models: t
             progress(resume_from.round, opts.max_steps, f"{opts.method}: resuming round "
                      f"{resume_from.round + 1} after its call {resume_from.within.calls}")
         part_extra = {k: (v[lo:hi] if k in ("route_queries", "prm_questions") else v)
-                      for k, v in extra.items()}
+                      for k, v in extra.items() if k != "router_s"}
         result = steer(small, large, tokenizer, prompts[lo:hi], opts, trace_ids=range(lo, hi),
                        progress=report, on_round=rounds, on_call=rounds, resume_from=resume_from,
                        batch_size=cfg["batch"]["size"], page_size=cfg["cache"]["page_size"],
                        pool_pages=pools, peers=peers, **part_extra)
+        # The query router decided before the rounds (once per launch: a resumed run decides
+        # again, and counts that pass instead).
+        result = dataclasses.replace(result,
+                                     routing_s=result.routing_s + extra.get("router_s", 0.0))
         saved = (result, time.perf_counter() - start + (rounds.wall_before if rounds else 0.0))
         parts.save(me, *saved)
     return saved

@@ -110,7 +110,8 @@ def steer(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence
                           pool_pages=pool_pages, peers=peers, **kwargs)
     state = loop.run(state, on_round=on_round, progress=progress)
     models = [side.model for side in loop.sides]
-    return collect(state.trace, state.fits, tokenizer, loop.opts, models, np.asarray(loop.ids))
+    return collect(state.trace, state.fits, tokenizer, loop.opts, models, np.asarray(loop.ids),
+                   routing_s=state.routing_s, rounds=state.round)
 
 
 def prepare(small: Model, large: Model, tokenizer: Any, prompts: Sequence[Sequence[int]],

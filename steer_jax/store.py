@@ -29,13 +29,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from steer_jax.distributed import Peers
-from steer_jax.modeling.transformer import KVCache
-from steer_jax.routing.gmm import GMMParams
-from steer_jax.parts import config_changes
-from steer_jax.run_config import RunConfigError
 from steer_jax.calls import TraceState
+from steer_jax.distributed import Peers
+from steer_jax.modeling.kv_cache import KVCache
+from steer_jax.parts import config_changes
 from steer_jax.round_state import Fit, RoundProgress, RoundState
+from steer_jax.routing.gmm import GMMParams
+from steer_jax.run_config import RunConfigError
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,8 @@ class RoundCheckpoint:
             if isinstance(state.routing, GMMParams) else "per_writer"
         meta = {**self.meta, "round": state.round, "routing": kind, "within": within,
                 "fits": [[f.round, f.who] for f in state.fits],
-                "wall_s": self.wall_before + time.perf_counter() - self._started}
+                "wall_s": self.wall_before + time.perf_counter() - self._started,
+                "routing_s": state.routing_s}
         # Synchronous: the next call donates the caches these arrays are.
         path = self.dir / _dir_name(state)
         if jax.process_count() > 1:
@@ -299,7 +300,8 @@ class RoundCheckpoint:
             routing=None if kind == "none" else routing[0] if kind == "one" else tuple(routing),
             fits=tuple(Fit(r, who, GMMParams(**f["params"]), f["conf"], f["among"])
                        for (r, who), f in zip(meta["fits"], a["fits"])),
-            within=None if within is None else RoundProgress(**a["within"], **within))
+            within=None if within is None else RoundProgress(**a["within"], **within),
+            routing_s=meta.get("routing_s", 0.0))
 
     def _target(self, leaf: Any) -> Any:
         """Where a saved array goes back to: the layout it was saved in, on this run's mesh

@@ -51,6 +51,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from steer_jax.latency import seconds
 from steer_jax.modeling.transformer import KVCache, Model, forward
 
 _MIN_BUCKET = 16
@@ -276,6 +277,16 @@ def predict(router: Router, features: np.ndarray) -> np.ndarray:
 def route(router: Router, features: np.ndarray) -> np.ndarray:
     """Bool [n]: True sends the whole query to the large model (probability >= threshold)."""
     return predict(router, features) >= router.threshold
+
+
+def route_prompts(router: Router, model: Model, prompts: list[list[int]]
+                  ) -> tuple[np.ndarray, float]:
+    """`route` over the prompts' features, and its routing latency: the device seconds of the
+    small model's feature pass and the MLP, the device synchronised around them and compiling
+    left out (steer_jax/latency.py)."""
+    # The weights it reads are made ready before the clock starts (a load may still be copying).
+    return seconds(lambda _weights: route(router, prompt_features(model, prompts)),
+                   (model.params, router.params))
 
 
 def labels_from_runs(small_correct: list[bool], large_correct: list[bool]) -> np.ndarray:

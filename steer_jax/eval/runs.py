@@ -2,7 +2,10 @@
 
 DIR/summary.json   method, benchmark, n, accuracy (a fraction in [0, 1]), flops_per_query
                    (in units of 1e12 FLOPs), prefill_flops_per_query, executed_flops_per_query,
-                   a_per_f, large_step_fraction, wall_s, params {small, large}, gamma (steer)
+                   a_per_f, large_step_fraction, wall_s, routing_s_per_query and
+                   routing_s_per_round (device seconds spent deciding who writes, per query
+                   and per round or chunk boundary; 0.0 for small_only and large_only),
+                   params {small, large}, gamma (steer)
 DIR/traces.jsonl   one question per line: id, output, answer, reference, correct, meta, steps
                    [{text, model: "small"|"large", tokens, confidence, posterior, round}]
 DIR/rounds.jsonl   steer only, one line per (round, group): round, group, weights [2],
