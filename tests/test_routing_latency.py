@@ -21,7 +21,8 @@ from steer_jax import latency, load_model, round_loop
 from steer_jax.calls import PRM
 from steer_jax.runner import _merge, summarize
 from steer_jax.steer import SteerOptions
-from steer_jax.store import RoundCheckpoint, _part_from_json, _part_to_json
+from steer_jax.parts import _part_from_json, _part_to_json
+from steer_jax.store import RoundCheckpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = tiny.SHORT
