@@ -26,6 +26,7 @@ from steer_jax.calls import (ENDED, LARGE, MODEL_NAMES, PRM, SMALL, StepSpec, Tr
 from steer_jax.decoding import sampler
 from steer_jax.decoding.steps import VocabMasks
 from steer_jax.modeling.transformer import KVCache, Model
+from steer_jax.mixture_pool import few_survivors, fit_pool
 from steer_jax.options import SteerOptions
 from steer_jax.programs import maps_nearly_full, release_programs
 from steer_jax.round_state import Fit, RoundProgress, RoundState
@@ -258,7 +259,8 @@ class RoundLoop:
         conf, among = self.peers.gather(s.trace.conf), self.peers.gather(among)
         params, post = _mixture(conf, among, self.group, None if self.barrier else init,
                                 groups=self.opts.groups)
-        s = dataclasses.replace(s, fits=s.fits + (Fit(s.round, who, params, conf, among),))
+        params, post, kept = few_survivors(params, post, conf, self.group, s.fits, who, self.opts)
+        s = dataclasses.replace(s, fits=s.fits + (Fit(s.round, who, params, conf, among, kept),))
         return s, params, self.peers.local(post)
 
     def route(self, conf: jax.Array, among: jax.Array, params: gmm.GMMParams) -> jax.Array:
@@ -300,7 +302,8 @@ class RoundLoop:
         if refine:
             # Continuous: the drafts that ended at one boundary are few, and the short ones
             # first; they are judged among the newest step of every running trace.
-            pool = drafts if self.barrier else drafts | (s.within.running & (s.trace.step > 0))
+            pool = drafts if self.barrier else drafts | fit_pool(
+                s.within.running & (s.trace.step > 0), s, self.opts, self.slots)
             s, params, _ = self.fit(s, pool, "small-draft",
                                     s.routing if opts.source == "small" else None)
             rejected = self.route(s.trace.conf, pool, params) & drafts
@@ -323,7 +326,7 @@ class RoundLoop:
         that ended are recorded under it, and their traces routed to their next step."""
         opts = self.opts
         ended = s.within.running & (s.trace.author == ENDED)
-        pool = s.within.running & (ended | (s.trace.step > 0))
+        pool = fit_pool(s.within.running & (ended | (s.trace.step > 0)), s, self.opts, self.slots)
         if opts.source == "generator":
             per_writer, post = [], jnp.zeros(self.ids.shape[0])
             for who in (SMALL, LARGE):
