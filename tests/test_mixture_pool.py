@@ -100,6 +100,23 @@ def test_few_survivors_keep_the_last_fit_made_on_enough(pair):
     assert np.asarray(s.fits[-1].kept_from).tolist() == [-1]
 
 
+def test_a_round_checkpoint_keeps_which_fits_were_kept(pair, tmp_path):
+    from steer_jax import store
+
+    loop, s = _written(pair, refine="none", min_fit_traces=5)
+    s, _, _ = loop.fit(s, s.trace.running, "all")
+    s, _, _ = loop.fit(dataclasses.replace(s, round=1), jnp.asarray(np.arange(B) < 3), "all")
+    s = dataclasses.replace(s, round=2, within=None)
+    cfg, _ = validate({"small": str(pair["small_dir"]), "large": str(pair["large_dir"]),
+                       "benchmark": {"name": "math500"}})
+    rounds = store.RoundCheckpoint(tmp_path, 0, range(0, B), 1, cfg, None)
+    rounds(s)
+    back = rounds._restore(rounds.dir / "round_00002")
+    assert [np.asarray(f.kept_from).tolist() for f in back.fits] == [[-1], [0]]
+    for a, b in zip(s.fits, back.fits):
+        _same(a.params, b.params)
+
+
 def test_min_fit_traces_one_refits_every_pool(pair):
     loop, s = _written(pair, refine="none", min_fit_traces=1)
     few = jnp.asarray(np.arange(B) < 3)
