@@ -36,8 +36,8 @@ def _ending(state: TraceState, ended: jax.Array, *, max_steps: int, max_new_toke
 
 
 def fit_pool(pool: jax.Array, s: RoundState, opts: SteerOptions, slots: int) -> jax.Array:
-    """`pool` less, under `steer.fit_over: running`, the traces that the step they ended in the
-    round `s` is in (`s.within`) ends."""
+    """`pool` less, under `steer.fit_over: running`, the traces whose step that ended in the
+    round in flight (`s.within`) ends them."""
     if opts.fit_over == "running_and_ended":
         return pool
     ended = s.within.running & (s.trace.author == ENDED)
