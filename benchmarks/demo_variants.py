@@ -3,12 +3,18 @@ and the gamma sweep, against the small_only and large_only baselines, all in one
 
     python benchmarks/demo_variants.py [--config configs/demo.yaml] [--out runs/demo-variants]
     python benchmarks/demo_variants.py --measures   # which step confidence to route on
+    python benchmarks/demo_variants.py --mixture    # which traces the mixture is fitted over
 
 `--measures` runs the small model alone on a held-out split (500 problems of the test bucket drawn
 with seed 1, none of them in the test split) once per confidence measure and prints how well each
 step confidence ranks the small model's right steps above its wrong ones (ROC AUC against
 scikit-learn's `roc_auc_score`; a step is right when it equals the worked solution's line and
 every step before it was right). This is how the demo configs' `confidence` was chosen.
+
+`--mixture` runs STEER at the config's settings under `steer.fit_over` running (the paper's, the
+default) and running_and_ended, each with `steer.min_fit_traces` 16 (the default) and 1 (every
+pool refitted; with running_and_ended, the rule before issue #23), beside large_only, and prints
+accuracy, FLOPs and large-step share (no wall-clock: these runs are not warmed up).
 
 Each variant is one run directory under OUT (summary.json, traces.jsonl); the printed Markdown
 table is what the README's demo section quotes (`steer-jax report OUT/gamma_* ...` draws the
@@ -37,6 +43,13 @@ VARIANTS = {
     # curve sits close to 1.
     **{f"gamma_{g}": {"steer": {"gamma": g}}
        for g in (0.0, 0.1, 0.3, 0.5, 0.7, 0.9, 0.99, 0.999, 1.0)},
+}
+
+
+MIXTURE = {
+    "large_only": {"method": "large_only"},
+    **{f"fit_{rule}-min_{n}": {"steer": {"fit_over": rule, "min_fit_traces": n}}
+       for rule in ("running", "running_and_ended") for n in (16, 1)},
 }
 
 
@@ -82,16 +95,30 @@ def measures(config: dict, out: str) -> None:
         print(f"| {m} | {auc:.3f} | {n} | {wrong} |")
 
 
+def mixture(config: dict, out: str) -> None:
+    summaries = run_demo(config, out, runs=MIXTURE, warm_up=False)
+    large = summaries["large_only"]
+    print("| run | Acc | FLOPs/query (1e12) | vs large_only | large steps |")
+    print("|---|---|---|---|---|")
+    for name, s in summaries.items():
+        print(f"| {name} | {100 * s.accuracy:.1f} | {s.flops_per_query:.3g} | "
+              f"{s.flops_per_query / large.flops_per_query:.2f} | "
+              f"{100 * s.large_step_fraction:.1f}% |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="configs/demo.yaml")
     parser.add_argument("--out", default="runs/demo-variants")
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--measures", action="store_true", help="compare confidence measures")
+    parser.add_argument("--mixture", action="store_true", help="compare mixture pool rules")
     args = parser.parse_args()
     config = load_config(args.config, args.set)
     if args.measures:
         return measures(config, args.out + "-measures")
+    if args.mixture:
+        return mixture(config, args.out + "-mixture")
     # Warmed up as make demo is, so the wall-clock column compares compiled programs.
     summaries = run_demo(config, args.out, runs=VARIANTS)
     large = summaries["large_only"]

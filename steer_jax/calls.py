@@ -348,6 +348,17 @@ def _discard(state: TraceState, rejected: jax.Array) -> TraceState:
         ended_by=jnp.where(rejected, 0, state.ended_by))
 
 
+def stop_after_step(state: TraceState, max_steps: int, max_new_tokens: int,
+                    slots: int) -> jax.Array:
+    """[B] why each trace stops once its newest step is kept (RUNNING: it goes on)."""
+    stop = jnp.where(state.ended_by == sampler.EOS, STOP_EOS, RUNNING)
+    stop = jnp.where((stop == RUNNING) & (state.step + 1 >= max_steps), STOP_MAX_STEPS, stop)
+    stop = jnp.where((stop == RUNNING) & (state.total - state.prompt_len >= max_new_tokens),
+                     STOP_MAX_NEW_TOKENS, stop)
+    return jnp.where((stop == RUNNING) & ((state.ended_by == sampler.FULL)
+                                          | (state.total >= slots - 2)), STOP_CACHE_FULL, stop)
+
+
 @functools.partial(jax.jit, static_argnames=("max_steps", "max_new_tokens", "slots"))
 def _end_steps(state: TraceState, ended: jax.Array, post: jax.Array, score: jax.Array,
                at: jax.Array, *, max_steps: int, max_new_tokens: int, slots: int) -> TraceState:
@@ -357,13 +368,7 @@ def _end_steps(state: TraceState, ended: jax.Array, post: jax.Array, score: jax.
     col = jnp.where(ended, state.step, max_steps)  # out of bounds: dropped
     rows = jnp.arange(n.shape[0])
     rec = lambda arr, v: arr.at[rows, col].set(v, mode="drop")  # noqa: E731
-    stop = jnp.where(state.ended_by == sampler.EOS, STOP_EOS, RUNNING)
-    stop = jnp.where((stop == RUNNING) & (state.step + 1 >= max_steps), STOP_MAX_STEPS, stop)
-    stop = jnp.where((stop == RUNNING) & (state.total - state.prompt_len >= max_new_tokens),
-                     STOP_MAX_NEW_TOKENS, stop)
-    stop = jnp.where((stop == RUNNING) & ((state.ended_by == sampler.FULL)
-                                          | (state.total >= slots - 2)), STOP_CACHE_FULL, stop)
-    stop = jnp.where(ended, stop, state.stop)
+    stop = jnp.where(ended, stop_after_step(state, max_steps, max_new_tokens, slots), state.stop)
     return dataclasses.replace(
         state, rec_model=rec(state.rec_model, state.writer), rec_len=rec(state.rec_len, n),
         rec_conf=rec(state.rec_conf, state.conf), rec_post=rec(state.rec_post, post),

@@ -28,6 +28,12 @@ class SteerOptions:
     aggregate: Literal["all", "math"] = "all"
     source: Literal["small", "generator"] = "small"
     groups: int = 1
+    # Which traces a round's mixture is fitted over: those still running after the round (the
+    # paper's), or those and the ones whose last step ended in it (the rule before #23).
+    fit_over: Literal["running", "running_and_ended"] = "running"
+    # A group whose pool holds fewer traces keeps its last fit made on at least this many
+    # (README, "few survivors"); 1 refits every round whatever its size.
+    min_fit_traces: int = 16
     refine: Literal["first", "none", "all"] = "first"
     policy: Literal["posterior", "percentile", "threshold"] = "posterior"
     percentile: float = 0.3
@@ -52,6 +58,7 @@ class SteerOptions:
         choice("aggregate", ("all", "math"))
         choice("source", ("small", "generator"))
         choice("refine", ("first", "none", "all"))
+        choice("fit_over", ("running", "running_and_ended"))
         choice("policy", ("posterior", "percentile", "threshold"))
         if not 0.0 <= self.gamma <= 1.0:
             raise ValueError(f"steer.gamma must be in [0, 1], got {self.gamma}")
@@ -63,7 +70,10 @@ class SteerOptions:
             raise ValueError(f"rsd.threshold must be in [0, 1], got {self.prm_threshold}")
         if self.policy == "threshold" and self.threshold is None:
             raise ValueError("steer.policy 'threshold' needs steer.threshold")
-        for name in ("max_steps", "max_step_tokens", "max_new_tokens", "groups"):
+        if isinstance(self.min_fit_traces, bool) or not isinstance(self.min_fit_traces, int):
+            raise ValueError(f"steer.min_fit_traces must be an integer, got "
+                             f"{self.min_fit_traces!r}")
+        for name in ("max_steps", "max_step_tokens", "max_new_tokens", "groups", "min_fit_traces"):
             if getattr(self, name) < 1:
                 raise ValueError(f"steer.{name} must be >= 1, got {getattr(self, name)}")
         if not self.delimiter:

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from steer_jax.calls import (_advance, _assign, _discard, _drop, _end_steps, _evict, _mixture,
                              _plan, _read, _rollback, _route, _slide, _verify, _write)
+from steer_jax.mixture_pool import _ending, _keep_earlier
 
 _PROGRAMS = (_write, _advance, _read, _verify, _plan, _evict, _drop, _rollback, _slide, _mixture,
-             _route, _discard, _end_steps, _assign)
+             _route, _discard, _end_steps, _assign, _ending, _keep_earlier)
 # XLA's CPU client maps each program's code as a few hundred memory regions (a STEER call's
 # program: ~290), and Linux allows a process vm.max_map_count of them (65530 by default): a
 # continuous run of 256 traces over 1024 positions compiled past that, and the next compile failed

@@ -49,7 +49,8 @@ class RoundMixture:
     means: list[float]
     variances: list[float]
     confidences: list[float]
-    n: int = 0  # how many confidences it was fitted on
+    n: int = 0  # how many confidences it was fitted on (its round's pool, if kept)
+    kept_from: int | None = None  # the round whose fit it kept (steer.min_fit_traces)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,11 +97,13 @@ def collect(state: TraceState, fits: Sequence[Fit], tokenizer: Any, opts: SteerO
     for m in fits:
         p = jax.tree.map(np.asarray, m.params)
         conf, among = np.asarray(m.conf), np.asarray(m.among)
+        kept = np.full(opts.groups, -1) if m.kept_from is None else np.asarray(m.kept_from)
         for g in range(opts.groups):
             members = among & (np.arange(len(conf)) * opts.groups // len(conf) == g)
             mix.append(RoundMixture(m.round, g, m.who, p.weights[g].tolist(),
                                     p.means[g].tolist(), p.variances[g].tolist(),
-                                    conf[members].tolist(), int(members.sum())))
+                                    conf[members].tolist(), int(members.sum()),
+                                    None if kept[g] < 0 else int(kept[g])))
     names = [MODEL_NAMES[i] for i in range(len(models))]
     return SteerResult(traces, mix, {n: int(s.executed[i]) for i, n in enumerate(names)},
                        {n: models[i].num_params for i, n in enumerate(names)},

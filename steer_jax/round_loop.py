@@ -11,7 +11,6 @@ the host learns a few scalars per call, to pick a compiled shape.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable
 
 import jax
@@ -20,64 +19,18 @@ import numpy as np
 
 from steer_jax import distributed
 from steer_jax.call_shapes import _bucket, _pow2, _Shapes, _span, _width
-from steer_jax.calls import (ENDED, LARGE, MODEL_NAMES, PRM, SMALL, StepSpec, TraceState,
+from steer_jax.calls import (ENDED, LARGE, MODEL_NAMES, PRM, SMALL, StepSpec,
                              _advance, _assign, _discard, _drop, _end_steps, _evict, _mixture,
                              _plan, _read, _rollback, _route, _slide, _verify, _write)
-from steer_jax.decoding import sampler
-from steer_jax.decoding.steps import VocabMasks
 from steer_jax.latency import timed
-from steer_jax.modeling.transformer import KVCache, Model
+from steer_jax.mixture_pool import few_survivors, fit_pool
 from steer_jax.options import SteerOptions
 from steer_jax.programs import maps_nearly_full, release_programs
 from steer_jax.round_state import Fit, RoundProgress, RoundState
+from steer_jax.sides import Side, with_cache
 from steer_jax.routing import gmm
 
 CHUNK = 64  # catch-up reads go in chunks of this many tokens (see `RoundLoop.catch_up`)
-
-
-@dataclasses.dataclass(frozen=True)
-class Side:
-    """One model inside a run: its weights, its vocabulary tables, its stop tokens. Its cache is
-    in the loop's state (`RoundState.caches[stream]`)."""
-
-    model: Model
-    stream: int  # SMALL, LARGE or PRM: its index in the caches and the bill
-    masks: VocabMasks
-    stops: sampler.Stops
-
-    @property
-    def cfg(self) -> Any:
-        return self.model.config
-
-    def window(self, cache: KVCache, span: int) -> dict[str, Any]:
-        """`_plan`'s static arguments for this model's sliding layers' pool, if it has one."""
-        return dict(window=self.cfg.sliding_window, span=span) if cache.split else {}
-
-
-def side_and_cache(model: Model, stream: int, masks: VocabMasks, batch: int, slots: int,
-                   page_size: int, pool: tuple[int | None, int | None],
-                   cache: KVCache | None = None) -> tuple[Side, KVCache]:
-    """A model's side of the loop and its cache: a fresh one (on a mesh, placed like the
-    weights), or `cache` from a state to resume, checked to be of this run's shapes."""
-    cfg = model.config
-    init = functools.partial(KVCache.init, cfg, batch, slots, model.dtype, page_size=page_size,
-                             pool=pool[0], pool_local=pool[1])
-    fresh = jax.eval_shape(init)
-    if cache is None:
-        # On a mesh the cache follows the weights: KV heads over 'model', rows over 'data'.
-        cache = distributed.place_cache(init(), model.params)
-    else:
-        if cache.split != fresh.split:
-            raise ValueError(f"resume_from: the {MODEL_NAMES[stream]} model's cache has "
-                             f"{1 + cache.split} pools, this run needs {1 + fresh.split}")
-        for f in ("k", "pages") + (("k_local", "pages_local") if fresh.split else ()):
-            a, b = getattr(cache, f), getattr(fresh, f)
-            if a.shape != b.shape or a.dtype != b.dtype:
-                raise ValueError(f"resume_from: the {MODEL_NAMES[stream]} model's cache.{f} "
-                                 f"is {a.dtype}{list(a.shape)}, this run needs "
-                                 f"{b.dtype}{list(b.shape)}")
-    stops = sampler.Stops(cfg.eos_token_ids, step_mode=True)
-    return Side(model, stream, masks, stops), cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +102,7 @@ class RoundLoop:
                         "lower steer.max_new_tokens")
                 return s
             if short > 0 or short_local > 0:
-                s = _with(s, side, _evict(cache, take, jnp.asarray([short, short_local])))
+                s = with_cache(s, side, _evict(cache, take, jnp.asarray([short, short_local])))
             if widest > normal and behind is not None:
                 s = self.catch_up(s, side, take, behind(s))
                 take, stats = _plan(s.caches[side.stream], reach, s.trace.total + extra, take,
@@ -185,7 +138,7 @@ class RoundLoop:
                 bucket=self._bucket(count), span=_span(end, self.slots, cache.page_size,
                                                        self.shapes.spans),
                 width=_pow2(max(widest, 16), CHUNK), stream=side.stream, when=side.stream == PRM)
-            s = _with(s, side, cache, trace)
+            s = with_cache(s, side, cache, trace)
 
     def _bucket(self, count: int) -> int:
         return _bucket(count, self.cap, self.shapes.rows)
@@ -200,7 +153,7 @@ class RoundLoop:
                                   take, side.masks, self.seed, self.ids, bucket=self._bucket(count),
                                   span=span, opts=self.spec, chunk=self.chunk, stream=side.stream,
                                   stops=side.stops)
-            return _with(s, side, cache, trace)
+            return with_cache(s, side, cache, trace)
 
         while True:
             mine = s.within.running & (s.trace.author == side.stream)
@@ -217,7 +170,7 @@ class RoundLoop:
             cache, trace = _read(side.model.params, side.cfg, s.caches[side.stream], s.trace,
                                  take, side.masks, bucket=self._bucket(count), span=span,
                                  width=width, opts=self.spec, stream=side.stream)
-            return _with(s, side, cache, trace)
+            return with_cache(s, side, cache, trace)
 
         # The newest token stays pending; a row reads from the token before the step on.
         return self.serve(s, side, rows, op, extra=-1, normal=self.opts.max_step_tokens,
@@ -235,7 +188,7 @@ class RoundLoop:
                 s, _verify, side.model.params, side.cfg, s.caches[side.stream], s.trace, take,
                 self.suffix, self.digits, self.threshold, bucket=self._bucket(count), span=span,
                 width=width, stream=side.stream)
-            s = _with(s, side, cache, trace)
+            s = with_cache(s, side, cache, trace)
             return dataclasses.replace(s, within=dataclasses.replace(
                 s.within, rejected=s.within.rejected | rejected,
                 score=jnp.where(take, score, s.within.score)))
@@ -262,10 +215,14 @@ class RoundLoop:
         """One mixture per group over `among` of every process's traces (continuous: warm-started
         from `init`); the state keeps it, and this process's posteriors come back."""
         conf, among = self.peers.gather(s.trace.conf), self.peers.gather(among)
-        s, (params, post) = timed(s, _mixture, conf, among, self.group,
-                                  None if self.barrier else init, groups=self.opts.groups,
-                                  when=self.opts.method == "steer")  # else it only records
-        s = dataclasses.replace(s, fits=s.fits + (Fit(s.round, who, params, conf, among),))
+        def mixture(conf: jax.Array, among: jax.Array):
+            params, post = _mixture(conf, among, self.group, None if self.barrier else init,
+                                    groups=self.opts.groups)
+            return few_survivors(params, post, conf, self.group, s.fits, who, self.opts)
+
+        s, (params, post, kept) = timed(s, mixture, conf, among,
+                                        when=self.opts.method == "steer")  # else it only records
+        s = dataclasses.replace(s, fits=s.fits + (Fit(s.round, who, params, conf, among, kept),))
         return s, params, self.peers.local(post)
 
     def route(self, conf: jax.Array, among: jax.Array, params: gmm.GMMParams) -> jax.Array:
@@ -307,7 +264,8 @@ class RoundLoop:
         if refine:
             # Continuous: the drafts that ended at one boundary are few, and the short ones
             # first; they are judged among the newest step of every running trace.
-            pool = drafts if self.barrier else drafts | (s.within.running & (s.trace.step > 0))
+            pool = drafts if self.barrier else drafts | fit_pool(
+                s.within.running & (s.trace.step > 0), s, self.opts, self.slots)
             s, params, _ = self.fit(s, pool, "small-draft",
                                     s.routing if opts.source == "small" else None)
             s, rejected = timed(s, self.route, s.trace.conf, pool, params)
@@ -331,7 +289,7 @@ class RoundLoop:
         that ended are recorded under it, and their traces routed to their next step."""
         opts = self.opts
         ended = s.within.running & (s.trace.author == ENDED)
-        pool = s.within.running & (ended | (s.trace.step > 0))
+        pool = fit_pool(s.within.running & (ended | (s.trace.step > 0)), s, self.opts, self.slots)
         if opts.source == "generator":
             per_writer, post = [], jnp.zeros(self.ids.shape[0])
             for who in (SMALL, LARGE):
@@ -400,8 +358,3 @@ class RoundLoop:
             if progress:
                 progress(s.round, int(jnp.sum(s.trace.running)))
 
-
-def _with(s: RoundState, side: Side, cache: KVCache, trace: TraceState | None = None
-          ) -> RoundState:
-    caches = s.caches[:side.stream] + (cache,) + s.caches[side.stream + 1:]
-    return dataclasses.replace(s, caches=caches, trace=s.trace if trace is None else trace)

@@ -21,6 +21,9 @@ class Fit:
     params: gmm.GMMParams
     conf: jax.Array  # [B] the confidences it saw
     among: jax.Array  # [B] which of them took part
+    # [groups] the round whose fit a group kept (steer.min_fit_traces), -1 where fitted now;
+    # None in checkpoints saved before the rule.
+    kept_from: jax.Array | None = None
 
 
 # A round's work in order; every call of a round belongs to one of them. The round ends with its

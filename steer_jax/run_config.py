@@ -25,12 +25,12 @@ SCHEMA: dict[str, tuple[str, ...] | None] = {
     "sampling": ("temperature", "top_p", "seed"),
     "steer": ("gamma", "max_steps", "max_step_tokens", "max_new_tokens", "delimiter",
               "confidence", "aggregate", "source", "groups", "refine", "policy", "percentile",
-              "threshold", "schedule", "chunk"),
+              "threshold", "schedule", "chunk", "fit_over", "min_fit_traces"),
     "batch": ("size",),
     "cache": ("page_size", "pages"),
     "specreason": ("threshold",),
     "rsd": ("prm", "threshold"),
-    "router": ("path", "train"),
+    "router": ("path", "train", "samples"),
     "mesh": ("data", "model"),
     "distributed": ("coordinator", "num_processes", "process_id", "auto"),
 }
@@ -40,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "sampling": {"temperature": 0.7, "top_p": 1.0, "seed": 0},
     "steer": {}, "batch": {"size": None}, "cache": {"page_size": 64, "pages": None},
     "specreason": {"threshold": 7}, "rsd": {"prm": None, "threshold": 0.7},
-    "router": {"path": None, "train": None},
+    "router": {"path": None, "train": None, "samples": 1},
     "mesh": {},
     "distributed": {},
 }
@@ -115,6 +115,10 @@ def validate(config: dict[str, Any]) -> tuple[dict[str, Any], SteerOptions]:
         raise RunConfigError(str(e)) from e
     if opts.method == "rsd" and not cfg["rsd"]["prm"]:
         raise RunConfigError("method 'rsd' needs rsd.prm, a local process reward model directory")
+    samples = cfg["router"]["samples"]
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise RunConfigError(f"router.samples (runs of each model per training question) must be "
+                             f"a positive integer, got {samples!r}")
     if opts.method == "query_router" and not cfg["router"]["path"]:
         raise RunConfigError("method 'query_router' needs router.path (made by "
                              "`steer-jax train-router`)")

@@ -56,7 +56,8 @@ from steer_jax.modeling.transformer import Model, local_layers
 from steer_jax.options import CHUNK_TOKENS, METHODS, SteerOptions
 from steer_jax.results import STOPS, RoundMixture, Step, SteerResult, Trace, collect
 from steer_jax.calls import MODEL_NAMES
-from steer_jax.round_loop import RoundLoop, side_and_cache
+from steer_jax.round_loop import RoundLoop
+from steer_jax.sides import side_and_cache
 from steer_jax.round_state import PHASES, Fit, RoundProgress, RoundState
 
 __all__ = ["CHUNK_TOKENS", "JUDGE_PROMPT", "METHODS", "MODEL_NAMES", "PHASES", "STOPS", "Fit",

@@ -134,7 +134,9 @@ class RoundCheckpoint:
                   "routing": [_fields(p) for p in routing],
                   # The fits only feed rounds.jsonl at the end: they wait on the host.
                   "fits": [{"params": jax.tree.map(np.asarray, _fields(f.params)),
-                            "conf": np.asarray(f.conf), "among": np.asarray(f.among)}
+                            "conf": np.asarray(f.conf), "among": np.asarray(f.among),
+                            **({} if f.kept_from is None
+                               else {"kept_from": np.asarray(f.kept_from)})}
                            for f in state.fits]}
         within = None
         if inside:
@@ -298,8 +300,8 @@ class RoundCheckpoint:
             round=meta["round"], trace=TraceState(**a["trace"]),
             caches=tuple(KVCache(**c) for c in a["caches"]),
             routing=None if kind == "none" else routing[0] if kind == "one" else tuple(routing),
-            fits=tuple(Fit(r, who, GMMParams(**f["params"]), f["conf"], f["among"])
-                       for (r, who), f in zip(meta["fits"], a["fits"])),
+            fits=tuple(Fit(r, who, GMMParams(**f["params"]), f["conf"], f["among"],
+                           f.get("kept_from")) for (r, who), f in zip(meta["fits"], a["fits"])),
             within=None if within is None else RoundProgress(**a["within"], **within),
             routing_s=meta.get("routing_s", 0.0))
 

@@ -165,6 +165,51 @@ def test_labels_from_runs():
         labels_from_runs([True], [True, False])
 
 
+def test_labels_from_sampled_runs_compare_success_rates():
+    # Per question (columns), 3 runs each: small succeeds 2/3, 0/3, 1/3, 3/3 of the time,
+    # large 3/3, 2/3, 1/3, 2/3: the large model is needed where it succeeds more often.
+    small = np.array([[1, 0, 0, 1], [0, 0, 1, 1], [1, 0, 0, 1]], bool)
+    large = np.array([[1, 1, 0, 0], [1, 0, 1, 1], [1, 1, 0, 1]], bool)
+    np.testing.assert_array_equal(labels_from_runs(small, large), [True, True, False, False])
+    # One run each, as [1, n]: the one-run rule, small wrong and large right.
+    np.testing.assert_array_equal(labels_from_runs(small[:1], large[:1]),
+                                  ~small[0] & large[0])
+    with pytest.raises(ValueError, match="same length and samples"):
+        labels_from_runs(small, large[:2])
+
+
+def test_router_samples_run_each_baseline_once_per_seed():
+    from steer_jax.train_router import sampled_correctness
+
+    calls = []
+
+    def graded(cfg):  # a stub run: question q is right when (q + seed) is odd, for large also q=0
+        calls.append((cfg["method"], cfg["sampling"]["seed"], cfg["benchmark"]["name"],
+                      cfg["sampling"]["temperature"]))
+        seed = cfg["sampling"]["seed"]
+        return [(q + seed) % 2 == 1 or (cfg["method"] == "large_only" and q == 0)
+                for q in range(3)]
+
+    config = {"router": {"train": {"name": "demo"}}, "sampling": {"temperature": 0.7, "seed": 5}}
+    got = sampled_correctness(config, 2, 5, graded)
+    assert calls == [("small_only", 5, "demo", 0.7), ("small_only", 6, "demo", 0.7),
+                     ("large_only", 5, "demo", 0.7), ("large_only", 6, "demo", 0.7)]
+    np.testing.assert_array_equal(got["small_only"], [[True, False, True], [False, True, False]])
+    np.testing.assert_array_equal(got["large_only"], [[True, False, True], [True, True, False]])
+    # Success rates: small 1/2, 1/2, 1/2; large 1, 1/2, 1/2: only question 0 needs the large one.
+    np.testing.assert_array_equal(labels_from_runs(got["small_only"], got["large_only"]),
+                                  [True, False, False])
+
+
+@pytest.mark.parametrize("samples", [0, 1.5, True])
+def test_router_samples_must_be_a_positive_integer(samples):
+    from steer_jax.run_config import RunConfigError, validate
+
+    with pytest.raises(RunConfigError, match="router.samples"):
+        validate({"small": "s", "large": "l", "benchmark": {"name": "demo"},
+                  "router": {"samples": samples}})
+
+
 @pytest.fixture(scope="module")
 def trained():
     x, y = hyperplane_problem(4, 300)

@@ -289,20 +289,26 @@ def route_prompts(router: Router, model: Model, prompts: list[list[int]]
                    (model.params, router.params))
 
 
-def labels_from_runs(small_correct: list[bool], large_correct: list[bool]) -> np.ndarray:
-    """Training labels from per-query correctness of a small-only and a large-only run.
+def labels_from_runs(small_correct: Any, large_correct: Any) -> np.ndarray:
+    """Training labels from per-query correctness of small-only and large-only runs: [n], one run
+    of each model, or [S, n], S runs (sampled with different seeds) of each.
 
-    True where the small model was wrong and the large model right: the only queries on which
-    calling the large model changes the outcome.
+    True where the large model's success rate over its runs is above the small model's: the
+    sign of Damani et al.'s routing target, the gain in expected reward from the expensive
+    procedure, estimated by Monte Carlo. With one run each: the small model wrong and the large
+    one right, the only queries on which calling the large model changes the outcome.
     """
     small = np.asarray(small_correct)
     large = np.asarray(large_correct)
-    if small.ndim != 1 or small.shape != large.shape:
-        raise ValueError(f"small_correct and large_correct must be 1-D and the same length, got "
+    if small.ndim not in (1, 2) or small.shape != large.shape or small.shape[-1] == 0:
+        raise ValueError(f"small_correct and large_correct must be [questions] or "
+                         f"[samples, questions], non-empty, of the same length and samples, got "
                          f"shapes {small.shape} and {large.shape}")
     if small.dtype != np.bool_ or large.dtype != np.bool_:
         raise ValueError(f"correctness must be bool, got {small.dtype} and {large.dtype}")
-    return ~small & large
+    if small.ndim == 1:
+        return ~small & large
+    return large.mean(axis=0) > small.mean(axis=0)
 
 
 def save_router(router: Router, path: str | Path, *, overwrite: bool = False) -> None:
