@@ -29,14 +29,14 @@ train-demo: $(STAMP)
 
 # One pytest process per test file: a single process over the whole suite accumulates thousands of
 # compiled XLA programs and once segfaulted inside the CPU compiler near the end; fresh processes
-# keep each one small. Two run at once, the five slowest files first, each printing its output
-# when done: the files mostly compile, on one core each; one at a time the suite took 28 minutes
-# on an AVX2 development machine, two at a time 17. Every file runs even after a failure; the exit
-# status reports any. All of them share one fresh compilation cache (tests/conftest.py says why),
-# removed at the end.
+# keep each one small. Two run at once, the slowest files first (longest first packs two jobs
+# best), each printing its output when done: the files mostly compile, on one core each. Every
+# file runs even after a failure; the exit status reports any. All of them share one fresh
+# compilation cache (tests/conftest.py says why), removed at the end.
 TEST_JOBS ?= 2
-SLOW_TESTS := tests/test_steer.py tests/test_distributed.py tests/test_checkpointing.py tests/test_continuous.py \
-	tests/test_demo_models.py
+SLOW_TESTS := tests/test_steer.py tests/test_checkpointing.py tests/test_distributed.py tests/test_continuous.py \
+	tests/test_demo_models.py tests/test_paging.py tests/test_rsd_tokenizers.py tests/test_routing_latency.py \
+	tests/test_decoding.py tests/test_steer_resume.py
 test: $(STAMP)
 	@cache=$$(mktemp -d); \
 	{ for f in $(SLOW_TESTS) tests/test_*.py; do echo $$f; done | awk '!seen[$$0]++'; } | \
