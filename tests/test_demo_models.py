@@ -162,7 +162,7 @@ def test_demo_runner_writes_every_method_and_the_report(tmp_path: Path) -> None:
     from steer_jax.eval.runs import expand_run_dirs
     from steer_jax.run_config import load_config
 
-    config = load_config(PAIRS["qwen2"], ["benchmark.limit=8"])
+    config = load_config(PAIRS["qwen2"], ["benchmark.limit=4"])
     summaries = run_demo(config, tmp_path, warm_up=False)  # the timed runs need not be fair here
     assert set(summaries) == set(RUNS)
     for name in RUNS:

@@ -122,9 +122,18 @@ def test_the_policy_and_prm_tokenizers_differ(pair, foreign):
                 **tiny.SHORT)
 
 
-def test_scores_equal_hf_and_every_read_is_billed(pair, foreign):
-    # Threshold 0 keeps every draft: the PRM reads each trace once, through its last small step.
-    kept = _run(pair, foreign, prm_threshold=0.0)
+@pytest.fixture(scope="module")
+def kept(pair, foreign):
+    """Threshold 0 keeps every draft: the PRM reads each trace once, through its last small
+    step."""
+    return _run(pair, foreign, prm_threshold=0.0)
+
+
+def _median_score(res) -> float:
+    return float(np.median([s.score for t in res.traces for s in t.steps if s.score is not None]))
+
+
+def test_scores_equal_hf_and_every_read_is_billed(pair, foreign, kept):
     assert _check_scores(pair, foreign, kept) >= len(QUESTIONS)
     n_prm = foreign["model"].num_params
     for t in kept.traces:
@@ -152,11 +161,9 @@ def test_scores_equal_hf_and_every_read_is_billed(pair, foreign):
         if any(s.score is not None for s in t.steps))
 
 
-def test_continuous_checks_drafts_at_their_boundaries_on_the_kept_text(pair, foreign):
-    cont = dict(schedule="continuous", chunk=4)
-    kept = _run(pair, foreign, prm_threshold=0.0, **cont)
-    median = np.median([s.score for t in kept.traces for s in t.steps if s.score is not None])
-    res = _run(pair, foreign, prm_threshold=float(median), **cont)
+def test_continuous_checks_drafts_at_their_boundaries_on_the_kept_text(pair, foreign, kept):
+    # The median of the scores when every draft is kept rejects some drafts.
+    res = _run(pair, foreign, prm_threshold=_median_score(kept), schedule="continuous", chunk=4)
     assert _check_scores(pair, foreign, res) > 0
     assert any(s.model == "large" for t in res.traces for s in t.steps)
 
