@@ -215,7 +215,8 @@ class RoundLoop:
         """One mixture per group over `among` of every process's traces (continuous: warm-started
         from `init`); the state keeps it, and this process's posteriors come back."""
         conf, among = self.peers.gather(s.trace.conf), self.peers.gather(among)
-        def mixture(conf: jax.Array, among: jax.Array):
+
+        def mixture(conf: jax.Array, among: jax.Array) -> tuple:
             params, post = _mixture(conf, among, self.group, None if self.barrier else init,
                                     groups=self.opts.groups)
             return few_survivors(params, post, conf, self.group, s.fits, who, self.opts)
