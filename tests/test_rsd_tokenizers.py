@@ -135,6 +135,7 @@ def _median_score(res) -> float:
 
 def test_scores_equal_hf_and_every_read_is_billed(pair, foreign, kept):
     assert _check_scores(pair, foreign, kept) >= len(QUESTIONS)
+    assert kept.routing_s > 0  # the PRM's passes are counted as routing latency
     n_prm = foreign["model"].num_params
     for t in kept.traces:
         assert t.read["prm"] == _last_scored_end(pair, foreign, t)

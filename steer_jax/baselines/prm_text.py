@@ -45,7 +45,9 @@ import numpy as np
 from steer_jax.call_shapes import _span, _width
 from steer_jax.calls import PRM, TraceState, _evict, _gather, _plan, _scatter
 from steer_jax.decoding import paging, sampler
+from steer_jax.latency import timed
 from steer_jax.modeling.transformer import KVCache, forward
+from steer_jax.sides import with_cache
 
 if TYPE_CHECKING:
     from steer_jax.round_loop import RoundLoop
@@ -218,12 +220,12 @@ class TextPRM:
             n, before = np.zeros(bucket, np.int32), np.zeros(bucket, np.int32)
             for i, (b, u) in enumerate(zip(taken, unread)):
                 tokens[i, :len(u)], n[i], before[i] = u, len(u), streams[b].before
-            cache, trace, rejected, score = _score(
-                side.model.params, side.cfg, cache, s.trace, take, jnp.asarray(tokens),
-                jnp.asarray(n), jnp.asarray(before), loop.threshold, bucket=bucket,
-                span=_span(end, self.slots, cache.page_size, loop.shapes.spans))
-            s = dataclasses.replace(s, trace=trace, caches=s.caches[:PRM] + (cache,)
-                                    + s.caches[PRM + 1:])
+            # The PRM's pass is routing work (routing latency), as on the same-tokenizer path.
+            s, (cache, trace, rejected, score) = timed(
+                s, _score, side.model.params, side.cfg, cache, s.trace, take,
+                jnp.asarray(tokens), jnp.asarray(n), jnp.asarray(before), loop.threshold,
+                bucket=bucket, span=_span(end, self.slots, cache.page_size, loop.shapes.spans))
+            s = with_cache(s, side, cache, trace)
             s = _progress(s, take, rejected, score)
             todo[taken] = False
             if loop.on_call:
