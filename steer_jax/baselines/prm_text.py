@@ -210,8 +210,9 @@ class TextPRM:
                     f"the prm model's page pool ({cache.free.shape[0] - 1} pages of "
                     f"{cache.page_size}) cannot hold one trace's text (up to {end} tokens): "
                     "raise cache.pages or lower steer.max_new_tokens")
-            if short > 0:
+            if short > 0:  # the old cache is donated: the state holds the new one
                 cache = _evict(cache, take, jnp.asarray([short, 0]))
+                s = with_cache(s, side, cache)
             taken = np.flatnonzero(np.asarray(take))
             bucket, length = loop._bucket(count), np.asarray(cache.length)
             unread = [streams[b].unread(int(length[b])) for b in taken]

@@ -23,7 +23,7 @@ PAPER_PAIRS: dict[str, tuple[str, str]] = {
     "qwen2.5-math-1.5b-7b": ("Qwen2.5-Math-1.5B-Instruct", "Qwen2.5-Math-7B-Instruct"),
     "qwen2.5-1.5b-7b": ("Qwen2.5-1.5B-Instruct", "Qwen2.5-7B-Instruct"),
 }
-CONFIG_STAMP = Path("parts") / "config.json"  # the validated config a run ran with (store.Parts)
+CONFIG_STAMP = Path("parts") / "config.json"  # the validated config a run ran with (parts.Parts)
 
 
 def run_config(run: Run) -> dict[str, Any]:
