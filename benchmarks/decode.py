@@ -35,7 +35,7 @@ import transformers as tf
 from op_profile import dump_flags, profile
 
 from steer_jax import generate, load_model
-from steer_jax.modeling import panel_matmul, qwen2
+from steer_jax.modeling import qwen2
 
 
 def on_gpu() -> bool:  # not at import: --profile sets XLA_FLAGS before the backend starts
@@ -65,7 +65,7 @@ def matmul_rate(dtype: str) -> float:
     m, n = (8192, 8192) if on_gpu() else (256, 2048)
     a = jax.random.normal(jax.random.key(0), (m, n), dtype)
     b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    # float32 as the models compute it (see transformer._precision), not a GPU's TF32.
+    # float32 as the models compute it (see execution.precision), not a GPU's TF32.
     precision = jax.lax.Precision.HIGHEST if dtype == "float32" else None
     mm = jax.jit(lambda a, b: jnp.matmul(a, b, precision=precision))
     mm(a, b).block_until_ready()
@@ -146,7 +146,7 @@ def main() -> None:
     tokens = args.batch * args.new
     print(f"model: {args.shape or 'Qwen2'}-shaped, {'untied' if args.untied else 'tied'}, "
           f"{n_params / 1e6:.1f}M params, {args.dtype}, scan layers {args.scan_layers}, "
-          f"CPU kernel {'yes' if panel_matmul.is_packed(ours.params) else 'no'}; "
+          f"CPU kernel {'yes' if ours.config.execution.cpu_kernels else 'no'}; "
           f"batch {args.batch}, prompt {args.prompt}, {args.new} new tokens, greedy; torch threads "
           f"{torch.get_num_threads()}, torch device {device}, jax devices {jax.devices()}")
     print(f"greedy rows identical to transformers: {same}/{args.batch}")
@@ -159,7 +159,7 @@ def main() -> None:
         run_plain = lambda: run_ours(model=plain)  # noqa: E731
         same_plain = run_plain().tokens == got.tokens
         t_ours2, t_plain = best_of(run_ours, args.repeats), best_of(run_plain, args.repeats)
-        print(f"CPU kernel {'on' if panel_matmul.is_packed(ours.params) else 'off'} against "
+        print(f"CPU kernel {'on' if ours.config.execution.cpu_kernels else 'off'} against "
               f"XLA's dot throughout: {t_plain / t_ours2:.2f}x throughput ({t_ours2:.3f} s "
               f"against {t_plain:.3f} s, best of {args.repeats} each; same tokens: "
               f"{same_plain})")

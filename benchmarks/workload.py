@@ -44,10 +44,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from steer_jax.decoding.steps import token_texts
-from steer_jax.modeling import panel_matmul, qwen2
+from steer_jax.modeling import execution, qwen2
 from steer_jax.modeling.config import ModelConfig, RopeConfig
-from steer_jax.modeling.module import dense_inputs, init_params
-from steer_jax.modeling.transformer import KVCache, Model, forward, logits, unstack_layers
+from steer_jax.modeling.module import init_params, layout
+from steer_jax.modeling.transformer import KVCache, Model, forward, logits
 
 REPO = Path(__file__).resolve().parents[1]
 HF_DIR = Path(os.environ.get("STEER_SHARED_DATA", REPO.parent / "shared" / "data")) / "hf"
@@ -314,20 +314,12 @@ SHAPES: dict[str, Shape] = {
 }
 
 
-def _like_load_model(params: dict[str, Any], dtype: Any) -> dict[str, Any]:
-    """The parameter layout `load_model` gives the same checkpoint, so the benchmark times what
-    users run: layers unstacked except on a TPU, and float32 weights packed for the CPU kernels."""
-    backend = jax.default_backend()
-    if backend != "tpu":
-        params = unstack_layers(params)
-    if backend == "cpu" and jnp.dtype(dtype) == jnp.float32:
-        try:
-            panel_matmul.load()
-        except panel_matmul.KernelUnavailable:
-            return params
-        dense = dense_inputs()
-        params = jax.jit(lambda p: panel_matmul.pack_params(p, dense))(params)
-    return params
+def _like_load_model(cfg: ModelConfig, params: dict[str, Any],
+                     dtype: Any) -> tuple[ModelConfig, dict[str, Any]]:
+    """The execution and layout `load_model` gives the same checkpoint, so the benchmark times
+    what users run."""
+    cfg = dataclasses.replace(cfg, execution=execution.choose(dtype))
+    return cfg, layout(cfg, params)
 
 
 def build_model(cfg: ModelConfig, lengths: StepLengths, seed: Sequence[int], dtype: Any, *,
@@ -346,7 +338,7 @@ def build_model(cfg: ModelConfig, lengths: StepLengths, seed: Sequence[int], dty
                      jnp.float32(d["on"]), jnp.float32(d["shift"]), dtype=jnp.dtype(dtype),
                      on_dim=d["on_dim"], shift_dim=d["shift_dim"])
     if like_load_model:
-        params = _like_load_model(params, dtype)
+        cfg, params = _like_load_model(cfg, params, dtype)
     return Model(cfg, params, None)
 
 
@@ -415,8 +407,7 @@ def decode_step_seconds(model: Model, rows: int, slots: int = 1088, length: int 
     cfg = model.config
     cache = KVCache.init(cfg, rows, slots, model.dtype)
     cache = dataclasses.replace(cache, length=jnp.full((rows,), length, jnp.int32))
-    if isinstance(model.params["layers"], (list, tuple)):
-        cache = cache.per_layer()
+    cache = execution.loop_cache(cfg, cache)
     step = jax.jit(functools.partial(_one_step, cfg=cfg), donate_argnums=1)
     tokens, key = jnp.full((rows,), CLASS_BASE, jnp.int32), jax.random.key(0)
     best = math.inf

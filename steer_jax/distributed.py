@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from steer_jax.modeling.panel_matmul import unpack_params
+from steer_jax.modeling import execution
 from steer_jax.modeling.transformer import KVCache, Model, Params
 
 log = logging.getLogger(__name__)
@@ -192,15 +192,19 @@ def param_shardings(params: Params, mesh: Mesh) -> Params:
 
 
 def shard_params(params: Params, mesh: Mesh) -> Params:
-    """The params placed on `mesh` by the partition rules, in the plain layout the rules name
-    (weights a CPU load packed for the one-device kernel are unpacked)."""
-    params = unpack_params(params)
+    """Declared-layout params (`execution.canonical`) placed on `mesh` by the partition rules."""
     return jax.device_put(params, param_shardings(params, mesh))
 
 
 def shard_model(model: Model, mesh: Mesh) -> Model:
-    """The same model with its params placed on `mesh`."""
-    return dataclasses.replace(model, params=shard_params(model.params, mesh))
+    """The same model with its params placed on `mesh`: its layers as they ran, the CPU kernels
+    (which run on one device) kept only on a one-device mesh."""
+    from steer_jax.modeling.module import layout  # flax on first use (see _param_axes)
+
+    cfg = model.config
+    params = shard_params(execution.canonical(cfg, model.params), mesh)
+    cfg = dataclasses.replace(cfg, execution=execution.on_devices(cfg.execution, mesh.size))
+    return dataclasses.replace(model, config=cfg, params=layout(cfg, params))
 
 
 def mesh_of(params: Params) -> Mesh | None:

@@ -20,7 +20,7 @@ class RunConfigError(ValueError):
 # The config schema: section -> allowed keys (None: a scalar top-level key).
 SCHEMA: dict[str, tuple[str, ...] | None] = {
     "small": None, "large": None, "method": None, "dtype": None, "scan_layers": None,
-    "pair": None,
+    "cpu_kernels": None, "pair": None,
     "benchmark": ("name", "path", "offset", "limit"),
     "sampling": ("temperature", "top_p", "seed"),
     "steer": ("gamma", "max_steps", "max_step_tokens", "max_new_tokens", "delimiter",
@@ -35,7 +35,7 @@ SCHEMA: dict[str, tuple[str, ...] | None] = {
     "distributed": ("coordinator", "num_processes", "process_id", "auto"),
 }
 DEFAULTS: dict[str, Any] = {
-    "method": "steer", "dtype": "bfloat16", "scan_layers": None,
+    "method": "steer", "dtype": "bfloat16", "scan_layers": None, "cpu_kernels": None,
     "benchmark": {"path": None, "offset": 0, "limit": None},
     "sampling": {"temperature": 0.7, "top_p": 1.0, "seed": 0},
     "steer": {}, "batch": {"size": None}, "cache": {"page_size": 64, "pages": None},
@@ -96,6 +96,9 @@ def validate(config: dict[str, Any]) -> tuple[dict[str, Any], SteerOptions]:
     if not (cfg["scan_layers"] is None or isinstance(cfg["scan_layers"], bool)):
         raise RunConfigError("scan_layers must be true, false or null (null: unrolled except on "
                              f"TPUs), got {cfg['scan_layers']!r}")
+    if not (cfg["cpu_kernels"] is None or isinstance(cfg["cpu_kernels"], bool)):
+        raise RunConfigError("cpu_kernels must be true, false or null (null: where they run: "
+                             f"float32 on one CPU device), got {cfg['cpu_kernels']!r}")
     size = cfg["batch"]["size"]
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise RunConfigError(f"batch.size must be a positive integer or null, got {size!r}")

@@ -224,9 +224,10 @@ def run(config: dict[str, Any], out: str | Path | None = None, *, models: tuple 
 
 
 def load_models(cfg: dict[str, Any], mesh: Any = None) -> tuple[Any, Any]:
-    """A validated config's small and large models, as its `dtype` and `scan_layers` say."""
-    return tuple(load_model(cfg[k], cfg["dtype"], scan_layers=cfg["scan_layers"], mesh=mesh)
-                 for k in ("small", "large"))
+    """A validated config's small and large models, as its `dtype`, `scan_layers` and
+    `cpu_kernels` say."""
+    return tuple(load_model(cfg[k], cfg["dtype"], scan_layers=cfg["scan_layers"], mesh=mesh,
+                            cpu_kernels=cfg["cpu_kernels"]) for k in ("small", "large"))
 
 
 def _inputs(cfg: dict[str, Any], opts: SteerOptions, models: tuple | None
@@ -271,7 +272,8 @@ def _models(cfg: dict[str, Any], opts: SteerOptions, models: tuple | None, token
     extra: dict[str, Any] = {}
     if opts.method == "rsd":
         extra["prm"] = load_model(cfg["rsd"]["prm"], cfg["dtype"], value_head=True,
-                                  scan_layers=cfg["scan_layers"], mesh=mesh)
+                                  scan_layers=cfg["scan_layers"], mesh=mesh,
+                                  cpu_kernels=cfg["cpu_kernels"])
         # A PRM of another vocabulary reads the questions and steps as text (prm_text).
         extra["prm_tokenizer"] = load_tokenizer(cfg["rsd"]["prm"])
     if opts.method == "query_router":

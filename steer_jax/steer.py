@@ -52,7 +52,8 @@ from steer_jax.call_shapes import _Shapes
 from steer_jax.calls import ENDED, PRM, RUNNING, SMALL, StepSpec, TraceState
 from steer_jax.decoding.generate import check_prompts
 from steer_jax.decoding.steps import vocab_masks
-from steer_jax.modeling.transformer import Model, local_layers
+from steer_jax.modeling.kv_cache import local_layers
+from steer_jax.modeling.transformer import Model
 from steer_jax.options import CHUNK_TOKENS, METHODS, SteerOptions
 from steer_jax.results import STOPS, RoundMixture, Step, SteerResult, Trace, collect
 from steer_jax.calls import MODEL_NAMES

@@ -28,7 +28,7 @@ from steer_jax.runner import Summary, load_models, run
 Grid = dict[str, list[Any]]  # config key, dotted -> its values, in order
 DEFAULT_GAMMAS = "0.1,0.3,0.5,0.7,0.9"
 # What decides the loaded models: points that differ in these load their own.
-MODEL_KEYS = ("small", "large", "dtype", "scan_layers")
+MODEL_KEYS = ("small", "large", "dtype", "scan_layers", "cpu_kernels")
 # One sweep runs in one set of processes.
 FIXED_SECTIONS = ("distributed",)
 

@@ -128,8 +128,9 @@ def test_train_pair_writes_checkpoints_both_libraries_load(tiny_shapes, tmp_path
     assert json.loads((tmp_path / "demo-gemma3.json").read_text()) == record
     for size in ("small", "large"):
         path = tmp_path / f"demo-gemma3-{size}"
-        ours = load_model(path, "float32")
-        # The config.json spells exactly the architecture trained, sliding layers included.
+        ours = load_model(path, "float32", scan_layers=True, cpu_kernels=False)
+        # The config.json spells exactly the architecture trained, sliding layers included
+        # (and the load asked for the execution `demo_config`'s default names).
         assert ours.config == demo_config("gemma3", size, demo_task.build_demo_tokenizer())
         hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         ids = _prompts(load_tokenizer(path), 1)[0]

@@ -8,6 +8,7 @@ pure `transformer.forward`, and transformers' own logits.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from steer_jax import distributed, load_model
-from steer_jax.modeling import families, gemma3, module, qwen2, transformer
+from steer_jax.modeling import execution, families, gemma3, module, qwen2, transformer
+from steer_jax.modeling.config import Execution
 from steer_jax.modeling.kv_cache import KVCache
 
 # The hand tables that stood in distributed.py and panel_matmul.py before the declaration: what
@@ -88,7 +90,9 @@ def test_shardings_from_metadata_equal_the_old_tables(family, mesh_shape, monkey
     devices = jax.devices()[: mesh_shape[0] * mesh_shape[1]]
     mesh = distributed.make_mesh(*mesh_shape, devices=devices)
     shapes = module.param_shapes(_full(family), jnp.bfloat16)
-    for tree in (shapes, jax.eval_shape(transformer.unstack_layers, shapes)):
+    unrolled = dataclasses.replace(_full(family), execution=Execution(scan_layers=False))
+    flat = jax.eval_shape(functools.partial(execution.layout, unrolled, contracts={}), shapes)
+    for tree in (shapes, flat):
         shardings = distributed.param_shardings(tree, mesh)
         flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
         leaves = jax.tree.leaves(tree)
@@ -227,6 +231,46 @@ def test_module_from_a_checkpoint_gives_transformers_logits(tiny_models, name):
         expected = hf(input_ids=torch.tensor(ids)).logits.float().numpy()
     got = np.asarray(model.logits(hidden))
     assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-5
-    unstacked = transformer.unstack_layers(loaded.params)
+    # Any execution's layout gives the same module; a tree of other shapes is an error.
+    packed = load_model(path, "float32", scan_layers=False)
+    assert packed.config.execution == Execution(scan_layers=False, cpu_kernels=True)
+    again = module.from_params(packed.config, packed.params)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(again.params()),
+                                                     jax.tree.leaves(model.params())))
+    one_layer = {**loaded.params, "layers": jax.tree.map(lambda a: a[:1], loaded.params["layers"])}
     with pytest.raises(ValueError, match="not the parameter tree of this config"):
-        module.from_params(loaded.config, unstacked)
+        module.from_params(loaded.config, one_layer)
+
+
+@pytest.mark.parametrize("family, tied", [("qwen2", False), ("gemma3", True)])
+def test_every_execution_holds_the_declared_tree_and_reads_it_back(family, tied):
+    cfg = _tiny(family, tie_embeddings=tied)
+    params = module.init_params(cfg, jax.random.key(3))
+    for how in (Execution(s, k) for s in (True, False) for k in (False, True)):
+        run = dataclasses.replace(cfg, execution=how)
+        held = module.layout(run, params)
+        assert isinstance(held["layers"], dict) == how.scan_layers, how
+        back = execution.canonical(run, held)
+        assert jax.tree.structure(back) == jax.tree.structure(params), how
+        assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back),
+                                                         jax.tree.leaves(params))), how
+        assert transformer.Model(run, held).num_params == module.num_params(cfg), how
+
+
+def test_only_the_execution_seam_asks_which_layout_a_model_holds():
+    """Outside modeling/execution.py (and panel_matmul.py, the kernels' own file) no code in the
+    package reads an execution's choices, names the packed weight type or re-lays a cache."""
+    import ast
+    from pathlib import Path
+
+    import steer_jax
+
+    asks = {"scan_layers", "cpu_kernels", "Panels", "per_layer"}
+    found = []
+    for path in sorted(Path(steer_jax.__file__).parent.rglob("*.py")):
+        if path.name in ("execution.py", "panel_matmul.py"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in asks:
+                found.append(f"{path.name}:{node.lineno} .{node.attr}")
+    assert found == []

@@ -18,7 +18,7 @@ import tiny
 from steer_jax import load_model, load_tokenizer, steer
 from steer_jax.decoding import paging
 from steer_jax.decoding import sampler as dec
-from steer_jax.modeling import kv_cache, paged_attention, transformer
+from steer_jax.modeling import execution, kv_cache, paged_attention
 from steer_jax.modeling.kv_cache import KVCache
 from steer_jax.run_config import RunConfigError, validate
 
@@ -135,8 +135,8 @@ def test_pallas_paged_kernel_generates_the_xla_paths_tokens(tiny_models, monkeyp
         calls.append(kw["backend"])
         return pallas_decode(*args, **kw, interpret=True)
 
-    monkeypatch.setattr(transformer, "pallas_backend", lambda *a: "gpu")
-    monkeypatch.setattr(transformer.paged_attention, "pallas_decode", kernel)
+    monkeypatch.setattr(execution, "pallas_backend", lambda *a: "gpu")
+    monkeypatch.setattr(execution.paged_attention, "pallas_decode", kernel)
     jax.clear_caches()  # the plain path's programs would be reused
     via_kernel = generate(model, prompts, 9)
     jax.clear_caches()

@@ -180,7 +180,7 @@ def test_pack_round_trip(shape, n_in, lead):
 
 def test_packed_embedding_rows():
     table = jnp.asarray(np.random.RandomState(2).randn(70, 24).astype(np.float32))
-    packed = pm.pack_params({"embed": table, "layers": []}, {})["embed"]
+    packed = pm.pack(table.T, 1)  # as a tied head is packed
     tokens = jnp.asarray([[0, 31, 32, 69], [5, 5, 64, 33]])
     np.testing.assert_array_equal(np.asarray(pm.embed(packed, tokens)),
                                   np.asarray(table[tokens]))
@@ -191,10 +191,10 @@ def test_float32_cpu_models_are_packed_and_agree_with_xla(tiny_models, name):
     path, _ = tiny_models[name]
     packed = load_model(path, "float32")
     plain = load_model(path, "float32", cpu_kernels=False)
-    assert pm.is_packed(packed.params) and not pm.is_packed(plain.params)
+    assert packed.config.execution.cpu_kernels and not plain.config.execution.cpu_kernels
     # The head is packed: the embedding itself when tied, else lm_head (the embedding stays).
-    assert pm.is_panels(packed.params["embed"]) == packed.config.tie_embeddings
-    assert pm.is_panels(packed.params.get("lm_head")) != packed.config.tie_embeddings
+    assert isinstance(packed.params["embed"], pm.Panels) == packed.config.tie_embeddings
+    assert isinstance(packed.params.get("lm_head"), pm.Panels) != packed.config.tie_embeddings
     assert packed.num_params == plain.num_params
     np.testing.assert_allclose(packed.logits(IDS), plain.logits(IDS), rtol=1e-5, atol=1e-5)
     # Decode steps (the attention kernel's one-token path too), Gemma 3 well past its window.
@@ -219,11 +219,11 @@ def test_scanned_layers_pack_too(tiny_models):
 
 def test_only_float32_on_one_cpu_device_is_packed(tiny_models, monkeypatch):
     path, _ = tiny_models["qwen2_untied_gqa"]
-    assert not pm.is_packed(load_model(path, "bfloat16").params)
+    assert not load_model(path, "bfloat16").config.execution.cpu_kernels
     with pytest.raises(CheckpointError, match="float32 weights, not bfloat16"):
         load_model(path, "bfloat16", cpu_kernels=True)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert not pm.is_packed(load_model(path, "float32").params)
+    assert not load_model(path, "float32").config.execution.cpu_kernels
     with pytest.raises(CheckpointError, match="the backend is gpu, not cpu"):
         load_model(path, "float32", cpu_kernels=True)
 

@@ -14,6 +14,7 @@ import torch
 
 import tiny
 from steer_jax import generate, load_model, steer
+from steer_jax.modeling.config import Execution
 from steer_jax.run_config import RunConfigError, load_config, validate
 from steer_jax.runner import load_models, run, summarize
 from steer_jax.steer import SteerOptions
@@ -207,17 +208,19 @@ def test_gamma_out_of_range(pair):
         validate(_config(pair, steer={"gamma": 1.5}))
 
 
-def test_scan_layers_picks_the_layer_layout(pair):
-    """`scan_layers` reaches every model a run loads (TPU users choose; the default is measured
-    only on CPUs and one GPU); anything but true, false or null is refused before any load."""
-    for value, stacked in ((True, True), (False, False)):
-        cfg, _ = validate(_config(pair, scan_layers=value))
-        assert [isinstance(m.params["layers"], dict) for m in load_models(cfg)] == [stacked] * 2
+def test_scan_layers_and_cpu_kernels_pick_the_execution(pair):
+    """`scan_layers` and `cpu_kernels` reach every model a run loads (TPU users choose; the
+    defaults are measured only on CPUs and one GPU); anything but true, false or null is refused
+    before any load."""
+    for scan, kernels in ((True, False), (False, False), (False, True)):
+        cfg, _ = validate(_config(pair, scan_layers=scan, cpu_kernels=kernels))
+        assert [m.config.execution for m in load_models(cfg)] == [Execution(scan, kernels)] * 2
     cfg, _ = validate(_config(pair))
-    assert cfg["scan_layers"] is None
-    for bad in (1, "yes"):
-        with pytest.raises(RunConfigError, match="scan_layers must be true, false or null"):
-            validate(_config(pair, scan_layers=bad))
+    assert cfg["scan_layers"] is None and cfg["cpu_kernels"] is None
+    for key in ("scan_layers", "cpu_kernels"):
+        for bad in (1, "yes"):
+            with pytest.raises(RunConfigError, match=f"{key} must be true, false or null"):
+                validate(_config(pair, **{key: bad}))
 
 
 def test_unreadable_yaml(tmp_path):

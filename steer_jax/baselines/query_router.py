@@ -167,7 +167,7 @@ def _init_params(key: jax.Array, num_features: int, hidden: int) -> dict[str, ja
 
 
 def _logits(params: dict[str, jax.Array], x: jax.Array) -> jax.Array:
-    # Float32 on every backend, as the models' float32 dots (transformer._precision): DEFAULT
+    # Float32 on every backend, as the models' float32 dots (execution.precision): DEFAULT
     # would be TF32 on a GPU and bfloat16 passes on a TPU. The MLP is tiny; the cost is nil.
     dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
     h = jax.nn.gelu(dot(x, params["w1"]) + params["b1"])

@@ -25,6 +25,7 @@ import numpy as np
 
 from steer_jax.decoding import paging
 from steer_jax.decoding.steps import VocabMasks
+from steer_jax.modeling import execution
 from steer_jax.modeling.config import ModelConfig
 from steer_jax.modeling.transformer import KVCache, Params, forward, logits
 
@@ -215,8 +216,7 @@ def decode(params: Params, cfg: ModelConfig, cache: KVCache, tokens: jax.Array, 
     n = jnp.where(active, n, 0)
     # Pages for everything the call may write; those it does not use go back at the end.
     cache = paging.reserve(cache, cache.length + n + limit, active)
-    if isinstance(params["layers"], (list, tuple)):
-        cache = cache.per_layer()
+    cache = execution.loop_cache(cfg, cache)
     cache, next_logits, _ = append(params, cfg, cache, tokens, n, scores=False)
     # The pending token starts as the last one appended: a continued step's previous token.
     state = DecodeState(cache, last_valid(tokens[:, :, None], n)[:, 0],

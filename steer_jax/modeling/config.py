@@ -44,6 +44,15 @@ class RopeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class Execution:
+    """How this machine runs a model, chosen once when the model is built (`execution.choose`,
+    which `load_model` calls); `execution.py` is the one place that reads it."""
+
+    scan_layers: bool = True  # layers stacked under `lax.scan`; False: per-layer, unrolled
+    cpu_kernels: bool = False  # dense weights packed for steer-jax's CPU kernels (`panel_matmul`)
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     family: Family
     vocab_size: int
@@ -73,6 +82,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     pad_token_id: int | None = None
     value_head: bool = False  # a process reward model: a linear head on the last hidden state
+    execution: Execution = Execution()  # not the checkpoint's: how this machine runs it
 
     def __post_init__(self) -> None:
         if len(self.sliding_layers) != self.num_layers:

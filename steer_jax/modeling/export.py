@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -19,12 +20,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import jax
 import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
 
-from steer_jax.modeling import families, gemma3, panel_matmul, qwen2, weights
-from steer_jax.modeling.config import ModelConfig, RopeConfig
+from steer_jax.modeling import execution, families, gemma3, qwen2, weights
+from steer_jax.modeling.config import Execution, ModelConfig, RopeConfig
 from steer_jax.modeling.transformer import Model
 
 _FAMILIES = {"qwen2": qwen2, "gemma3": gemma3}
@@ -121,7 +123,7 @@ def hf_config(cfg: ModelConfig, dtype: str = "float32") -> dict[str, Any]:
         raise ValueError(f"cannot export model family {cfg.family!r}")
     # The round trip is the contract; checking it here catches every switch the family's
     # config.json has no spelling for (e.g. a qwen2 config with two RoPE bases).
-    expected = dataclasses.replace(cfg, value_head=False)
+    expected = dataclasses.replace(cfg, value_head=False, execution=Execution())
     parsed = families.from_hf_config(json.loads(json.dumps(hf)))
     if parsed != expected:
         diff = {f.name: (getattr(expected, f.name), getattr(parsed, f.name))
@@ -143,9 +145,8 @@ def _rule_per_path(cfg: ModelConfig) -> dict[tuple[str, ...], weights.Rule]:
 
 
 def _tree_paths(params: dict[str, Any]) -> set[tuple[str, ...]]:
-    """Module paths of a params tree, per-layer lists read as the stacked path."""
-    layers = params.get("layers", {})
-    ours = {("layers", k) for k in (layers if isinstance(layers, dict) else layers[0])}
+    """Module paths of a declared-layout params tree."""
+    ours = {("layers", k) for k in params.get("layers", {})}
     for k, v in params.items():
         if k != "layers":
             ours |= {(k, sub) for sub in v} if isinstance(v, dict) else {(k,)}
@@ -156,15 +157,17 @@ def hf_tensors(model: Model, dtype: Any = None) -> dict[str, np.ndarray]:
     """The model's parameters as HF-named, HF-shaped host arrays (contiguous, as safetensors needs).
 
     Walks the parameters the module declares for the model's config (`module.param_specs`), each
-    written by its family rule. Layers may be stacked ([L, ...] arrays) or unstacked (a list of
-    per-layer dicts). Raises ValueError if a declared parameter has no HF name or is absent, or
-    the params hold one the config does not declare, so an export never silently drops a tensor.
+    written by its family rule, read in the declared layout (`execution.parameter`) whatever
+    layout the model runs, one parameter at a time. Raises ValueError if a declared parameter
+    has no HF name or is absent, or the params hold one the config does not declare, so an
+    export never silently drops a tensor.
     """
     from steer_jax.modeling.module import param_specs  # flax on first use: see loading.py
 
-    cfg, params = model.config, panel_matmul.unpack_params(model.params)
+    cfg, params = model.config, model.params
     np_dtype = np.dtype(dtype) if dtype is not None else np.dtype(model.dtype)
-    declared, ours = param_specs(cfg), _tree_paths(params)
+    declared = param_specs(cfg)
+    ours = _tree_paths(jax.eval_shape(functools.partial(execution.canonical, cfg), params))
     if ours != set(declared):
         raise ValueError(f"the params are not this config's parameters: undeclared "
                          f"{sorted('.'.join(p) for p in ours - set(declared))}, missing "
@@ -174,8 +177,6 @@ def hf_tensors(model: Model, dtype: Any = None) -> dict[str, np.ndarray]:
     if unnamed:
         raise ValueError(f"parameters with no Hugging Face name in the {cfg.family} rules: "
                          f"{unnamed}")
-    layers = params["layers"]
-    stacked = not isinstance(layers, (list, tuple))
     out: dict[str, np.ndarray] = {}
 
     def put(rule: weights.Rule, layer: int | None, value: Any) -> None:
@@ -183,17 +184,10 @@ def hf_tensors(model: Model, dtype: Any = None) -> dict[str, np.ndarray]:
             to_hf(rule.kind, np.asarray(value).astype(np_dtype)))
 
     for path in declared:
-        rule = rules[path]
-        if path[0] != "layers":
-            value = params
-            for key in path:
-                value = value[key]
-            put(rule, None, value)
-            continue
-        # One device->host copy per stacked parameter, not one per layer.
-        whole = np.asarray(layers[path[1]]) if stacked else None
-        for i in range(cfg.num_layers):
-            put(rule, i, whole[i] if stacked else layers[i][path[1]])
+        # One device->host copy per parameter, all its layers at once.
+        value = np.asarray(execution.parameter(cfg, params, path))
+        for i in range(cfg.num_layers) if path[0] == "layers" else [None]:
+            put(rules[path], i, value if i is None else value[i])
     return out
 
 

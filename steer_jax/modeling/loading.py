@@ -20,9 +20,9 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from steer_jax.modeling import families, gemma3, panel_matmul, qwen2, weights
+from steer_jax.modeling import execution, families, gemma3, qwen2, weights
 from steer_jax.modeling.config import ConfigError, ModelConfig
-from steer_jax.modeling.transformer import Model, unstack_layers
+from steer_jax.modeling.transformer import Model
 
 _FAMILIES = {"qwen2": qwen2, "gemma3": gemma3}
 ORBAX_DIR = "orbax"  # a converted checkpoint's weights (`steer-jax convert`)
@@ -245,14 +245,11 @@ def load_model(path: str | Path, dtype: str = "bfloat16", *, value_head: bool = 
 
     `value_head`: the checkpoint is a process reward model whose `v_head.summary.*` tensors are
     read too (a Qwen2 PRM, as RSD uses); without it such tensors are unexpected.
-    `scan_layers`: keep layers stacked for `lax.scan` (fast compiles; the default on TPUs) or
-    unstack them for an unrolled forward (the default elsewhere: a scanned layer copies its
-    weights out of the stack every step; benchmarks/RESULTS.md has the cost by device).
     `mesh`: a ('data', 'model') mesh; each device's shard is then read straight from the files.
-    `cpu_kernels`: pack the dense weights into panels for steer-jax's CPU kernels
-    (`panel_matmul`): its matmul, ~2x XLA's dot at decode batch sizes, and a one-token attention
-    for decode steps. None: when the backend is a CPU, the dtype float32, the mesh one device at
-    most and the kernels build; True: the same, or an error saying which does not hold.
+    `scan_layers`, `cpu_kernels`: how this machine runs the model (`execution.choose`: layers
+    under `lax.scan` or unrolled; steer-jax's CPU matmul and decode-attention kernels or XLA's
+    ops), recorded in the model's `config.execution`, its parameters held in that layout. An
+    execution this machine cannot run is a CheckpointError saying why.
     `path` may also be a directory written by `steer-jax convert` (weights in orbax).
     """
     if dtype not in _DTYPES:
@@ -262,7 +259,12 @@ def load_model(path: str | Path, dtype: str = "bfloat16", *, value_head: bool = 
         if cfg.family != "qwen2":
             raise CheckpointError(f"{path}: value heads are supported on Qwen2 checkpoints only")
         cfg = dataclasses.replace(cfg, value_head=True)
-    packed = cpu_kernels is not False and _kernels_usable(dtype, mesh, cpu_kernels)
+    try:
+        how = execution.choose(dtype, 1 if mesh is None else mesh.size, scan_layers=scan_layers,
+                               cpu_kernels=cpu_kernels)
+    except execution.Unavailable as e:
+        raise CheckpointError(str(e)) from e
+    cfg = dataclasses.replace(cfg, execution=how)
     shardings = None
     if mesh is not None:
         from steer_jax.distributed import param_shardings
@@ -272,38 +274,9 @@ def load_model(path: str | Path, dtype: str = "bfloat16", *, value_head: bool = 
         params = load_converted(path, cfg, _DTYPES[dtype], shardings)
     else:
         params = load_params(path, cfg, dtype, shardings)
-    if not (jax.default_backend() == "tpu" if scan_layers is None else scan_layers):
-        params = unstack_layers(params)
-    if packed:
-        params = _pack(params)
-    return Model(cfg, params, str(path))
+    from steer_jax.modeling.module import layout  # flax on first use: see _param_shapes
 
-
-@jax.jit
-def _pack(params: dict[str, Any]) -> dict[str, Any]:
-    # One jitted function for every load, so a second load of the same shapes does not recompile.
-    from steer_jax.modeling.module import dense_inputs  # flax on first use: see _param_shapes
-
-    return panel_matmul.pack_params(params, dense_inputs())
-
-
-def _kernels_usable(dtype: str, mesh: Any, required: bool | None) -> bool:
-    """Whether `load_model` packs weights for the CPU kernel; an error if required and not."""
-    why = []
-    if jax.default_backend() != "cpu":
-        why.append(f"the backend is {jax.default_backend()}, not cpu")
-    if dtype != "float32":
-        why.append(f"the kernel multiplies float32 weights, not {dtype}")
-    if mesh is not None and mesh.size > 1:
-        why.append(f"the mesh has {mesh.size} devices; the kernel runs on one")
-    if not why:
-        try:
-            panel_matmul.load()
-        except panel_matmul.KernelUnavailable as e:
-            why.append(str(e))
-    if why and required:
-        raise CheckpointError("cpu_kernels=True, but " + "; ".join(why))
-    return not why
+    return Model(cfg, layout(cfg, params), str(path))
 
 
 # tokenizer_config.json classes that mean "exactly the pipeline in tokenizer.json".

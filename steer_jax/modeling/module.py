@@ -16,15 +16,16 @@ norm_plus_one). Each parameter is one `nnx.Param` created in `__init__` with:
 
 Derived from that declaration: `init_params`, `param_shapes` (`nnx.eval_shape`, no memory),
 `num_params`, `param_specs` (path -> logical axes and contraction: the mesh shardings of
-`distributed`, the packing of `panel_matmul`, the walk of `export`), and the HF name map, whose
-per-family tables (`weights.COMMON`, `qwen2.RULES`, `gemma3.RULES`) are keyed by these module paths.
+`distributed`, the CPU kernels' packing (`layout`), the walk of `export`), and the HF name map,
+whose per-family tables (`weights.COMMON`, `qwen2.RULES`, `gemma3.RULES`) are keyed by these module paths.
 
 Decisions:
 - The state is exactly the tree the pure `transformer.forward` reads:
   `nnx.to_pure_dict(nnx.state(module, nnx.Param))` is {embed, final_norm, layers: {q, k, ...},
-  lm_head, v_head: {w, b}}. Decoding, KV caches, loading and Panels run on that pytree; the
-  decode loop stays a pure function (`nnx.split` outside `jit`, `nnx.merge` or the state inside),
-  and no Python object crosses a `while_loop`.
+  lm_head, v_head: {w, b}}: the declared layout. `layout` puts it into the one a config's
+  `execution` runs (per-layer arrays, CPU-kernel panels), and `execution.canonical` reads it
+  back. The decode loop stays a pure function (`nnx.split` outside `jit`, `nnx.merge` or the
+  state inside), and no Python object crosses a `while_loop`.
 - `Layers` holds every decoder layer, each parameter stacked on a leading 'layers' axis (one
   array per name, as `lax.scan` takes them), not a list of per-layer modules.
 - Random keys: the constructor takes one key, split in 16, and each random parameter takes the
@@ -43,8 +44,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from steer_jax.modeling import transformer
-from steer_jax.modeling.config import ModelConfig, RopeConfig
+from steer_jax.modeling import execution, transformer
+from steer_jax.modeling.config import Execution, ModelConfig, RopeConfig
 from steer_jax.modeling.kv_cache import KVCache
 
 Params = dict[str, Any]
@@ -136,10 +137,10 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """`transformer.forward` on this module's own parameters."""
-        return transformer.forward(self.params(), self.config, tokens, cache)
+        return transformer.forward(layout(self.config, self.params()), self.config, tokens, cache)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        return transformer.logits(self.params(), self.config, hidden)
+        return transformer.logits(layout(self.config, self.params()), self.config, hidden)
 
 
 def _abstract(cfg: ModelConfig, dtype: Any = jnp.float32) -> Transformer:
@@ -161,9 +162,17 @@ def num_params(cfg: ModelConfig) -> int:
     return int(sum(x.size for x in jax.tree.leaves(param_shapes(cfg))))
 
 
+def layout(cfg: ModelConfig, params: Params) -> Params:
+    """The declared tree `params` in the layout `cfg.execution` runs (`execution.layout`, with
+    each dense weight's contraction from this declaration)."""
+    return execution.layout(cfg, params, dense_inputs())
+
+
 def from_params(cfg: ModelConfig, params: Params) -> Transformer:
-    """The module holding `params` (stacked, unpacked: e.g. `load_model(..., scan_layers=True,
-    cpu_kernels=False).params`); ValueError if they are not `cfg`'s parameter tree."""
+    """The module holding `params`, in any execution's layout (`Model(cfg, params)`'s);
+    ValueError if they are not `cfg`'s parameter tree."""
+    params = execution.canonical(cfg, params)
+    cfg = dataclasses.replace(cfg, execution=Execution())
     module = _abstract(cfg)
     want = jax.tree.map(lambda s: s.shape, module.params())
     got = jax.tree.map(lambda x: tuple(getattr(x, "shape", ())), params)
@@ -207,6 +216,6 @@ def param_specs(cfg: ModelConfig | None = None) -> dict[Path, ParamSpec]:
 
 
 def dense_inputs() -> dict[str, int]:
-    """Layer weight name -> how many leading axes its matmul contracts (`transformer._dense`)."""
+    """Layer weight name -> how many leading axes its matmul contracts (`execution.dense`)."""
     return {path[1]: spec.contracts for path, spec in param_specs().items()
             if path[0] == "layers" and spec.contracts is not None}

@@ -1,14 +1,14 @@
 """Weights packed into 32-column panels, multiplied by a CPU kernel of our own (panel_matmul.cc).
 
 On a CPU a decode step is a few rows times every weight, which XLA's dot multiplies at ~80
-GFLOP/s on two cores for 16 rows; packed once here, at load, each panel is one contiguous stream
-and the kernel runs a 16-row matmul ~2x faster (benchmarks/matmul16.py). A decode step's
-attention (one query token against a paged KV cache: pools of pages and a page table per row)
-has a kernel too, `decode_attention.cc`, used wherever the weights are packed
-(`decode_attention_dense` runs it over a dense cache). The kernels are compiled on first use
-with the system's C++ compiler against the XLA FFI headers jaxlib ships, cached per source,
-jaxlib and CPU, and registered as FFI targets. Only float32 weights on a lone CPU device are
-packed; everywhere else the models run XLA's ops over the plain layout."""
+GFLOP/s on two cores for 16 rows; packed once, at load, each panel is one contiguous stream and
+the kernel runs a 16-row matmul ~2x faster (benchmarks/matmul16.py). A decode step's attention
+(one query token against a paged KV cache: pools of pages and a page table per row) has a kernel
+too, `decode_attention.cc` (`decode_attention_dense` runs it over a dense cache). Where they run
+is `execution.py`'s choice: float32 weights on a lone CPU device; everywhere else the models run
+XLA's ops over the plain layout. The kernels are compiled on first use with the system's C++
+compiler against the XLA FFI headers jaxlib ships, cached per source, jaxlib and CPU, and
+registered as FFI targets."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -83,11 +83,9 @@ def pack(w: jax.Array, n_in: int, lead: int = 0) -> Panels:
     return Panels(data, in_shape, out_shape)
 
 
-def embed(table: jax.Array | Panels, tokens: jax.Array) -> jax.Array:
-    """Rows of an embedding table [V, D], plain or packed as a head (`pack_params`)."""
-    if isinstance(table, Panels):
-        return table.data[tokens // WIDTH, :, tokens % WIDTH]
-    return table[tokens]
+def embed(table: Panels, tokens: jax.Array) -> jax.Array:
+    """Rows of an embedding table [V, D] packed as a head (its [D, V] transpose)."""
+    return table.data[tokens // WIDTH, :, tokens % WIDTH]
 
 
 def matmul(x: jax.Array, w: Panels) -> jax.Array:
@@ -155,44 +153,6 @@ def decode_attention_dense(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.A
     out = decode_attention(q.reshape(B * K, 1, G, hd), pool(k), pool(v), table,
                            jnp.repeat(mask, K, axis=0), scale)
     return out.reshape(B, K, G, hd)
-
-
-_HEADS = ("embed", "lm_head")  # [V, D], packed as the head's [D, V]
-
-
-def is_panels(x: Any) -> bool:
-    return isinstance(x, Panels)
-
-
-def pack_params(params: dict[str, Any], dense: Mapping[str, int]) -> dict[str, Any]:
-    """The layers' dense weights and the head (the embedding when tied) as `Panels`.
-
-    `dense`: layer weight name -> how many leading axes (after the layer axis) its matmul
-    contracts; the model's declaration says (`module.dense_inputs()`)."""
-    def layer(lp: dict[str, Any], lead: int) -> dict[str, Any]:
-        return {k: pack(v, dense[k], lead) if k in dense else v for k, v in lp.items()}
-
-    head = "lm_head" if "lm_head" in params else "embed"  # an untied embedding is only looked up
-    layers = params["layers"]
-    out = {k: pack(v.T, 1) if k == head else v for k, v in params.items()}
-    out["layers"] = ([layer(lp, 0) for lp in layers] if isinstance(layers, (list, tuple))
-                     else layer(layers, 1))
-    return out
-
-
-def unpack_params(params: dict[str, Any]) -> dict[str, Any]:
-    """`pack_params` undone: every weight in its plain layout again."""
-    def plain(path: tuple[Any, ...], x: Any) -> Any:
-        if not isinstance(x, Panels):
-            return x
-        w = x.unpack()
-        return w.T if getattr(path[0], "key", None) in _HEADS else w
-
-    return jax.tree_util.tree_map_with_path(plain, params, is_leaf=is_panels)
-
-
-def is_packed(params: dict[str, Any]) -> bool:
-    return any(map(is_panels, jax.tree.leaves(params, is_leaf=is_panels)))
 
 
 def _cache_dir() -> Path:
