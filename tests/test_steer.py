@@ -172,6 +172,12 @@ def test_read_widths_are_one_or_eight_sizes_per_power_of_two_in_steps_of_8():
 
 # The run layer: config checks before compute, files on disk.
 
+def _musique(shared_data) -> dict:
+    """The benchmark slice of every run here that needs no other: one slice keeps the runs'
+    shapes, so the file compiles their programs once and a repeated run compiles nothing."""
+    return {"name": "musique", "path": str(shared_data / "musique"), "limit": 2}
+
+
 def _config(pair, **over):
     return {"small": str(pair["small_dir"]), "large": str(pair["large_dir"]), "dtype": "float32",
             "benchmark": {"name": "math500", "path": None, "limit": 3},
@@ -180,8 +186,7 @@ def _config(pair, **over):
 
 
 def test_run_writes_summary_and_traces(pair, shared_data, tmp_path):
-    cfg = _config(pair, benchmark={"name": "math500", "path": str(shared_data / "math500"),
-                                   "limit": 3})
+    cfg = _config(pair, benchmark=_musique(shared_data))
     summary = run(cfg, tmp_path)
     s = json.loads((tmp_path / "summary.json").read_text())
     for key in ("method", "n", "accuracy", "flops_per_query", "prefill_flops_per_query",
@@ -189,7 +194,7 @@ def test_run_writes_summary_and_traces(pair, shared_data, tmp_path):
         assert key in s
     assert s["params"] == {"small": pair["small"].num_params, "large": pair["large"].num_params}
     assert s["layout"] == {"platform": "cpu", "processes": 1, "mesh": None}
-    assert s["n"] == 3 and summary.n == 3
+    assert s["n"] == 2 and summary.n == 2
     lines = [json.loads(x) for x in (tmp_path / "traces.jsonl").read_text().splitlines()]
     assert [x["id"] for x in lines] and all(
         {"id", "output", "answer", "reference", "correct", "steps"} <= set(x) for x in lines)
@@ -332,7 +337,7 @@ def test_every_method_writes_the_same_schema(pair, shared_data, tmp_path):
     feats = rs.randn(32, pair["small"].config.hidden_size).astype(np.float32)
     router = train_router(feats, feats[:, 0] > 0, RouterConfig(epochs=5))
     save_router(router, tmp_path / "router")
-    bench = {"name": "musique", "path": str(shared_data / "musique"), "limit": 2}
+    bench = _musique(shared_data)
     schemas = {}
     for method in ("steer", "small_only", "large_only", "specreason", "rsd", "query_router"):
         out = tmp_path / method
@@ -353,8 +358,7 @@ def test_baseline_configs_need_their_models(pair):
 
 
 def test_resume_refuses_a_changed_config(pair, shared_data, tmp_path):
-    cfg = _config(pair, benchmark={"name": "musique", "path": str(shared_data / "musique"),
-                                   "limit": 2})
+    cfg = _config(pair, benchmark=_musique(shared_data))
     run(cfg, tmp_path)
     with pytest.raises(RunConfigError, match="config changed since its checkpoint"):
         run({**cfg, "steer": {**cfg["steer"], "gamma": 0.9}}, tmp_path, resume=True)
@@ -393,7 +397,7 @@ def test_cli_summary_line_prints_flops_per_query_as_a_plain_number(capsys):
 
 
 def test_run_on_a_mesh_writes_the_same_traces(pair, shared_data, tmp_path):
-    bench = {"name": "musique", "path": str(shared_data / "musique"), "limit": 2}
+    bench = _musique(shared_data)
     run(_config(pair, benchmark=bench), tmp_path / "one")
     run(_config(pair, benchmark=bench, mesh={"data": 4, "model": 2}), tmp_path / "mesh")
     one, mesh = ([json.loads(x) for x in (tmp_path / d / "traces.jsonl").read_text().splitlines()]
@@ -427,8 +431,7 @@ def test_on_a_mesh_the_prm_is_sharded_like_the_policy_models(pair, shared_data, 
     monkeypatch.setattr(runner, "load_model", load)
     with pytest.raises(Loaded):
         run(_config(pair, method="rsd", rsd={"prm": str(prm_dir)}, mesh={"data": 4, "model": 2},
-                    benchmark={"name": "musique", "path": str(shared_data / "musique"),
-                               "limit": 2}), tmp_path / "out")
+                    benchmark=_musique(shared_data)), tmp_path / "out")
     assert len(meshes) == 3 and all(m is not None and dict(m.shape) == {"data": 4, "model": 2}
                                     for m in meshes.values()), meshes
 
@@ -455,7 +458,7 @@ def test_page_pools_split_the_budget_so_each_model_holds_as_many_traces(pair, mo
 def test_sweep_writes_a_run_per_gamma_and_a_table(pair, shared_data, tmp_path):
     from steer_jax.sweeps import sweep
 
-    bench = {"name": "musique", "path": str(shared_data / "musique"), "limit": 2}
+    bench = _musique(shared_data)
     summaries = sweep(_config(pair, benchmark=bench), [0.0, 1.0], tmp_path)
     assert [s.gamma for s in summaries] == [0.0, 1.0]
     for g, s in zip(("0", "1"), summaries):
