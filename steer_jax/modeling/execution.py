@@ -77,12 +77,17 @@ def _head_key(cfg: ModelConfig) -> str:
     return "embed" if cfg.tie_embeddings else "lm_head"  # an untied embedding is only looked up
 
 
-@functools.partial(jax.jit, static_argnames=("head", "contracts"))
-def _pack(params: Params, head: str, contracts: tuple[tuple[str, int], ...]) -> Params:
+@functools.partial(jax.jit, static_argnames=("head", "contracts", "stacked"))
+def _pack(params: Params, head: str, contracts: tuple[tuple[str, int], ...],
+          stacked: bool) -> Params:
     # One jitted program per shape, so a second load of the same shapes does not recompile.
     dense = dict(contracts)
-    layers = {k: panel_matmul.pack(v, dense[k], 1) if k in dense else v
-              for k, v in params["layers"].items()}
+
+    def layer(lp: Params) -> Params:
+        return {k: panel_matmul.pack(v, dense[k], int(stacked)) if k in dense else v
+                for k, v in lp.items()}
+
+    layers = layer(params["layers"]) if stacked else [layer(lp) for lp in params["layers"]]
     # The head is multiplied as [D, V]: packed from the [V, D] table's transpose.
     return {**params, head: panel_matmul.pack(params[head].T, 1), "layers": layers}
 
@@ -90,12 +95,15 @@ def _pack(params: Params, head: str, contracts: tuple[tuple[str, int], ...]) -> 
 def layout(cfg: ModelConfig, params: Params, contracts: Mapping[str, int]) -> Params:
     """The declared tree `params` in `cfg.execution`'s layout; `contracts`: layer weight name ->
     the axes its matmul contracts, as the module declares (`module.layout` passes them)."""
-    if cfg.execution.cpu_kernels:
-        params = _pack(params, _head_key(cfg), tuple(sorted(contracts.items())))
-    if not cfg.execution.scan_layers:
+    how = cfg.execution
+    if not how.scan_layers:
         layers = params["layers"]
         params = {**params, "layers": [jax.tree.map(lambda a: a[i], layers)
                                        for i in range(cfg.num_layers)]}
+    if how.cpu_kernels:
+        # Each weight packed where it will be read (per layer when unrolled), in one program.
+        params = _pack(params, _head_key(cfg), tuple(sorted(contracts.items())),
+                       how.scan_layers)
     return params
 
 
