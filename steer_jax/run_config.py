@@ -4,6 +4,7 @@ tokenizers that differ between the two models."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -61,14 +62,26 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, An
         key, sep, value = item.partition("=")
         if not sep:
             raise RunConfigError(f"override {item!r} is not of the form key=value")
-        *parents, leaf = key.split(".")
-        node = config
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise RunConfigError(f"override {item!r}: {p} is not a section")
-        node[leaf] = yaml.safe_load(value)
+        try:
+            config = set_key(config, key, yaml.safe_load(value))
+        except RunConfigError as e:
+            raise RunConfigError(f"override {item!r}: {e}") from None
     return config
+
+
+def set_key(config: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    """A copy of `config` with the dotted `key` set to `value`, its sections made as needed."""
+    out = copy.deepcopy(config)
+    *parents, leaf = key.split(".")
+    node = out
+    for p in parents:
+        if node.get(p) is None:
+            node[p] = {}
+        node = node[p]
+        if not isinstance(node, dict):
+            raise RunConfigError(f"{p} is not a section")
+    node[leaf] = value
+    return out
 
 
 def validate(config: dict[str, Any]) -> tuple[dict[str, Any], SteerOptions]:

@@ -11,7 +11,6 @@ each key, or the whole key where two share it): `gamma_0.5`, `percentile_0.1__co
 
 from __future__ import annotations
 
-import copy
 import itertools
 import re
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ import yaml
 
 from steer_jax.modeling.loading import load_tokenizer
 from steer_jax.parts import write_atomic
-from steer_jax.run_config import SCHEMA, RunConfigError, check_tokenizers, validate
+from steer_jax.run_config import SCHEMA, RunConfigError, check_tokenizers, set_key, validate
 from steer_jax.runner import Summary, load_models, run
 
 Grid = dict[str, list[Any]]  # config key, dotted -> its values, in order
@@ -84,17 +83,6 @@ def parse_grid(items: Sequence[str]) -> Grid:
             raise RunConfigError(f"grid key {key!r} is given twice")
         grid[key] = _values(key, text)
     return grid
-
-
-def set_key(config: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
-    """A copy of `config` with the dotted `key` set to `value`."""
-    out = copy.deepcopy(config)
-    section, _, leaf = key.partition(".")
-    if leaf:
-        out[section] = {**(out.get(section) or {}), leaf: value}
-    else:
-        out[section] = value
-    return out
 
 
 def _text(value: Any) -> str:

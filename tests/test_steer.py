@@ -240,6 +240,14 @@ def test_overrides(tmp_path):
     path.write_text("small: a\nsteer: {gamma: 0.5}\n")
     cfg = load_config(path, ["steer.gamma=0.7", "batch.size=4"])
     assert cfg["steer"]["gamma"] == 0.7 and cfg["batch"]["size"] == 4
+    with pytest.raises(RunConfigError, match="override 'small.x=1': small is not a section"):
+        load_config(path, ["small.x=1"])
+    # The one setter a sweep's points use too: a copy, the original untouched.
+    from steer_jax.run_config import set_key
+
+    point = set_key(cfg, "steer.gamma", 0.2)
+    assert point["steer"] == {"gamma": 0.2} and cfg["steer"] == {"gamma": 0.7}
+    assert set_key({"rsd": None}, "rsd.threshold", 0.5) == {"rsd": {"threshold": 0.5}}
 
 
 def test_tokenizers_must_match(pair, shared_data, tmp_path):
