@@ -91,8 +91,8 @@ def test_shardings_from_metadata_equal_the_old_tables(family, mesh_shape, monkey
     mesh = distributed.make_mesh(*mesh_shape, devices=devices)
     shapes = module.param_shapes(_full(family), jnp.bfloat16)
     unrolled = dataclasses.replace(_full(family), execution=Execution(scan_layers=False))
-    flat = jax.eval_shape(functools.partial(execution.layout, unrolled, contracts={}), shapes)
-    for tree in (shapes, flat):
+    unstacked = jax.eval_shape(functools.partial(execution.layout, unrolled, contracts={}), shapes)
+    for tree in (shapes, unstacked):
         shardings = distributed.param_shardings(tree, mesh)
         flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
         leaves = jax.tree.leaves(tree)

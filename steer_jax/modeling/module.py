@@ -17,7 +17,8 @@ norm_plus_one). Each parameter is one `nnx.Param` created in `__init__` with:
 Derived from that declaration: `init_params`, `param_shapes` (`nnx.eval_shape`, no memory),
 `num_params`, `param_specs` (path -> logical axes and contraction: the mesh shardings of
 `distributed`, the CPU kernels' packing (`layout`), the walk of `export`), and the HF name map,
-whose per-family tables (`weights.COMMON`, `qwen2.RULES`, `gemma3.RULES`) are keyed by these module paths.
+whose per-family tables (`weights.COMMON`, `qwen2.RULES`, `gemma3.RULES`) are keyed by these
+module paths.
 
 Decisions:
 - The state is exactly the tree the pure `transformer.forward` reads:
