@@ -155,23 +155,14 @@ def _spec(name: str, shape: tuple[int, ...], axes: tuple[str | None, ...],
 
 
 def _param_axes(path: tuple[Any, ...]) -> tuple[str, tuple[str, ...]]:
-    """(canonical name, logical axes) of the parameter at a pytree path, stacked or not: the
-    axes its `nnx.Param` declares (`modeling.module`)."""
+    """(name, logical axes) of the parameter at a path of the declared tree: the axes its
+    `nnx.Param` declares (`modeling.module`)."""
     # The module (and flax) on first use, not at `import steer_jax` (see modeling/loading.py).
     from steer_jax.modeling.module import param_specs
 
-    keys = tuple(k.key if hasattr(k, "key") else k.idx for k in path)
-    declared = param_specs()
-    if keys[0] == "layers":
-        # Unstacked: ("layers", i, name) without the layer axis; stacked: ("layers", name).
-        stacked = len(keys) == 2
-        name = keys[-1]
-        if ("layers", name) not in declared:
-            raise ValueError(f"parameter layers.{name} has no partition rule: "
-                             "steer_jax.modeling.module declares no such layer parameter")
-        axes = declared[("layers", name)].axes
-        return f"layers.{name}", axes if stacked else axes[1:]
+    keys = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
     name = ".".join(str(k) for k in keys)
+    declared = param_specs()
     if keys not in declared:
         raise ValueError(f"parameter {name} has no partition rule: "
                          "steer_jax.modeling.module declares no such parameter")
@@ -179,7 +170,9 @@ def _param_axes(path: tuple[Any, ...]) -> tuple[str, tuple[str, ...]]:
 
 
 def param_shardings(params: Params, mesh: Mesh) -> Params:
-    """A NamedSharding per parameter, in the params' own tree (stacked or unstacked layers).
+    """A NamedSharding per parameter of the declared tree (`param_shapes`,
+    `execution.canonical`); a model that runs its layers unrolled slices them from there, and
+    each slice keeps its share of the devices.
 
     Leaves only need a `.shape`, so `jax.eval_shape` / `param_shapes` trees work too: a loader
     can place each tensor on its devices as it reads it.

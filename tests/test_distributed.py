@@ -7,7 +7,6 @@ are few and the unsharded references are computed once per module.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 
 import jax
@@ -18,8 +17,6 @@ from jax.sharding import PartitionSpec as P
 
 import tiny
 from steer_jax import distributed, generate, load_model, load_tokenizer, steer
-from steer_jax.modeling import execution
-from steer_jax.modeling.config import Execution
 from steer_jax.modeling.module import param_shapes
 from steer_jax.modeling.loading import read_config
 from steer_jax.modeling.transformer import KVCache
@@ -63,11 +60,7 @@ def _configs(tiny_models):
     return qwen, read_config(tiny_models["gemma3_text"][0])
 
 
-def _unrolled(cfg):
-    return dataclasses.replace(cfg, execution=Execution(scan_layers=False))
-
-
-def test_rules_cover_the_layout_stacked_and_unstacked(tiny_models):
+def test_rules_cover_the_declared_tree(tiny_models):
     mesh = distributed.make_mesh(4, 2)  # every sharded dim of the tiny models divides 2
     expected = {  # the partition rules of the design, written out for a 4 x 2 mesh
         "embed": P("model", None), "lm_head": P("model", None),
@@ -79,18 +72,12 @@ def test_rules_cover_the_layout_stacked_and_unstacked(tiny_models):
     for cfg in _configs(tiny_models):
         shapes = param_shapes(cfg)
         stacked = distributed.param_shardings(shapes, mesh)
-        flat = jax.eval_shape(functools.partial(execution.layout, _unrolled(cfg), contracts={}),
-                              shapes)
-        unstacked = distributed.param_shardings(flat, mesh)
-        assert len(unstacked["layers"]) == cfg.num_layers
         for path, sharding in jax.tree_util.tree_flatten_with_path(stacked)[0]:
             keys = [k.key for k in path]
             if keys[0] == "layers":
                 name = keys[1]
                 want = expected.get(name, P(*[None] * (len(sharding.spec) - 1)))
                 assert sharding.spec == P(None, *want), name  # the stacked layer axis: whole
-                for layer in unstacked["layers"]:
-                    assert layer[name].spec == want, name
             else:
                 name = ".".join(keys)
                 assert sharding.spec == expected.get(name, P(*[None] * len(sharding.spec))), name
@@ -104,7 +91,7 @@ def test_a_tensor_without_a_rule_is_an_error():
     with pytest.raises(ValueError, match="layers.rotary has no partition rule"):
         distributed.param_shardings({"layers": {"rotary": np.zeros((2, 4))}}, mesh)
     with pytest.raises(ValueError, match="layers.q has shape"):
-        distributed.param_shardings({"layers": [{"q": np.zeros((4, 4))}]}, mesh)
+        distributed.param_shardings({"layers": {"q": np.zeros((4, 4))}}, mesh)
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +126,7 @@ def test_fallback_replicates_and_warns_once(models, caplog):
         distributed.shard_model(model, mesh)
     for name in ("layers.k", "layers.v", "layers.k_bias", "layers.v_bias"):
         messages = _fallbacks(caplog, name)
-        assert len(messages) == 1, (name, messages)  # two layers, two calls: said once
+        assert len(messages) == 1, (name, messages)  # two calls: said once
         assert "size 2" in messages[0] and "'model' of size 4" in messages[0]
     assert not _fallbacks(caplog, "layers.q") and not _fallbacks(caplog, "embed")
     for layer in first["layers"]:

@@ -8,7 +8,6 @@ pure `transformer.forward`, and transformers' own logits.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +76,7 @@ def _old_spec(axes, shape, mesh) -> P:
 
 def _old_axes(keys) -> tuple[str, ...]:
     if keys[0] == "layers":
-        return (("layers",) if len(keys) == 2 else ()) + OLD_LAYER_AXES[keys[-1]]
+        return ("layers",) + OLD_LAYER_AXES[keys[1]]
     return OLD_TOP_AXES[".".join(keys)]
 
 
@@ -90,16 +89,13 @@ def test_shardings_from_metadata_equal_the_old_tables(family, mesh_shape, monkey
     devices = jax.devices()[: mesh_shape[0] * mesh_shape[1]]
     mesh = distributed.make_mesh(*mesh_shape, devices=devices)
     shapes = module.param_shapes(_full(family), jnp.bfloat16)
-    unrolled = dataclasses.replace(_full(family), execution=Execution(scan_layers=False))
-    unstacked = jax.eval_shape(functools.partial(execution.layout, unrolled, contracts={}), shapes)
-    for tree in (shapes, unstacked):
-        shardings = distributed.param_shardings(tree, mesh)
-        flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
-        leaves = jax.tree.leaves(tree)
-        assert len(flat) == len(leaves)
-        for (path, sharding), leaf in zip(flat, leaves):
-            keys = tuple(getattr(k, "key", getattr(k, "idx", None)) for k in path)
-            assert sharding.spec == _old_spec(_old_axes(keys), leaf.shape, mesh), keys
+    shardings = distributed.param_shardings(shapes, mesh)
+    flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
+    leaves = jax.tree.leaves(shapes)
+    assert len(flat) == len(leaves)
+    for (path, sharding), leaf in zip(flat, leaves):
+        keys = tuple(k.key for k in path)
+        assert sharding.spec == _old_spec(_old_axes(keys), leaf.shape, mesh), keys
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gemma3"])
