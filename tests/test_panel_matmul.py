@@ -140,6 +140,26 @@ def test_decode_attention_never_reads_masked_slots(kernel):
                                   clean)
 
 
+def test_decode_attention_reads_a_layer_of_stacked_pools_in_place(kernel):
+    """Every layer's pools [L, K, N, P, hd] and a layer index (traced or not) give that layer's
+    bits, as its own pools do; an index outside the stack is an error, not a stray read."""
+    rs = np.random.RandomState(4)
+    k_pool, _, pages, mask = paged_cache(rs, 5, 2, 16, 4, rs.randint(1, 21, 5), 20)
+    k_all, v_all = (jnp.asarray(rs.randn(3, *k_pool.shape).astype(np.float32)) for _ in "kv")
+    q = jnp.asarray(rs.randn(5, 2, 3, 16).astype(np.float32))
+    at_layer = jax.jit(pm.decode_attention, static_argnums=5)
+    for i, (k_pool, v_pool) in enumerate(zip(k_all, v_all)):
+        alone = np.asarray(pm.decode_attention(q, jnp.asarray(k_pool), jnp.asarray(v_pool),
+                                               jnp.asarray(pages), jnp.asarray(mask), 0.25))
+        np.testing.assert_array_equal(np.asarray(pm.decode_attention(
+            q, k_all, v_all, jnp.asarray(pages), jnp.asarray(mask), 0.25, i)), alone)
+        np.testing.assert_array_equal(np.asarray(at_layer(
+            q, k_all, v_all, jnp.asarray(pages), jnp.asarray(mask), 0.25, jnp.int32(i))), alone)
+    with pytest.raises(Exception, match="layer index is outside"):
+        np.asarray(pm.decode_attention(q, k_all, v_all, jnp.asarray(pages), jnp.asarray(mask),
+                                       0.25, 3))
+
+
 def test_decode_attention_dense_is_one_page_a_row(kernel):
     """The dense adapter (a cache [B, K, S, hd] as one page per (row, kv head)) against float64."""
     rs = np.random.RandomState(3)

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from steer_jax.call_shapes import _span, _width
+from steer_jax.call_shapes import _width
 from steer_jax.calls import PRM, TraceState, _evict, _gather, _plan, _scatter
 from steer_jax.decoding import paging, sampler
 from steer_jax.latency import timed
@@ -225,7 +225,7 @@ class TextPRM:
             s, (cache, trace, rejected, score) = timed(
                 s, _score, side.model.params, side.cfg, cache, s.trace, take,
                 jnp.asarray(tokens), jnp.asarray(n), jnp.asarray(before), loop.threshold,
-                bucket=bucket, span=_span(end, self.slots, cache.page_size, loop.shapes.spans))
+                bucket=bucket, span=loop.span(side, end, cache.page_size))
             s = with_cache(s, side, cache, trace)
             s = _progress(s, take, rejected, score)
             todo[taken] = False

@@ -122,24 +122,30 @@ struct Job {
   std::atomic<int64_t> next{0}, done{0};
 };
 
+// k and v are every layer's pools [L, K, N, P, D], read at `layer`: a layer sliced out of a
+// stacked pool would be an operand XLA copies whole at every call.
 ffi::Error DecodeAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                               ffi::Buffer<ffi::S32> pages, ffi::Buffer<ffi::PRED> mask,
-                               float scale, ffi::ResultBuffer<ffi::F32> out) {
+                               ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> pages,
+                               ffi::Buffer<ffi::PRED> mask, float scale,
+                               ffi::ResultBuffer<ffi::F32> out) {
   const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(),
              pd = pages.dimensions(), md = mask.dimensions(), od = out->dimensions();
   auto same = [](auto a, auto b) { return std::equal(a.begin(), a.end(), b.begin(), b.end()); };
-  if (qd.size() != 4 || kd.size() != 4 || pd.size() != 2 || md.size() != 2 || !same(vd, kd) ||
-      !same(od, qd) || qd[1] != kd[0] || qd[3] != kd[3] || pd[0] != qd[0] ||
-      md[0] != qd[0] || md[1] > pd[1] * kd[2] || kd[2] < 1 || qd[2] > kMaxGroup)
+  if (qd.size() != 4 || kd.size() != 5 || pd.size() != 2 || md.size() != 2 || !same(vd, kd) ||
+      !same(od, qd) || qd[1] != kd[1] || qd[3] != kd[4] || pd[0] != qd[0] ||
+      md[0] != qd[0] || md[1] > pd[1] * kd[3] || kd[3] < 1 || qd[2] > kMaxGroup ||
+      layer.element_count() != 1)
     return ffi::Error::InvalidArgument(
-        "decode_attention wants q [B, K, G <= 64, D], k and v pools [K, N, P >= 1, D], pages "
-        "[B, M], mask [B, S <= M * P]");
-  const int64_t B = qd[0], H = qd[1], G = qd[2], D = qd[3], N = kd[1], P = kd[2], M = pd[1],
-                S = md[1];
+        "decode_attention wants q [B, K, G <= 64, D], k and v pools [L, K, N, P >= 1, D], one "
+        "layer index, pages [B, M], mask [B, S <= M * P]");
+  const int64_t B = qd[0], H = qd[1], G = qd[2], D = qd[3], N = kd[2], P = kd[3], M = pd[1],
+                S = md[1], L = kd[0], at = layer.typed_data()[0];
+  if (at < 0 || at >= L)
+    return ffi::Error::InvalidArgument("decode_attention: the layer index is outside the pools");
   const float* qp = q.typed_data();
-  const float* kp = k.typed_data();
-  const float* vp = v.typed_data();
+  const float* kp = k.typed_data() + at * H * N * P * D;
+  const float* vp = v.typed_data() + at * H * N * P * D;
   const int32_t* pp = pages.typed_data();
   const bool* mp = mask.typed_data();
   float* op = out->typed_data();
@@ -177,6 +183,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(DecodeAttention, DecodeAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Attr<float>("scale")

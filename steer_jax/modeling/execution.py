@@ -137,9 +137,12 @@ def canonical(cfg: ModelConfig, params: Params) -> Params:
 
 
 def loop_cache(cfg: ModelConfig, cache: KVCache) -> KVCache:
-    """The cache as a decode loop carries it: per-layer arrays for unrolled layers, which each
-    write their own in place (a slice of a stacked pool would be copied every step)."""
-    return cache if cfg.execution.scan_layers else cache.per_layer()
+    """The cache as a decode loop carries it: per-layer arrays for unrolled layers on XLA's
+    attention, which each write their own in place (a slice of a stacked pool would be copied
+    every step). The CPU kernel reads a stacked pool in place, and unstacking, then stacking
+    again, would copy the whole pool twice a call."""
+    how = cfg.execution
+    return cache if how.scan_layers or how.cpu_kernels else cache.per_layer()
 
 
 def precision(*operands: jax.Array) -> jax.lax.Precision:
@@ -202,20 +205,34 @@ def pallas_backend(cfg: ModelConfig, dtype: Any, page_size: int, pages_per_row: 
     return backend if why_not is None else None
 
 
-def attention(cfg: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, pages: jax.Array,
-              mask: jax.Array, positions: jax.Array) -> jax.Array:
-    """q [B, T, H, hd] at `positions` [B, T] against the rows' pages of one layer's pool k, v
-    [K, N, P, hd]; pages [B, M] (the rows' page tables), mask [B, T, M * P] over their slots.
+def whole_table(cfg: ModelConfig) -> bool:
+    """Whether attention costs only each row's valid slots (the CPU kernel), so a call may be
+    given every row's whole page table: one compiled shape however far its rows reach."""
+    return cfg.execution.cpu_kernels
 
-    Three ways: the CPU kernel (decode_attention.cc) for a decode step under `cpu_kernels`,
-    JAX's Pallas paged kernel for a decode step on a TPU or GPU where it applies, and everywhere
-    else the portable XLA path over gathered pages."""
+
+def attention(cfg: ModelConfig, q: jax.Array, k_pool: Any, v_pool: Any, layer: Any,
+              pages: jax.Array, mask: jax.Array, positions: jax.Array) -> jax.Array:
+    """q [B, T, H, hd] at `positions` [B, T] against the rows' pages of layer `layer` of the
+    pools k_pool, v_pool (stacked [L, K, N, P, hd], or a tuple of per-layer [K, N, P, hd]);
+    pages [B, M] (the rows' page tables), mask [B, T, M * P] over their slots.
+
+    Three ways: the CPU kernel (decode_attention.cc) under `cpu_kernels`, JAX's Pallas paged
+    kernel for a decode step on a TPU or GPU where it applies, and everywhere else the portable
+    XLA path over gathered pages."""
     B, T, H, hd = q.shape
     K = cfg.num_kv_heads
-    if cfg.execution.cpu_kernels and T == 1:  # one kernel call, not ~8 small ops
-        out = panel_matmul.decode_attention(q.reshape(B, K, H // K, hd), k, v, pages,
-                                            mask[:, 0], cfg.attn_scale)
-        return out.astype(q.dtype).reshape(B, 1, H, hd)
+    if cfg.execution.cpu_kernels:
+        # Each query is a kernel row of its own (its row's page table repeated): one call, not
+        # ~8 small ops, and it reads only the slots its mask admits, so its cost is the causal
+        # slots' whatever the table's width (`whole_table`). It reads a stacked pool in place.
+        if isinstance(k_pool, tuple):
+            k_pool, v_pool, layer = k_pool[layer][None], v_pool[layer][None], 0
+        out = panel_matmul.decode_attention(
+            q.reshape(B * T, K, H // K, hd), k_pool, v_pool, jnp.repeat(pages, T, axis=0),
+            mask.reshape(B * T, -1), cfg.attn_scale, layer)
+        return out.astype(q.dtype).reshape(B, T, H, hd)
+    k, v = k_pool[layer], v_pool[layer]
     backend = pallas_backend(cfg, k.dtype, k.shape[2], pages.shape[1]) if T == 1 else None
     if backend is not None:
         # Causal decode: a row attends to its first position + 1 slots (within its table).

@@ -100,23 +100,29 @@ def matmul(x: jax.Array, w: Panels) -> jax.Array:
 
 
 def decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, pages: jax.Array,
-                     mask: jax.Array, scale: float) -> jax.Array:
+                     mask: jax.Array, scale: float, layer: jax.Array | int | None = None
+                     ) -> jax.Array:
     """One query token per row against its paged cache, by the CPU kernel (decode_attention.cc).
 
     q [B, K, G, hd] (G query heads share each of the K kv heads); k_pool, v_pool [K, N, P, hd]
-    (N pages of P slots); pages [B, M] int32, row b's page ids: its slot s is
-    pool[:, pages[b, s // P], s % P]; mask [B, S] over those logical slots, S <= M * P (the last
-    page may be partly used). Returns float32 [B, K, G, hd]. A row with no unmasked slot averages
-    all S of its slots (XLA's softmax of all-masked scores), so even its unused entries must name
-    a page of the pool (page 0, the null page, does); a page id outside the pool is an error.
+    (N pages of P slots), or every layer's [L, K, N, P, hd] with `layer` the one to read (the
+    kernel reads it in place: a slice of the stack would be copied first); pages [B, M] int32,
+    row b's page ids: its slot s is pool[:, pages[b, s // P], s % P]; mask [B, S] over those
+    logical slots, S <= M * P (the last page may be partly used). Returns float32
+    [B, K, G, hd]. A row with no unmasked slot averages all S of its slots (XLA's softmax of
+    all-masked scores), so even its unused entries must name a page of the pool (page 0, the
+    null page, does); a page id or layer outside the pools is an error.
     """
-    if q.ndim != 4 or k_pool.ndim != 4:
-        raise ValueError(f"decode_attention wants q [B, K, G, hd] and k_pool [K, N, P, hd], got "
-                         f"q {q.shape} and k_pool {k_pool.shape}")
+    if k_pool.ndim == 4 and layer is None:
+        k_pool, v_pool, layer = k_pool[None], v_pool[None], 0
+    if q.ndim != 4 or k_pool.ndim != 5 or layer is None:
+        raise ValueError(f"decode_attention wants q [B, K, G, hd] and k_pool [K, N, P, hd] (or "
+                         f"[L, K, N, P, hd] and a layer), got q {q.shape} and k_pool "
+                         f"{k_pool.shape}, layer {layer}")
     B, K, G, hd = q.shape
-    _, N, P, _ = k_pool.shape
-    if v_pool.shape != k_pool.shape or k_pool.shape[0] != K or k_pool.shape[3] != hd:
-        raise ValueError(f"decode_attention wants k_pool and v_pool [K={K}, N, P, hd={hd}] "
+    _, _, N, P, _ = k_pool.shape
+    if v_pool.shape != k_pool.shape or k_pool.shape[1] != K or k_pool.shape[4] != hd:
+        raise ValueError(f"decode_attention wants k_pool and v_pool [L, K={K}, N, P, hd={hd}] "
                          f"for q {q.shape}, got {k_pool.shape} and {v_pool.shape}")
     if pages.ndim != 2 or pages.shape[0] != B or not jnp.issubdtype(pages.dtype, jnp.integer):
         raise ValueError(f"decode_attention wants pages [B={B}, M] of integer page ids, got "
@@ -132,8 +138,8 @@ def decode_attention(q: jax.Array, k_pool: jax.Array, v_pool: jax.Array, pages: 
     call = jax.ffi.ffi_call(ATTENTION_TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32),
                             vmap_method="sequential")
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    return call(f32(q), f32(k_pool), f32(v_pool), pages.astype(jnp.int32), mask.astype(bool),
-                scale=np.float32(scale))
+    return call(f32(q), f32(k_pool), f32(v_pool), jnp.asarray(layer, jnp.int32),
+                pages.astype(jnp.int32), mask.astype(bool), scale=np.float32(scale))
 
 
 def decode_attention_dense(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,

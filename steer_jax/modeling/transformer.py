@@ -142,7 +142,7 @@ def _layer(cfg: ModelConfig, sh: _Shared, carry: tuple, xs: tuple) -> tuple[tupl
         k_l, v_l = _put(k_l, k, i_l, sh.where_l), _put(v_l, v, i_l, sh.where_l)
 
     def attend(pool_k, pool_v, i, table, mask):
-        return execution.attention(cfg, q, pool_k[i], pool_v[i], table, mask, sh.positions)
+        return execution.attention(cfg, q, pool_k, pool_v, i, table, mask, sh.positions)
 
     if i_l is None:  # no local pool, or an unrolled global layer
         attn = attend(k_g, v_g, i_g, sh.cache.pages, jnp.where(sliding, sh.windowed, sh.causal))
