@@ -55,7 +55,8 @@ class TraceState:
     """Everything about the traces, on device; [B] per trace, [B, M] per step record."""
 
     tokens: jax.Array  # [B, S] prompt then kept steps
-    measure: jax.Array  # [B, S] the confidence measure of each written token, as its writer saw it
+    measure: jax.Array  # [B, S] each token's confidence measure, as its writer saw it or (a step
+    #   the other model read: `_read`) as its reader did
     total: jax.Array  # [B] tokens in the trace
     prompt_len: jax.Array  # [B]
     running: jax.Array  # [B]
@@ -184,22 +185,31 @@ def _advance(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array, un
                    donate_argnames=("cache",))
 def _read(params, cfg, cache: KVCache, state: TraceState, rows: jax.Array, masks: VocabMasks, *,
           bucket: int, span: int, width: int, opts: StepSpec, stream: int):
-    """The routed rows read the newest step (written by the other model) and score it."""
+    """The routed rows read what the other model wrote of their newest step, each token's
+    measure kept in `measure` (on this model's scale, in place of the writer's); a step that
+    ended is scored from all of them, so a step read as it is written (continuous) scores as
+    one read at its end."""
     idx, active, sub = _gather(cache, rows, bucket, span)
     seen, total, start = sub.length, state.total[idx], state.step_start[idx]
     # Leave the newest token pending: appending t_seen..t_{total-2} scores t_{seen+1}..t_{total-1}.
     n_append = jnp.where(active, total - 1 - seen, 0)
     sub, measures = sampler.read(params, cfg, sub, _unseen(state, idx, seen, width), n_append)
-    # The step's tokens are t_start..t_{total-1}; token t is scored at appended index t-1-seen.
+    S = state.tokens.shape[1]
+    slot = seen[:, None] + 1 + jnp.arange(width)[None]
+    slot = jnp.where((jnp.arange(width)[None] < n_append[:, None]) & (slot >= start[:, None]),
+                     slot, S)  # before the step or past the read: dropped
+    measure = state.measure.at[idx[:, None], slot].set(
+        measures[..., sampler.MEASURES.index(opts.confidence)], mode="drop")
     L = opts.max_step_tokens
-    at = jnp.clip(start[:, None] - 1 - seen[:, None] + jnp.arange(L)[None], 0, width - 1)
-    step_measures = jnp.take_along_axis(measures, at[:, :, None], axis=1)
-    step_tokens = jnp.take_along_axis(state.tokens[idx], jnp.minimum(
-        start[:, None] + jnp.arange(L)[None], state.tokens.shape[1] - 1), axis=1)
-    conf = sampler.step_confidence(step_measures, step_tokens, total - start, measure=opts.confidence,
-                               is_math=masks.is_math if opts.aggregate == "math" else None)
+    at = jnp.minimum(start[:, None] + jnp.arange(L)[None], S - 1)
+    conf = sampler.mean_confidence(jnp.take_along_axis(measure[idx], at, axis=1),
+                                   jnp.take_along_axis(state.tokens[idx], at, axis=1),
+                                   total - start,
+                                   is_math=masks.is_math if opts.aggregate == "math" else None)
+    ended = active & (state.author[idx] == ENDED)
     state = dataclasses.replace(
-        state, conf=state.conf.at[idx].set(jnp.where(active, conf, state.conf[idx])),
+        state, measure=measure,
+        conf=state.conf.at[idx].set(jnp.where(ended, conf, state.conf[idx])),
         read=state.read.at[idx, stream].add(n_append),
         executed=state.executed.at[stream].add(bucket * width))
     return _scatter(cache, idx, active, sub), state

@@ -286,11 +286,18 @@ class RoundLoop:
         return self.discard(s, s.within.rejected)
 
     def small_reads(self, s: RoundState) -> RoundState:
-        """The small model reads the large steps of the round: they are scored on its scale."""
+        """The small model reads the large steps of the round: they are scored on its scale.
+        Continuous: it reads what the large model wrote at every boundary, a chunk a row, so
+        a step's read is as wide as the chunk and not as the longest step that ended."""
         if self.opts.source != "small" or self.opts.method != "steer":
             return s
-        return self.read(s, self.sides[SMALL], s.within.running & (s.trace.author == ENDED)
-                         & (s.trace.writer == LARGE))
+        trace = s.trace
+        ended = (trace.author == ENDED) & (trace.writer == LARGE)
+        if self.barrier:
+            return self.read(s, self.sides[SMALL], s.within.running & ended)
+        unread = trace.total - 1 > s.caches[SMALL].length
+        return self.read(s, self.sides[SMALL],
+                         s.within.running & (ended | (trace.author == LARGE) & unread))
 
     def finish(self, s: RoundState) -> RoundState:
         """The round's end: one mixture over the newest step of every running trace; the steps

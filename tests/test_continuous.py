@@ -68,6 +68,30 @@ def test_continuous_traces_do_not_depend_on_the_batch(pair):
     assert conf(calls) == pytest.approx(conf(one), rel=1e-6)
 
 
+def test_a_large_step_read_a_chunk_a_boundary_scores_as_hf_reads_it_whole(pair):
+    """Continuous, the small model reads a large step as it is written, a chunk at a boundary;
+    its confidence (source small) is still the mean max-logit transformers' small model gives
+    the step's tokens, read with everything before them in one pass."""
+    import torch
+    import transformers as tf
+
+    res = _run(pair, gamma=0.5, **CONT)
+    hf_small = tf.Qwen2ForCausalLM.from_pretrained(pair["small_dir"]).eval()
+    chunk = CONT["chunk"]
+    long = [(t, i) for t in res.traces for i, s in enumerate(t.steps)
+            if s.model == "large" and s.tokens > chunk]
+    assert long, "no large step longer than a chunk: nothing read across boundaries"
+    for t, i in long:
+        before = sum(s.tokens for s in t.steps[:i])
+        prefix = pair["prompts"][t.id] + t.tokens[:before]
+        step = t.tokens[before:before + t.steps[i].tokens]
+        with torch.no_grad():
+            lg = hf_small(torch.tensor([prefix + step])).logits[0]
+        # Token j of the step is predicted at the position before it.
+        top = lg[len(prefix) - 1:len(prefix) - 1 + len(step)].max(-1).values
+        assert t.steps[i].confidence == pytest.approx(float(top.mean()), rel=1e-4)
+
+
 @pytest.mark.parametrize("method", ["specreason", "query_router"])
 def test_baselines_run_continuous(pair, method):
     extra = dict(route_queries=[i % 2 == 0 for i in range(8)]) if method == "query_router" else {}
