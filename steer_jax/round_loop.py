@@ -143,12 +143,14 @@ class RoundLoop:
     def _bucket(self, count: int) -> int:
         return _bucket(count, self.cap, self.shapes.rows)
 
-    def span(self, side: Side, end: int, page_size: int) -> int:
-        """The cache slots a call of `side` reaching slot `end` attends over: the whole table
-        where attention reads only the valid slots anyway (one compiled shape), else `_span`."""
+    def span(self, side: Side, end: int, page_size: int, slots: int | None = None) -> int:
+        """The cache slots a call of `side` reaching slot `end` attends over, of its cache's
+        `slots` (default the run's): the whole table where attention reads only the valid
+        slots anyway (one compiled shape), else `_span`."""
+        slots = self.slots if slots is None else slots
         if execution.whole_table(side.cfg):
-            return self.slots
-        return _span(end, self.slots, page_size, self.shapes.spans)
+            return slots
+        return _span(end, slots, page_size, self.shapes.spans)
 
     # ---- the phases ------------------------------------------------------------------------
 
