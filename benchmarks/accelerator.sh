@@ -55,7 +55,7 @@ step decode_1.5b_bf16_paged_b256 240 python3 benchmarks/decode.py --dtype bfloat
 # length law, bfloat16), batch 256: STEER rounds and continuous against one unbarriered generate
 # of the 7B. Where a step costs about the same for 70 rows as for 256, iterations are the clock.
 step scale_math_b256 420 python3 benchmarks/scale.py --shape Qwen2.5-Math-1.5B/7B --traces 256 \
-    --repeats 1 --only large_only_rounds,steer_rounds,steer_continuous
+    --repeats 1 --chunk 32 --only large_only_rounds,steer_rounds,steer_continuous
 step gmm 60 python3 benchmarks/gmm.py --repeats 10
 # The tests pin JAX to the CPU unless JAX_PLATFORMS says otherwise.
 step tests_gpu 150 env JAX_PLATFORMS=cuda python3 -m pytest -q -p no:cacheprovider \

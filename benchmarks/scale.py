@@ -2,8 +2,9 @@
 
 The workload (benchmarks/workload.py): a model pair whose sampled steps follow a stated length
 law (default: a mixture of geometrics fitted to a lognormal of median 35 tokens, sigma 0.9;
-12 steps a trace on average), enforced by the models' weights, at `--shape` (tiny: the CPU
-default; Qwen2.5-Math-1.5B/7B: the real dimensions in bfloat16, for an accelerator). Every run
+12 steps a trace on average), enforced by the models' weights, at `--shape` (tiny-wide: the CPU
+default, a small decode step 0.23 of the large one's; tiny: the first one, 0.41;
+Qwen2.5-Math-1.5B/7B: the real dimensions in bfloat16, for an accelerator). Every run
 decodes the same prompts, twice; the second run, compiled, is timed:
 
   large_only_unbarriered  the large model's `generate` to EOS, one batch, no step barrier: the
@@ -23,7 +24,10 @@ the stated law, and (--rows) what one decode step costs at 16, 64 and 256 rows: 
 with the rows (a CPU), executed token-rows are the wall-clock; where it does not (a
 memory-bound accelerator), iterations are.
 
-    python benchmarks/scale.py [--traces 256] [--shape tiny] [--chunk 32] [--json]
+    python benchmarks/scale.py [--traces 256] [--shape tiny-wide] [--chunk 8] [--json]
+
+The default chunk is what measured best on the CPU (RESULTS.md: 8 and 16 against 32); the
+library's default for `steer.chunk` stays 32, for accelerators, where idle rows cost nothing.
 """
 
 from __future__ import annotations
@@ -81,13 +85,13 @@ def _steer(small, large, tok, qs, args, **kw) -> tuple[dict[str, Any], list[list
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
+    ap.add_argument("--shape", default="tiny-wide", choices=sorted(SHAPES))
     ap.add_argument("--traces", type=int, default=256)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=1024)
     ap.add_argument("--max-steps", type=int, default=64)
     ap.add_argument("--percentile", type=float, default=0.3)
-    ap.add_argument("--chunk", type=int, default=32)
+    ap.add_argument("--chunk", type=int, default=8)
     ap.add_argument("--batch", type=int, default=None, help="batch.size (default: all traces)")
     ap.add_argument("--geometric", type=float, help="steps of one geometric law of this mean")
     ap.add_argument("--weights", type=float, nargs="*", help="mixture weights of the law")

@@ -51,7 +51,9 @@ class _Shapes:
     model and phase; continuous rounds are a chunk long, so the rows, spans and read widths
     change every few dozen positions, and every new combination is a compile (on a TPU,
     seconds to a minute; on a CPU, mapped code, of which a process may hold only so much:
-    `programs.maps_nearly_full`). Continuous calls take fewer sizes and pay more padding."""
+    `programs.maps_nearly_full`). Continuous calls take fewer sizes and pay more padding.
+    Under the CPU kernel a call attends over the whole table (`RoundLoop.span`), so spans are
+    no dimension there."""
 
     rows: int = 8
     widths: int = 8
