@@ -84,8 +84,9 @@ class RoundLoop:
         first reads up to `behind(s)` [B] on its own (`catch_up`).
 
         The only device -> host traffic of a call: how many rows, the longest read, the
-        furthest slot, the pages short. Slots: attention runs over every slot it is given, so
-        a call whose rows are all short gets a prefix of the page table, in steps of 64 slots.
+        furthest slot, the pages short. Slots: XLA's attention runs over every slot it is
+        given, so a call whose rows are all short gets a prefix of the page table, in steps of
+        64 slots; the CPU kernel reads only the valid ones and gets it whole (`span`).
         """
         left = rows & ~s.within.done
         reach = jnp.minimum(s.trace.total + max(extra, 0) + ahead, self.slots)  # within the table

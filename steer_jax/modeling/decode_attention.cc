@@ -11,6 +11,7 @@
 // run; a masked slot (a short row's tail, a freed page, the null page) is never read unless the
 // row has no valid slot at all.
 // A row's output depends on nothing but its own q, pages and mask (the engine's batch invariance).
+// A call of T > 1 tokens a row (a prefill, a read) passes each token as a row of its own.
 
 #include <algorithm>
 #include <atomic>
