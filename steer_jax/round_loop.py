@@ -24,6 +24,7 @@ from steer_jax.calls import (ENDED, LARGE, MODEL_NAMES, PRM, SMALL, StepSpec,
                              _plan, _read, _rollback, _route, _slide, _verify, _write)
 from steer_jax.latency import timed
 from steer_jax.modeling import execution
+from steer_jax.modeling.transformer import KVCache
 from steer_jax.mixture_pool import few_survivors, fit_pool
 from steer_jax.options import SteerOptions
 from steer_jax.programs import maps_nearly_full, release_programs
@@ -111,7 +112,7 @@ class RoundLoop:
                                     cap=self.cap, **window)
                 widest = int(np.asarray(stats)[1])
             s = op(s, take, count, _width(widest, self.shapes.widths),
-                   self.span(side, end, cache.page_size))
+                   self.span(side, end, cache))
             left = left & ~take
             s = dataclasses.replace(s, within=dataclasses.replace(
                 s.within, done=s.within.done | take, calls=s.within.calls + 1, shared=False))
@@ -137,21 +138,20 @@ class RoundLoop:
             # Widths 16, 32 or CHUNK: these calls are small, and every width is a program.
             s, (cache, trace) = timed(
                 s, _advance, side.model.params, side.cfg, cache, s.trace, take, until,
-                bucket=self._bucket(count), span=self.span(side, end, cache.page_size),
+                bucket=self._bucket(count), span=self.span(side, end, cache),
                 width=_pow2(max(widest, 16), CHUNK), stream=side.stream, when=side.stream == PRM)
             s = with_cache(s, side, cache, trace)
 
     def _bucket(self, count: int) -> int:
         return _bucket(count, self.cap, self.shapes.rows)
 
-    def span(self, side: Side, end: int, page_size: int, slots: int | None = None) -> int:
-        """The cache slots a call of `side` reaching slot `end` attends over, of its cache's
-        `slots` (default the run's): the whole table where attention reads only the valid
-        slots anyway (one compiled shape), else `_span`."""
-        slots = self.slots if slots is None else slots
+    def span(self, side: Side, end: int, cache: KVCache) -> int:
+        """The slots of its `cache` a call of `side` reaching slot `end` attends over: the
+        whole table where attention reads only the valid slots anyway (one compiled shape),
+        else `_span`."""
         if execution.whole_table(side.cfg):
-            return slots
-        return _span(end, slots, page_size, self.shapes.spans)
+            return cache.slots
+        return _span(end, cache.slots, cache.page_size, self.shapes.spans)
 
     # ---- the phases ------------------------------------------------------------------------
 

@@ -225,7 +225,7 @@ class TextPRM:
             s, (cache, trace, rejected, score) = timed(
                 s, _score, side.model.params, side.cfg, cache, s.trace, take,
                 jnp.asarray(tokens), jnp.asarray(n), jnp.asarray(before), loop.threshold,
-                bucket=bucket, span=loop.span(side, end, cache.page_size, self.slots))
+                bucket=bucket, span=loop.span(side, end, cache))
             s = with_cache(s, side, cache, trace)
             s = _progress(s, take, rejected, score)
             todo[taken] = False

@@ -214,7 +214,8 @@ def whole_table(cfg: ModelConfig) -> bool:
 def attention(cfg: ModelConfig, q: jax.Array, k_pool: Any, v_pool: Any, layer: Any,
               pages: jax.Array, mask: jax.Array, positions: jax.Array) -> jax.Array:
     """q [B, T, H, hd] at `positions` [B, T] against the rows' pages of layer `layer` of the
-    pools k_pool, v_pool (stacked [L, K, N, P, hd], or a tuple of per-layer [K, N, P, hd]);
+    pools k_pool, v_pool (stacked [L, K, N, P, hd], or off the kernel a tuple of per-layer
+    [K, N, P, hd]: `loop_cache`);
     pages [B, M] (the rows' page tables), mask [B, T, M * P] over their slots.
 
     Three ways: the CPU kernel (decode_attention.cc) under `cpu_kernels`, JAX's Pallas paged
@@ -225,9 +226,8 @@ def attention(cfg: ModelConfig, q: jax.Array, k_pool: Any, v_pool: Any, layer: A
     if cfg.execution.cpu_kernels:
         # Each query is a kernel row of its own (its row's page table repeated): one call, not
         # ~8 small ops, and it reads only the slots its mask admits, so its cost is the causal
-        # slots' whatever the table's width (`whole_table`). It reads a stacked pool in place.
-        if isinstance(k_pool, tuple):
-            k_pool, v_pool, layer = k_pool[layer][None], v_pool[layer][None], 0
+        # slots' whatever the table's width (`whole_table`). It reads the stacked pool in place
+        # (`loop_cache` never unstacks it under the kernel).
         out = panel_matmul.decode_attention(
             q.reshape(B * T, K, H // K, hd), k_pool, v_pool, jnp.repeat(pages, T, axis=0),
             mask.reshape(B * T, -1), cfg.attn_scale, layer)
